@@ -1,0 +1,10 @@
+//! A qwen-serve worker: loads a Qwen checkpoint, tokenizes, and generates.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, ErrorKind, Result};

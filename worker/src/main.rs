@@ -1,1 +1,210 @@
-fn main(){}
+//! `qwen-worker`: load a Qwen checkpoint and generate or tokenize.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use qwen_worker::config::GenerationConfig;
+use qwen_worker::generate::{generate, GenerateParams, Sampling};
+use qwen_worker::model::Model;
+use qwen_worker::tokenizer::Tokenizer;
+
+#[derive(Parser)]
+#[command(name = "qwen-worker", version, about = "qwen-serve worker: one Qwen model replica")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt, streaming tokens as they come.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ComputeDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<ComputeDtype> for DType {
+    fn from(d: ComputeDtype) -> Self {
+        match d {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+            ComputeDtype::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer).
+    #[arg(long, env = "QWEN_MODEL")]
+    model: PathBuf,
+    /// Prompt text (needs tokenizer.json or qwen.tiktoken in the model directory).
+    #[arg(long, env = "QWEN_PROMPT", conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, env = "QWEN_PROMPT_IDS", value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Let special-token strings in --prompt encode as special tokens.
+    #[arg(long, env = "QWEN_ALLOW_SPECIAL")]
+    allow_special: bool,
+    #[arg(long, env = "QWEN_MAX_NEW_TOKENS", default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; greedy when not given.
+    #[arg(long, env = "QWEN_TEMPERATURE")]
+    temperature: Option<f64>,
+    /// Nucleus sampling mass (with --temperature); defaults to generation_config.json's, else 1.
+    #[arg(long, env = "QWEN_TOP_P")]
+    top_p: Option<f64>,
+    /// Keep only the k most likely tokens (with --temperature); defaults to generation_config.json's.
+    #[arg(long, env = "QWEN_TOP_K")]
+    top_k: Option<usize>,
+    #[arg(long, env = "QWEN_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long, env = "QWEN_IGNORE_EOS")]
+    ignore_eos: bool,
+    /// Compute dtype.
+    #[arg(long, env = "QWEN_DTYPE", value_enum, default_value = "f32")]
+    dtype: ComputeDtype,
+    /// Print one JSON object {token_ids, text, ttft_ms, tokens_per_s} instead of streaming.
+    #[arg(long, env = "QWEN_JSON")]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[arg(long, env = "QWEN_MODEL")]
+    model: PathBuf,
+    #[arg(long, env = "QWEN_TEXT")]
+    text: String,
+    /// Let special-token strings in the text encode as special tokens.
+    #[arg(long, env = "QWEN_ALLOW_SPECIAL")]
+    allow_special: bool,
+    /// Print {"token_ids": [...]}.
+    #[arg(long, env = "QWEN_JSON")]
+    json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Generate(args) => run_generate(args),
+        Command::Tokenize(args) => run_tokenize(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The tokenizer of a model directory, or `None` when it has none.
+fn optional_tokenizer(dir: &Path) -> anyhow::Result<Option<Tokenizer>> {
+    match Tokenizer::from_dir(dir) {
+        Ok(t) => Ok(Some(t)),
+        Err(qwen_worker::Error::NoTokenizer { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let tokenizer = optional_tokenizer(&args.model)?;
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => match &tokenizer {
+            Some(t) => t.encode(text, args.allow_special)?,
+            None => bail!("--prompt needs a tokenizer, but {} has neither tokenizer.json nor qwen.tiktoken; use --prompt-ids", args.model.display()),
+        },
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let gen_cfg = GenerationConfig::from_dir(&args.model)?;
+    let sampling = match args.temperature {
+        None => Sampling::Greedy,
+        Some(temperature) => Sampling::Random {
+            temperature,
+            top_p: args.top_p.or(gen_cfg.top_p).unwrap_or(1.0),
+            top_k: args.top_k.or(gen_cfg.top_k.filter(|&k| k > 0)),
+            seed: args.seed,
+        },
+    };
+    let params = GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        stop_token_ids: if args.ignore_eos { Vec::new() } else { gen_cfg.eos_token_ids },
+    };
+    let mut model = Model::load(&args.model, args.dtype.into(), &Device::Cpu)
+        .with_context(|| format!("loading model from {}", args.model.display()))?;
+
+    let mut decoder = tokenizer.as_ref().map(|t| t.stream_decoder());
+    let mut text = String::new();
+    let stdout = std::io::stdout();
+    let json = args.json;
+    let generation = generate(&mut model, &prompt, &params, |id| {
+        let piece = match decoder.as_mut() {
+            Some(d) => d.step(id)?,
+            None => Some(format!("{id} ")),
+        };
+        if let Some(piece) = piece {
+            if !json {
+                let mut out = stdout.lock();
+                // A closed stdout (e.g. piped into `head`) must not abort generation bookkeeping.
+                let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+            }
+            text.push_str(&piece);
+        }
+        Ok(())
+    })?;
+    if let Some(rest) = decoder.as_mut().map(|d| d.finish()).transpose()?.flatten() {
+        if !json {
+            print!("{rest}");
+        }
+        text.push_str(&rest);
+    }
+    let ttft_ms = generation.time_to_first_token.as_secs_f64() * 1e3;
+    let tokens_per_s = generation.tokens_per_second();
+    if json {
+        let obj = serde_json::json!({
+            "token_ids": generation.token_ids,
+            "text": tokenizer.as_ref().map(|_| text),
+            "finish_reason": format!("{:?}", generation.finish_reason).to_lowercase(),
+            "ttft_ms": ttft_ms,
+            "tokens_per_s": tokens_per_s,
+        });
+        println!("{obj}");
+    } else {
+        println!();
+        eprintln!(
+            "{} tokens ({:?}), time to first token {ttft_ms:.1} ms, {tokens_per_s:.1} tokens/s",
+            generation.token_ids.len(),
+            generation.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn run_tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let ids = tokenizer.encode(&args.text, args.allow_special)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "token_ids": ids }));
+    } else {
+        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    }
+    Ok(())
+}

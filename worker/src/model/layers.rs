@@ -1,0 +1,255 @@
+//! Building blocks every Qwen generation shares: linear layers, RMSNorm, the gated SiLU MLP,
+//! rotary tables, and the decoder stack that runs them over a flat varlen batch.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{Attention, BatchMeta};
+use crate::error::Result;
+use crate::weights::Weights;
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` as `[out, in]` and, when `bias`, `{prefix}.bias` as `[out]`.
+    pub fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn from_weight(weight: Tensor) -> Self {
+        Linear { weight, bias: None }
+    }
+
+    /// `x`: `[T, in]` → `[T, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(name, &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))`. The original Qwen names these `c_proj(w1(x) * silu(w2(x)))`:
+/// its `w2` is the gate.
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(gate * self.up.forward(x)?)?)
+    }
+}
+
+/// Rotary cos/sin tables, `[positions, rotary_dim / 2]`, one per NTK alpha in use, grown on demand.
+pub struct Rotary {
+    theta: f64,
+    dim: usize,
+    tables: HashMap<u64, (Tensor, Tensor)>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Rotary {
+    pub fn new(theta: f64, dim: usize, dtype: DType, device: &Device) -> Self {
+        Rotary {
+            theta,
+            dim,
+            tables: HashMap::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    fn table(&mut self, alpha: f64, min_len: usize) -> Result<&(Tensor, Tensor)> {
+        let key = alpha.to_bits();
+        let have = self.tables.get(&key).map_or(0, |(c, _)| c.dim(0).unwrap_or(0));
+        if have < min_len {
+            let len = min_len.next_power_of_two().max(256);
+            let dim = self.dim;
+            // Dynamic NTK (original Qwen): base * alpha^(dim / (dim - 2)).
+            let base = self.theta * alpha.powf(dim as f64 / (dim as f64 - 2.0));
+            let inv_freq: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+            let mut cos = Vec::with_capacity(len * dim / 2);
+            let mut sin = Vec::with_capacity(len * dim / 2);
+            for p in 0..len {
+                for f in &inv_freq {
+                    let angle = p as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+            let to = |v: Vec<f32>| -> Result<Tensor> {
+                Ok(Tensor::from_vec(v, (len, dim / 2), &self.device)?.to_dtype(self.dtype)?)
+            };
+            let entry = (to(cos)?, to(sin)?);
+            self.tables.insert(key, entry);
+        }
+        Ok(&self.tables[&key])
+    }
+
+    /// cos and sin, `[T, rotary_dim / 2]`, for every token of the batch.
+    pub fn for_batch(&mut self, meta: &BatchMeta, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let max_len = meta.seqs.iter().map(|s| s.context_len + s.len).max().unwrap_or(0);
+        let first_alpha = meta.seqs.first().map_or(1.0, |s| s.rope_alpha);
+        if meta.seqs.iter().all(|s| s.rope_alpha == first_alpha) {
+            let (cos, sin) = self.table(first_alpha, max_len)?;
+            return Ok((cos.index_select(positions, 0)?, sin.index_select(positions, 0)?));
+        }
+        // Sequences with different NTK alphas: each reads its own table. Only the original Qwen
+        // with dynamic NTK gets here; its positions within a chunk are contiguous.
+        let (mut cos_parts, mut sin_parts) = (Vec::new(), Vec::new());
+        for s in &meta.seqs {
+            let (cos, sin) = self.table(s.rope_alpha, max_len)?;
+            cos_parts.push(cos.narrow(0, s.context_len, s.len)?);
+            sin_parts.push(sin.narrow(0, s.context_len, s.len)?);
+        }
+        Ok((Tensor::cat(&cos_parts, 0)?, Tensor::cat(&sin_parts, 0)?))
+    }
+}
+
+/// Applies rotate-half rotary to the first `cos.dim(1) * 2` dims of each head of `x` `[T, H, D]`.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rot = cos.dim(1)? * 2;
+    let head_dim = x.dim(2)?;
+    if rot == head_dim {
+        return Ok(candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?);
+    }
+    let rotated = candle_nn::rotary_emb::rope_thd(&x.narrow(2, 0, rot)?.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
+    Ok(Tensor::cat(&[rotated, x.narrow(2, rot, head_dim - rot)?], 2)?)
+}
+
+/// What one forward's layers share: the batch layout, rotary values and per-token query scales.
+pub struct StepContext<'a> {
+    pub meta: &'a BatchMeta,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Per-token query multiplier `[T, 1, 1]` (the original Qwen's LogN attention), if any.
+    pub query_scale: Option<Tensor>,
+}
+
+/// An architecture's attention block: projections, norms and rotary around [`Attention`].
+pub trait SelfAttention {
+    /// `x`: `[T, hidden]` → `[T, hidden]`.
+    fn forward(&self, x: &Tensor, ctx: &StepContext, layer: usize, attn: &mut dyn Attention) -> Result<Tensor>;
+}
+
+pub struct Block<A> {
+    pub input_norm: RmsNorm,
+    pub attn: A,
+    pub post_attn_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Embedding, pre-norm decoder blocks, final norm and LM head: the shape of every Qwen.
+pub struct DecoderStack<A> {
+    pub embed: Tensor,
+    pub blocks: Vec<Block<A>>,
+    pub final_norm: RmsNorm,
+    pub lm_head: Linear,
+}
+
+impl<A: SelfAttention> DecoderStack<A> {
+    /// Logits `[num_seqs, vocab]` for the last token of each sequence in the batch.
+    pub fn forward(&self, tokens: &Tensor, ctx: &StepContext, attn: &mut dyn Attention) -> Result<Tensor> {
+        let mut x = self.embed.index_select(tokens, 0)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = block.attn.forward(&block.input_norm.forward(&x)?, ctx, i, attn)?;
+            x = (x + h)?;
+            let h = block.mlp.forward(&block.post_attn_norm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        // Only each sequence's last position needs logits: selecting first saves the LM head's
+        // vocab-wide matmul on every prompt token.
+        let last: Vec<u32> = ctx
+            .meta
+            .seqs
+            .iter()
+            .zip(&ctx.meta.offsets)
+            .map(|(s, &o)| (o + s.len - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, ctx.meta.seqs.len(), x.device())?;
+        let x = self.final_norm.forward(&x.index_select(&last, 0)?)?;
+        self.lm_head.forward(&x)
+    }
+}
+
+/// Where a family keeps its tensors; `{i}` in `layer` is the block index.
+pub struct TensorNames {
+    pub embed: &'static str,
+    pub layer: &'static str,
+    pub input_norm: &'static str,
+    pub post_attn_norm: &'static str,
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+    pub final_norm: &'static str,
+    pub lm_head: &'static str,
+}
+
+/// Loads a decoder stack whose attention blocks come from `load_attn(prefix)`, `prefix` being
+/// the block's tensor-name prefix.
+pub fn load_stack<A>(
+    w: &Weights,
+    cfg: &crate::config::ModelConfig,
+    names: &TensorNames,
+    load_attn: impl Fn(&str) -> Result<A>,
+) -> Result<DecoderStack<A>> {
+    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    let embed = w.get(names.embed, &[cfg.vocab_size, h])?;
+    let mut blocks = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = names.layer.replace("{i}", &i.to_string());
+        blocks.push(Block {
+            input_norm: RmsNorm::load(w, &format!("{p}.{}", names.input_norm), h, eps)?,
+            attn: load_attn(&p)?,
+            post_attn_norm: RmsNorm::load(w, &format!("{p}.{}", names.post_attn_norm), h, eps)?,
+            mlp: Mlp {
+                gate: Linear::load(w, &format!("{p}.{}", names.gate), h, cfg.mlp_hidden, false)?,
+                up: Linear::load(w, &format!("{p}.{}", names.up), h, cfg.mlp_hidden, false)?,
+                down: Linear::load(w, &format!("{p}.{}", names.down), cfg.mlp_hidden, h, false)?,
+            },
+        });
+    }
+    // Tied checkpoints usually omit lm_head; some still store a copy, which is then used as is.
+    let lm_head = if cfg.tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head)) {
+        Linear::from_weight(embed.clone())
+    } else {
+        Linear::load(w, names.lm_head, h, cfg.vocab_size, false)?
+    };
+    Ok(DecoderStack {
+        embed,
+        blocks,
+        final_norm: RmsNorm::load(w, names.final_norm, h, eps)?,
+        lm_head,
+    })
+}

@@ -1,0 +1,149 @@
+//! The Qwen model family over a flat, unpadded batch: many sequences' new tokens concatenated,
+//! each sequence described by a [`SeqChunk`], attention delegated to an [`Attention`]
+//! implementation that owns the KV cache.
+
+pub mod attention;
+pub mod layers;
+pub mod qwen;
+pub mod qwen2;
+pub mod qwen3;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use attention::{Attention, BatchMeta, ContiguousKvCache};
+use layers::{DecoderStack, Rotary, StepContext};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// One sequence's part of a flat batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeqChunk {
+    /// Key of the sequence in the KV cache.
+    pub seq_id: u64,
+    /// Tokens of this sequence already cached: the chunk starts at this position.
+    pub context_len: usize,
+    /// New tokens of this sequence in the batch (at least 1).
+    pub len: usize,
+    /// Rotary NTK alpha the sequence keeps for life; see [`ModelConfig::ntk_alpha`].
+    pub rope_alpha: f64,
+}
+
+enum Stack {
+    QWen(DecoderStack<qwen::QWenAttention>),
+    Qwen2(DecoderStack<qwen2::Qwen2Attention>),
+    Qwen3(DecoderStack<qwen3::Qwen3Attention>),
+}
+
+pub struct Model {
+    config: ModelConfig,
+    stack: Stack,
+    rotary: Rotary,
+    device: Device,
+    dtype: DType,
+}
+
+impl Model {
+    /// Loads the checkpoint in `dir` with weights converted to `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let weights = Weights::open(dir, dtype, device)?;
+        let stack = match config.architecture {
+            Architecture::QWen => Stack::QWen(qwen::load(&weights, &config)?),
+            Architecture::Qwen2 => Stack::Qwen2(qwen2::load(&weights, &config)?),
+            Architecture::Qwen3 => Stack::Qwen3(qwen3::load(&weights, &config)?),
+        };
+        let rotary = Rotary::new(config.rope_theta, config.rotary_dim, dtype, device);
+        Ok(Model {
+            config,
+            stack,
+            rotary,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs `tokens` (all sequences' new tokens, in `seqs` order) and returns logits
+    /// `[seqs.len(), vocab]` for the last token of each sequence, on the model's device.
+    pub fn forward(&mut self, tokens: &[u32], seqs: &[SeqChunk], attn: &mut dyn Attention) -> Result<Tensor> {
+        self.check_batch(tokens, seqs)?;
+        let meta = BatchMeta::new(seqs);
+        let positions: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| p as u32))
+            .collect();
+        let query_scale = self.query_scale(seqs)?;
+        let positions = Tensor::from_vec(positions, tokens.len(), &self.device)?;
+        let (cos, sin) = self.rotary.for_batch(&meta, &positions)?;
+        let ctx = StepContext {
+            meta: &meta,
+            cos,
+            sin,
+            query_scale,
+        };
+        let tokens = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        let logits = match &self.stack {
+            Stack::QWen(s) => s.forward(&tokens, &ctx, attn)?,
+            Stack::Qwen2(s) => s.forward(&tokens, &ctx, attn)?,
+            Stack::Qwen3(s) => s.forward(&tokens, &ctx, attn)?,
+        };
+        Ok(logits)
+    }
+
+    fn check_batch(&self, tokens: &[u32], seqs: &[SeqChunk]) -> Result<()> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.len == 0) {
+            return Err(Error::InvalidInput {
+                field: "seqs",
+                message: "a batch needs at least one sequence, each with at least one token".into(),
+            });
+        }
+        let total: usize = seqs.iter().map(|s| s.len).sum();
+        if total != tokens.len() {
+            return Err(Error::InvalidInput {
+                field: "token_ids",
+                message: format!("{} tokens given but the sequences cover {total}", tokens.len()),
+            });
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::TokenOutOfRange {
+                field: "token_ids",
+                token,
+                vocab,
+            });
+        }
+        Ok(())
+    }
+
+    /// The original Qwen's LogN attention: `[T, 1, 1]` query multipliers, or `None` when every
+    /// token of the batch is within the training length (the factor is then 1).
+    fn query_scale(&self, seqs: &[SeqChunk]) -> Result<Option<Tensor>> {
+        let Some(lc) = self.config.long_context.filter(|lc| lc.logn_attn) else {
+            return Ok(None);
+        };
+        if seqs.iter().all(|s| s.context_len + s.len <= lc.seq_length) {
+            return Ok(None);
+        }
+        let scales: Vec<f32> = seqs
+            .iter()
+            .flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| lc.logn_scale(p) as f32))
+            .collect();
+        let n = scales.len();
+        Ok(Some(Tensor::from_vec(scales, (n, 1, 1), &self.device)?.to_dtype(self.dtype)?))
+    }
+}

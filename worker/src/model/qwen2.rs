@@ -1,0 +1,66 @@
+//! `Qwen2ForCausalLM`: Qwen1.5, Qwen2 and Qwen2.5. Separate q/k/v projections with bias,
+//! grouped-query attention, rotate-half rotary over the whole head, tied or untied embeddings.
+
+use candle_core::Tensor;
+
+use super::attention::Attention;
+use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// Tensor names shared by the Hugging Face Qwen2 and Qwen3 checkpoints.
+pub const NAMES: TensorNames = TensorNames {
+    embed: "model.embed_tokens.weight",
+    layer: "model.layers.{i}",
+    input_norm: "input_layernorm.weight",
+    post_attn_norm: "post_attention_layernorm.weight",
+    gate: "mlp.gate_proj",
+    up: "mlp.up_proj",
+    down: "mlp.down_proj",
+    final_norm: "model.norm.weight",
+    lm_head: "lm_head",
+};
+
+pub struct Qwen2Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Qwen2Attention {
+    fn load(w: &Weights, cfg: &ModelConfig, p: &str) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Qwen2Attention {
+            q: Linear::load(w, &format!("{p}.self_attn.q_proj"), h, cfg.num_heads * d, true)?,
+            k: Linear::load(w, &format!("{p}.self_attn.k_proj"), h, cfg.num_kv_heads * d, true)?,
+            v: Linear::load(w, &format!("{p}.self_attn.v_proj"), h, cfg.num_kv_heads * d, true)?,
+            o: Linear::load(w, &format!("{p}.self_attn.o_proj"), cfg.num_heads * d, h, false)?,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+}
+
+impl SelfAttention for Qwen2Attention {
+    fn forward(&self, x: &Tensor, ctx: &StepContext, layer: usize, attn: &mut dyn Attention) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let q = self.q.forward(x)?.reshape((t, self.heads, self.head_dim))?;
+        let k = self.k.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
+        let v = self.v.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
+        let q = apply_rotary(&q, &ctx.cos, &ctx.sin)?;
+        let k = apply_rotary(&k, &ctx.cos, &ctx.sin)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attn.forward(layer, &q, &k, &v, ctx.meta, scale)?;
+        self.o.forward(&out.reshape((t, self.heads * self.head_dim))?)
+    }
+}
+
+pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<DecoderStack<Qwen2Attention>> {
+    load_stack(w, cfg, &NAMES, |p| Qwen2Attention::load(w, cfg, p))
+}

@@ -1,0 +1,58 @@
+//! `Qwen3ForCausalLM` (dense): like Qwen2 but without q/k/v bias (unless `attention_bias`), a
+//! per-head RMSNorm on q and on k before rotary, and a `head_dim` independent of `hidden_size`.
+
+use candle_core::Tensor;
+
+use super::attention::Attention;
+use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, RmsNorm, SelfAttention, StepContext};
+use super::qwen2::NAMES;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::weights::Weights;
+
+pub struct Qwen3Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Qwen3Attention {
+    fn load(w: &Weights, cfg: &ModelConfig, p: &str) -> Result<Self> {
+        let (h, d, bias) = (cfg.hidden_size, cfg.head_dim, cfg.qkv_bias);
+        Ok(Qwen3Attention {
+            q: Linear::load(w, &format!("{p}.self_attn.q_proj"), h, cfg.num_heads * d, bias)?,
+            k: Linear::load(w, &format!("{p}.self_attn.k_proj"), h, cfg.num_kv_heads * d, bias)?,
+            v: Linear::load(w, &format!("{p}.self_attn.v_proj"), h, cfg.num_kv_heads * d, bias)?,
+            o: Linear::load(w, &format!("{p}.self_attn.o_proj"), cfg.num_heads * d, h, bias)?,
+            q_norm: RmsNorm::load(w, &format!("{p}.self_attn.q_norm.weight"), d, cfg.rms_norm_eps)?,
+            k_norm: RmsNorm::load(w, &format!("{p}.self_attn.k_norm.weight"), d, cfg.rms_norm_eps)?,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+}
+
+impl SelfAttention for Qwen3Attention {
+    fn forward(&self, x: &Tensor, ctx: &StepContext, layer: usize, attn: &mut dyn Attention) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let q = self.q.forward(x)?.reshape((t, self.heads, self.head_dim))?;
+        let k = self.k.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
+        let v = self.v.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
+        let q = apply_rotary(&self.q_norm.forward(&q)?, &ctx.cos, &ctx.sin)?;
+        let k = apply_rotary(&self.k_norm.forward(&k)?, &ctx.cos, &ctx.sin)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attn.forward(layer, &q, &k, &v, ctx.meta, scale)?;
+        self.o.forward(&out.reshape((t, self.heads * self.head_dim))?)
+    }
+}
+
+pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<DecoderStack<Qwen3Attention>> {
+    load_stack(w, cfg, &NAMES, |p| Qwen3Attention::load(w, cfg, p))
+}

@@ -1,0 +1,214 @@
+//! Qwen tokenizers: `tokenizer.json` (Qwen1.5 and later) through the `tokenizers` crate, and
+//! `qwen.tiktoken` (the original Qwen). [`StreamDecoder`] turns generated ids into text pieces
+//! that never split a UTF-8 character.
+
+pub mod tiktoken;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+pub use tiktoken::QwenTiktoken;
+
+pub enum Tokenizer {
+    Hf(Box<tokenizers::Tokenizer>),
+    Tiktoken(QwenTiktoken),
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`, else `qwen.tiktoken`, from a model directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        if json.exists() {
+            return Self::from_hf_file(&json);
+        }
+        let tiktoken = dir.join("qwen.tiktoken");
+        if tiktoken.exists() {
+            return Ok(Tokenizer::Tiktoken(QwenTiktoken::from_file(&tiktoken)?));
+        }
+        Err(Error::NoTokenizer { dir: dir.to_path_buf() })
+    }
+
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Tokenizer::Hf(Box::new(tok)))
+    }
+
+    /// Encodes `text` without adding BOS/EOS (Qwen prompts have none). With `allow_special`
+    /// false, the original Qwen tokenizer encodes special-token strings as plain text;
+    /// `tokenizer.json` tokenizers always match their added special tokens.
+    pub fn encode(&self, text: &str, allow_special: bool) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Hf(t) => Ok(t
+                .encode(text, false)
+                .map_err(|e| Error::InvalidInput {
+                    field: "text",
+                    message: e.to_string(),
+                })?
+                .get_ids()
+                .to_vec()),
+            Tokenizer::Tiktoken(t) => t.encode(text, allow_special),
+        }
+    }
+
+    /// Decodes `ids` to text; bytes that do not form UTF-8 become U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tokenizer::Hf(t) => {
+                self.check_ids(ids)?;
+                t.decode(ids, false).map_err(|e| Error::InvalidInput {
+                    field: "token_ids",
+                    message: e.to_string(),
+                })
+            }
+            Tokenizer::Tiktoken(t) => Ok(String::from_utf8_lossy(&t.decode_bytes(ids)?).into_owned()),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Hf(t) => t.get_vocab_size(true),
+            Tokenizer::Tiktoken(t) => t.vocab_size(),
+        }
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Hf(t) => t.token_to_id(token),
+            Tokenizer::Tiktoken(t) => t.token_to_id(token),
+        }
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.vocab_size();
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&token) => Err(Error::TokenOutOfRange {
+                field: "token_ids",
+                token,
+                vocab,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tokenizer: self,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            pending: Vec::new(),
+        }
+    }
+}
+
+/// Incremental detokenization for streaming. Text is released only once it is complete UTF-8,
+/// so a character split across tokens (common for CJK and emoji under byte-level BPE) arrives
+/// whole in one piece.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    /// Byte-level (tiktoken) path: bytes not yet released.
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder<'_> {
+    /// Adds one token; returns the text it completes, if any.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        match self.tokenizer {
+            Tokenizer::Tiktoken(t) => {
+                self.pending.extend(t.decode_bytes(&[id])?);
+                Ok(take_complete_utf8(&mut self.pending))
+            }
+            Tokenizer::Hf(_) => {
+                // Decoding a window with some earlier context keeps decoders that depend on
+                // neighbours (byte fallback, leading-space rules) exact; the text is released
+                // when it no longer ends in a replacement character.
+                self.ids.push(id);
+                let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+                let full = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+                if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+                    let piece = full[prefix.len()..].to_string();
+                    self.prefix_offset = self.read_offset;
+                    self.read_offset = self.ids.len();
+                    Ok(Some(piece))
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// Whatever is still held back at the end of generation (lossy if the model stopped inside a
+    /// character).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let rest = match self.tokenizer {
+            Tokenizer::Tiktoken(_) => String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned(),
+            Tokenizer::Hf(_) => {
+                let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+                let full = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+                self.prefix_offset = self.ids.len();
+                self.read_offset = self.ids.len();
+                full.get(prefix.len()..).unwrap_or_default().to_string()
+            }
+        };
+        Ok((!rest.is_empty()).then_some(rest))
+    }
+}
+
+/// Removes and returns the longest valid UTF-8 prefix of `buf`, keeping an incomplete trailing
+/// character for later. Invalid bytes (never completable) are released as U+FFFD.
+fn take_complete_utf8(buf: &mut Vec<u8>) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        match std::str::from_utf8(buf) {
+            Ok(s) => {
+                out.push_str(s);
+                buf.clear();
+                break;
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                out.push_str(std::str::from_utf8(&buf[..valid]).expect("checked valid"));
+                match e.error_len() {
+                    // Incomplete character at the end: wait for more bytes.
+                    None => {
+                        buf.drain(..valid);
+                        break;
+                    }
+                    Some(bad) => {
+                        out.push('\u{FFFD}');
+                        buf.drain(..valid + bad);
+                    }
+                }
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_complete_utf8;
+
+    #[test]
+    fn utf8_is_released_only_when_complete() {
+        let bytes = "你😀".as_bytes();
+        let mut buf = Vec::new();
+        let mut out = String::new();
+        for (i, b) in bytes.iter().enumerate() {
+            buf.push(*b);
+            if let Some(s) = take_complete_utf8(&mut buf) {
+                assert!(i == 2 || i == 6, "released early at byte {i}");
+                out.push_str(&s);
+            }
+        }
+        assert_eq!(out, "你😀");
+        let mut bad = vec![b'a', 0xff, b'b'];
+        assert_eq!(take_complete_utf8(&mut bad).as_deref(), Some("a\u{FFFD}b"));
+    }
+}

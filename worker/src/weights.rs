@@ -1,0 +1,172 @@
+//! Memory-mapped safetensors checkpoints: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Tensors are read by name with their expected shape and
+//! converted to the compute dtype on the target device; every failure names file and tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
+
+use crate::error::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8-byte length + JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl Shard {
+    fn open(path: PathBuf) -> Result<Self> {
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the checkpoint files are treated as read-only for the process lifetime; a
+        // concurrent writer truncating them is outside what any model server can defend against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Shard {
+            path,
+            data_start: 8 + header_len,
+            mmap,
+            metadata,
+        })
+    }
+}
+
+/// All tensors of a checkpoint directory, by name.
+pub struct Weights {
+    shards: Vec<Shard>,
+    /// Tensor name → index into `shards`.
+    index: HashMap<String, usize>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Opens the safetensors files of `dir` for loading tensors as `dtype` on `device`.
+    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files = if index_path.exists() {
+            shard_files(dir, &index_path)?
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::NoWeights { dir: dir.to_path_buf() });
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for path in files {
+            let shard = Shard::open(path)?;
+            for name in shard.metadata.tensors().into_keys() {
+                index.insert(name, shards.len());
+            }
+            shards.push(shard);
+        }
+        Ok(Weights {
+            shards,
+            index,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Loads tensor `name`, checking it has exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let shard = self.shard_of(name)?;
+        let info = shard.metadata.info(name).ok_or_else(|| self.missing(name))?;
+        if info.shape != shape {
+            return Err(Error::TensorShape {
+                path: shard.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let dtype = match info.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::TensorDtype {
+                    path: shard.path.clone(),
+                    name: name.to_string(),
+                    found: format!("{other:?}"),
+                })
+            }
+        };
+        let (start, end) = info.data_offsets;
+        let data = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| Error::Safetensors {
+                path: shard.path.clone(),
+                message: format!("tensor `{name}` lies past the end of the file"),
+            })?;
+        // Loading on the CPU first converts dtype there, so only the final tensor crosses to the
+        // device and no device ever holds both copies.
+        let tensor = Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu)?;
+        Ok(tensor.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    fn shard_of(&self, name: &str) -> Result<&Shard> {
+        self.index.get(name).map(|&i| &self.shards[i]).ok_or_else(|| self.missing(name))
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        let searched = self
+            .shards
+            .iter()
+            .map(|s| s.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Error::MissingTensor {
+            name: name.to_string(),
+            searched,
+        }
+    }
+}
+
+/// The distinct shard files named by an index's `weight_map`, in a stable order.
+fn shard_files(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index_path.to_path_buf(),
+        source,
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::field(index_path, "weight_map", "missing or not an object"))?;
+    let mut files: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::field(index_path, "weight_map", format!("entry for `{tensor}` is not a file name")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(Error::field(index_path, "weight_map", format!("shard {file:?} is not a plain file name")));
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
