@@ -1,1 +1,55 @@
-//! Integration tests live in `tests/tests/`; they run the built binaries.
+//! Helpers for the integration tests in `tests/tests/`: they run the workspace's built binaries
+//! as real processes against the committed fixtures.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("fixtures/models").join(name)
+}
+
+/// Path of a workspace binary in the same target directory as the running test. `cargo test
+/// --workspace` builds it before running any test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join(name))
+        .expect("target directory layout");
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `qwen-worker` with `args` and returns its output.
+pub fn qwen_worker(args: &[&str]) -> Output {
+    Command::new(bin("qwen-worker"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("spawn qwen-worker")
+}
+
+/// The `ids` array of a golden JSON value.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+pub fn golden(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name).join("golden.json")).expect("golden.json");
+    serde_json::from_str(&text).expect("golden.json parses")
+}

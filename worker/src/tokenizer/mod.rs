@@ -117,8 +117,13 @@ pub struct StreamDecoder<'a> {
 }
 
 impl StreamDecoder<'_> {
-    /// Adds one token; returns the text it completes, if any.
+    /// Adds one token; returns the text it completes, if any. Ids past the tokenizer's
+    /// vocabulary (checkpoints pad their embedding matrix beyond it, e.g. 151936 vs 151851 ids)
+    /// can still be sampled from a model and decode to no text, as in `tokenizers`.
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        if id as usize >= self.tokenizer.vocab_size() {
+            return Ok(None);
+        }
         match self.tokenizer {
             Tokenizer::Tiktoken(t) => {
                 self.pending.extend(t.decode_bytes(&[id])?);
