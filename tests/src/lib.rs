@@ -18,11 +18,8 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join(name))
-        .expect("target directory layout");
+    let path =
+        exe.parent().and_then(|deps| deps.parent()).map(|profile| profile.join(name)).expect("target directory layout");
     assert!(
         path.exists(),
         "{} not built: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
@@ -33,20 +30,12 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Runs `qwen-worker` with `args` and returns its output.
 pub fn qwen_worker(args: &[&str]) -> Output {
-    Command::new(bin("qwen-worker"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("spawn qwen-worker")
+    Command::new(bin("qwen-worker")).args(args).env_remove("RUST_LOG").output().expect("spawn qwen-worker")
 }
 
 /// The `ids` array of a golden JSON value.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 pub fn golden(name: &str) -> serde_json::Value {

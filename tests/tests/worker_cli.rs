@@ -18,8 +18,15 @@ fn generate_prompt_ids_json_matches_golden_greedy() {
         let want = ids(&case["greedy"]);
         let n = want.len().to_string();
         let out = qwen_worker(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt-ids", &prompt,
-            "--max-new-tokens", &n, "--ignore-eos", "--json",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--max-new-tokens",
+            &n,
+            "--ignore-eos",
+            "--json",
         ]);
         let json = stdout_json(&out);
         assert_eq!(ids(&json["token_ids"]), want);
@@ -34,7 +41,16 @@ fn generate_text_prompt_streams_and_matches_golden() {
     let model = fixture("qwen2-gqa");
     let g = &golden("qwen2-gqa")["text_prompt"];
     let n = ids(&g["greedy"]).len().to_string();
-    let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", g["text"].as_str().unwrap(), "--max-new-tokens", &n, "--ignore-eos"];
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        g["text"].as_str().unwrap(),
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+    ];
 
     let mut json_args = args.to_vec();
     json_args.push("--json");
@@ -55,7 +71,8 @@ fn generate_stops_at_the_models_eos_ids() {
     // generation_config.json of the fixture lists its eos ids; a prompt whose greedy path hits
     // one must stop there unless --ignore-eos.
     let model = fixture("qwen2-gqa");
-    let gen_cfg: Value = serde_json::from_str(&std::fs::read_to_string(model.join("generation_config.json")).unwrap()).unwrap();
+    let gen_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("generation_config.json")).unwrap()).unwrap();
     let eos = ids(&gen_cfg["eos_token_id"]);
     let g = golden("qwen2-gqa");
     let mut candidates: Vec<&Value> = g["cases"].as_array().unwrap().iter().collect();
@@ -68,7 +85,16 @@ fn generate_stops_at_the_models_eos_ids() {
         })
         .expect("the qwen2-gqa fixture has a greedy path through an eos id");
     let prompt = prompt.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let out = qwen_worker(&["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &prompt, "--max-new-tokens", "32", "--json"]);
+    let out = qwen_worker(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        &prompt,
+        "--max-new-tokens",
+        "32",
+        "--json",
+    ]);
     let json = stdout_json(&out);
     assert_eq!(ids(&json["token_ids"]), until_eos);
     assert_eq!(json["finish_reason"], "stop");
@@ -79,8 +105,21 @@ fn sampling_is_reproducible_by_seed() {
     let model = fixture("qwen3");
     let run = |seed: &str| {
         let out = qwen_worker(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt-ids", "5,6,7", "--max-new-tokens", "24",
-            "--temperature", "1.5", "--top-p", "0.95", "--seed", seed, "--ignore-eos", "--json",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
         ]);
         ids(&stdout_json(&out)["token_ids"])
     };
@@ -93,7 +132,8 @@ fn sampling_is_reproducible_by_seed() {
 fn tokenize_prints_the_ids() {
     let model = fixture("qwen2-gqa");
     let g = &golden("qwen2-gqa")["text_prompt"];
-    let out = qwen_worker(&["tokenize", "--model", model.to_str().unwrap(), "--text", g["text"].as_str().unwrap(), "--json"]);
+    let out =
+        qwen_worker(&["tokenize", "--model", model.to_str().unwrap(), "--text", g["text"].as_str().unwrap(), "--json"]);
     assert_eq!(ids(&stdout_json(&out)["token_ids"]), ids(&g["prompt_ids"]));
 }
 

@@ -112,8 +112,7 @@ impl<'a> Fields<'a> {
     }
 
     fn usize(&self, field: &str) -> Result<usize> {
-        self.opt_usize(field)?
-            .ok_or_else(|| self.err(field, "missing (required)"))
+        self.opt_usize(field)?.ok_or_else(|| self.err(field, "missing (required)"))
     }
 
     fn positive(&self, field: &str) -> Result<usize> {
@@ -126,10 +125,7 @@ impl<'a> Fields<'a> {
     fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
         match self.map.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
         }
     }
 
@@ -166,11 +162,10 @@ fn read_json(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(Error::field(path, "(top level)", format!("expected a JSON object, found {}", type_name(&other)))),
-        Err(source) => Err(Error::Json {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Ok(other) => {
+            Err(Error::field(path, "(top level)", format!("expected a JSON object, found {}", type_name(&other))))
+        }
+        Err(source) => Err(Error::Json { path: path.to_path_buf(), source }),
     }
 }
 
@@ -190,7 +185,11 @@ pub fn parse_dtype(path: &Path, field: &str, name: &str) -> Result<DType> {
         "float32" | "f32" => Ok(DType::F32),
         "float16" | "f16" | "half" => Ok(DType::F16),
         "bfloat16" | "bf16" => Ok(DType::BF16),
-        other => Err(Error::field(path, field, format!("unsupported dtype {other:?}; supported: float32, float16, bfloat16"))),
+        other => Err(Error::field(
+            path,
+            field,
+            format!("unsupported dtype {other:?}; supported: float32, float16, bfloat16"),
+        )),
     }
 }
 
@@ -232,10 +231,45 @@ impl ModelConfig {
                 format!("rotary dims {} must be even and within head_dim {}", self.rotary_dim, self.head_dim),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        // Bounds far above any real checkpoint keep every size product in range.
+        const MAX_DIM: usize = 1 << 20;
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.mlp_hidden),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v > MAX_DIM {
+                return Err(Error::field(path, field, format!("{v} is larger than the supported {MAX_DIM}")));
+            }
+        }
+        if self.num_heads * self.head_dim > MAX_DIM {
+            return Err(Error::field(path, "num_attention_heads", "num_attention_heads * head_dim is too large"));
+        }
+        if let Some(lc) = self.long_context.filter(|lc| lc.logn_attn && lc.seq_length < 2) {
+            return Err(Error::field(
+                path,
+                "seq_length",
+                format!("{} must be at least 2 with use_logn_attn", lc.seq_length),
+            ));
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return Err(Error::field(path, "rms_norm_eps/rope_theta", "must be positive"));
         }
         Ok(())
+    }
+
+    /// Longest sequence (prompt + generated) the model accepts: `max_position_embeddings`, or for
+    /// the original Qwen with dynamic NTK the 32768 tokens its LogN table covers.
+    pub fn max_context(&self) -> usize {
+        match self.long_context {
+            Some(lc) if lc.dynamic_ntk => self.max_position_embeddings.max(32_768),
+            _ => self.max_position_embeddings,
+        }
     }
 
     /// Per-sequence NTK alpha for a prompt of `prompt_len` tokens (1 for models without it).
@@ -272,7 +306,9 @@ fn architecture(f: &Fields) -> Result<Architecture> {
 fn rope_theta(f: &Fields) -> Result<f64> {
     let mut theta = f.opt_f64("rope_theta")?;
     for field in ["rope_parameters", "rope_scaling"] {
-        let Some(params) = f.object(field)? else { continue };
+        let Some(params) = f.object(field)? else {
+            continue;
+        };
         let sub = Fields { path: f.path, map: params };
         if let Some(t) = sub.opt_f64("rope_theta")? {
             theta = Some(t);
@@ -292,15 +328,20 @@ fn qwen2_config(f: &Fields, architecture: Architecture, declared_dtype: Option<D
     let hidden_size = f.positive("hidden_size")?;
     let num_heads = f.positive("num_attention_heads")?;
     let qwen3 = architecture == Architecture::Qwen3;
+    // transformers reads `head_dim` when the config has it; Qwen3's own default is 128.
     let head_dim = match f.opt_usize("head_dim")? {
-        Some(d) if qwen3 => d,
-        _ if hidden_size % num_heads != 0 => {
+        Some(d) => d,
+        None if qwen3 => 128,
+        None if hidden_size % num_heads != 0 => {
             return Err(f.err("num_attention_heads", format!("{num_heads} does not divide hidden_size = {hidden_size}")))
         }
-        _ => hidden_size / num_heads,
+        None => hidden_size / num_heads,
     };
     if head_dim == 0 {
         return Err(f.err("head_dim", "must be greater than 0"));
+    }
+    if f.bool_or("use_sliding_window", false)? {
+        return Err(f.err("use_sliding_window", "sliding-window attention is not supported; set it to false"));
     }
     let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
     if num_kv_heads == 0 {
@@ -333,7 +374,9 @@ fn qwen_config(f: &Fields, declared_dtype: Option<DType>) -> Result<ModelConfig>
     }
     let intermediate = f.positive("intermediate_size")?;
     if intermediate % 2 != 0 {
-        return Err(f.err("intermediate_size", format!("{intermediate} must be even (the MLP is intermediate_size / 2 wide)")));
+        return Err(
+            f.err("intermediate_size", format!("{intermediate} must be even (the MLP is intermediate_size / 2 wide)"))
+        );
     }
     let num_heads = f.positive("num_attention_heads")?;
     let head_dim = f.positive("kv_channels")?;
@@ -371,8 +414,9 @@ fn qwen_config(f: &Fields, declared_dtype: Option<DType>) -> Result<ModelConfig>
         declared_dtype,
         long_context: Some(LongContext {
             seq_length,
-            dynamic_ntk: f.bool_or("use_dynamic_ntk", false)?,
-            logn_attn: f.bool_or("use_logn_attn", false)?,
+            // QWenConfig turns both on unless the checkpoint says otherwise.
+            dynamic_ntk: f.bool_or("use_dynamic_ntk", true)?,
+            logn_attn: f.bool_or("use_logn_attn", true)?,
         }),
     })
 }
@@ -395,11 +439,7 @@ impl GenerationConfig {
     /// Reads `DIR/generation_config.json` when present; falls back to `config.json`'s eos id.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path: PathBuf = dir.join("generation_config.json");
-        let mut cfg = if path.exists() {
-            Self::from_map(&path, &read_json(&path)?)?
-        } else {
-            Self::default()
-        };
+        let mut cfg = if path.exists() { Self::from_map(&path, &read_json(&path)?)? } else { Self::default() };
         if cfg.eos_token_ids.is_empty() {
             let config_path = dir.join("config.json");
             let map = read_json(&config_path)?;
@@ -480,7 +520,8 @@ mod tests {
         assert!(err.to_string().contains("`hidden_size`: missing"), "{err}");
         let err = parse(&format!("{QWEN2},\"rms_norm_eps\":\"small\"}}")).unwrap_err();
         assert!(err.to_string().contains("`rms_norm_eps`: expected a number"), "{err}");
-        let err = parse(&QWEN2.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3").replace("96", "96}")).unwrap_err();
+        let err = parse(&QWEN2.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3").replace("96", "96}"))
+            .unwrap_err();
         assert!(err.to_string().contains("num_key_value_heads"), "{err}");
     }
 

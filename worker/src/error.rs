@@ -49,17 +49,9 @@ pub enum Error {
         source: serde_json::Error,
     },
     #[error("{path}: field `{field}`: {message}")]
-    ConfigField {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
+    ConfigField { path: PathBuf, field: String, message: String },
     #[error("{path}: unknown architecture {found:?}; supported: {supported}")]
-    UnknownArchitecture {
-        path: PathBuf,
-        found: String,
-        supported: String,
-    },
+    UnknownArchitecture { path: PathBuf, found: String, supported: String },
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{dir}: no weights found: expected model.safetensors or model.safetensors.index.json")]
@@ -67,28 +59,15 @@ pub enum Error {
     #[error("tensor `{name}` not found (looked in {searched})")]
     MissingTensor { name: String, searched: String },
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    TensorShape {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    TensorShape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: tensor `{name}` has dtype {found}, expected one of f32, f16, bf16")]
-    TensorDtype {
-        path: PathBuf,
-        name: String,
-        found: String,
-    },
+    TensorDtype { path: PathBuf, name: String, found: String },
     #[error("{path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error("{dir}: no tokenizer found: expected tokenizer.json or qwen.tiktoken")]
     NoTokenizer { dir: PathBuf },
     #[error("token id {token} in {field} is out of range: the vocabulary has {vocab} ids (0..{vocab})")]
-    TokenOutOfRange {
-        field: &'static str,
-        token: u32,
-        vocab: usize,
-    },
+    TokenOutOfRange { field: &'static str, token: u32, vocab: usize },
     #[error("invalid input: {field}: {message}")]
     InvalidInput { field: &'static str, message: String },
     #[error("tensor operation failed: {0}")]
@@ -99,9 +78,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Io,
-            Error::Json { .. } | Error::ConfigField { .. } | Error::UnknownArchitecture { .. } => {
-                ErrorKind::Config
-            }
+            Error::Json { .. } | Error::ConfigField { .. } | Error::UnknownArchitecture { .. } => ErrorKind::Config,
             Error::Safetensors { .. }
             | Error::NoWeights { .. }
             | Error::MissingTensor { .. }
@@ -114,18 +91,11 @@ impl Error {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub(crate) fn field(path: impl Into<PathBuf>, field: &str, message: impl Into<String>) -> Self {
-        Error::ConfigField {
-            path: path.into(),
-            field: field.to_string(),
-            message: message.into(),
-        }
+        Error::ConfigField { path: path.into(), field: field.to_string(), message: message.into() }
     }
 }
 

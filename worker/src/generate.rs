@@ -38,26 +38,16 @@ impl GenerateParams {
     pub fn validate(&self, prompt: &[u32], model: &Model) -> Result<()> {
         let cfg = model.config();
         if prompt.is_empty() {
-            return Err(Error::InvalidInput {
-                field: "prompt",
-                message: "must contain at least one token".into(),
-            });
+            return Err(Error::InvalidInput { field: "prompt", message: "must contain at least one token".into() });
         }
         if let Some(&token) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(Error::TokenOutOfRange {
-                field: "prompt",
-                token,
-                vocab: cfg.vocab_size,
-            });
+            return Err(Error::TokenOutOfRange { field: "prompt", token, vocab: cfg.vocab_size });
         }
         if self.max_new_tokens == 0 {
-            return Err(Error::InvalidInput {
-                field: "max_new_tokens",
-                message: "must be at least 1".into(),
-            });
+            return Err(Error::InvalidInput { field: "max_new_tokens", message: "must be at least 1".into() });
         }
-        let max_ctx = cfg.max_position_embeddings;
-        if prompt.len() + self.max_new_tokens > max_ctx {
+        let max_ctx = model.config().max_context();
+        if prompt.len().saturating_add(self.max_new_tokens) > max_ctx {
             return Err(Error::InvalidInput {
                 field: "max_new_tokens",
                 message: format!(
@@ -75,16 +65,10 @@ impl GenerateParams {
                 });
             }
             if !(top_p > 0.0 && top_p <= 1.0) {
-                return Err(Error::InvalidInput {
-                    field: "top_p",
-                    message: format!("{top_p} must be in (0, 1]"),
-                });
+                return Err(Error::InvalidInput { field: "top_p", message: format!("{top_p} must be in (0, 1]") });
             }
             if top_k == Some(0) {
-                return Err(Error::InvalidInput {
-                    field: "top_k",
-                    message: "must be at least 1 when set".into(),
-                });
+                return Err(Error::InvalidInput { field: "top_k", message: "must be at least 1 when set".into() });
             }
         }
         Ok(())
@@ -137,11 +121,7 @@ impl Sampler {
             Sampling::Random { seed, .. } => seed,
             Sampling::Greedy => 0,
         };
-        Sampler {
-            sampling,
-            rng: ChaCha20Rng::seed_from_u64(seed),
-            scratch: Vec::new(),
-        }
+        Sampler { sampling, rng: ChaCha20Rng::seed_from_u64(seed), scratch: Vec::new() }
     }
 
     /// One token per row of `logits`.
@@ -151,10 +131,7 @@ impl Sampler {
             Sampling::Greedy => Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
             Sampling::Random { temperature, top_p, top_k, .. } => {
                 let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                Ok(rows
-                    .iter()
-                    .map(|row| self.sample_row(row, temperature, top_p, top_k))
-                    .collect())
+                Ok(rows.iter().map(|row| self.sample_row(row, temperature, top_p, top_k)).collect())
             }
         }
     }
@@ -163,25 +140,28 @@ impl Sampler {
         let inv_t = (1.0 / temperature) as f32;
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         self.scratch.clear();
-        self.scratch
-            .extend(row.iter().enumerate().map(|(i, &l)| (((l - max) * inv_t).exp(), i as u32)));
-        // Sort descending by probability; ties by lower id so the order is deterministic.
-        self.scratch
-            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        if let Some(k) = top_k {
-            self.scratch.truncate(k.max(1));
-        }
-        let total: f32 = self.scratch.iter().map(|p| p.0).sum();
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for &(p, _) in &self.scratch {
-            mass += p / total;
-            kept += 1;
-            if mass as f64 >= top_p {
-                break;
+        self.scratch.extend(row.iter().enumerate().map(|(i, &l)| (((l - max) * inv_t).exp(), i as u32)));
+        // Only truncation needs an order; full-vocabulary sampling draws from the weights as they
+        // are. Descending by probability, ties by lower id, so the order is deterministic.
+        if top_k.is_some() || top_p < 1.0 {
+            let by_prob = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            if let Some(k) = top_k.filter(|&k| k < self.scratch.len()) {
+                self.scratch.select_nth_unstable_by(k, by_prob);
+                self.scratch.truncate(k);
             }
+            self.scratch.sort_unstable_by(by_prob);
+            let total: f32 = self.scratch.iter().map(|p| p.0).sum();
+            let mut kept = 0;
+            let mut mass = 0.0;
+            for &(p, _) in &self.scratch {
+                mass += p / total;
+                kept += 1;
+                if mass as f64 >= top_p {
+                    break;
+                }
+            }
+            self.scratch.truncate(kept.max(1));
         }
-        self.scratch.truncate(kept.max(1));
         let kept_total: f32 = self.scratch.iter().map(|p| p.0).sum();
         let mut r = self.rng.random::<f32>() * kept_total;
         for &(p, id) in &self.scratch {
@@ -206,14 +186,9 @@ pub fn generate(
     let mut cache = ContiguousKvCache::new(model.config().num_layers);
     let mut sampler = Sampler::new(params.sampling);
     let rope_alpha = model.config().ntk_alpha(prompt.len());
-    let mut seq = SeqChunk {
-        seq_id: 0,
-        context_len: 0,
-        len: prompt.len(),
-        rope_alpha,
-    };
+    let mut seq = SeqChunk { seq_id: 0, context_len: 0, len: prompt.len(), rope_alpha };
     let mut input = prompt.to_vec();
-    let mut tokens = Vec::with_capacity(params.max_new_tokens);
+    let mut tokens = Vec::with_capacity(params.max_new_tokens.min(model.config().max_context()));
     let mut ttft = None;
     let finish_reason = loop {
         let logits = model.forward(&input, &[seq], &mut cache)?;

@@ -128,7 +128,10 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) => match &tokenizer {
             Some(t) => t.encode(text, args.allow_special)?,
-            None => bail!("--prompt needs a tokenizer, but {} has neither tokenizer.json nor qwen.tiktoken; use --prompt-ids", args.model.display()),
+            None => bail!(
+                "--prompt needs a tokenizer, but {} has neither tokenizer.json nor qwen.tiktoken; use --prompt-ids",
+                args.model.display()
+            ),
         },
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),

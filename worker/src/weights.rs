@@ -25,16 +25,9 @@ impl Shard {
         // SAFETY: the checkpoint files are treated as read-only for the process lifetime; a
         // concurrent writer truncating them is outside what any model server can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        Ok(Shard {
-            path,
-            data_start: 8 + header_len,
-            mmap,
-            metadata,
-        })
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        Ok(Shard { path, data_start: 8 + header_len, mmap, metadata })
     }
 }
 
@@ -68,12 +61,7 @@ impl Weights {
             }
             shards.push(shard);
         }
-        Ok(Weights {
-            shards,
-            index,
-            device: device.clone(),
-            dtype,
-        })
+        Ok(Weights { shards, index, device: device.clone(), dtype })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -113,10 +101,8 @@ impl Weights {
             }
         };
         let (start, end) = info.data_offsets;
-        let data = shard
-            .mmap
-            .get(shard.data_start + start..shard.data_start + end)
-            .ok_or_else(|| Error::Safetensors {
+        let data =
+            shard.mmap.get(shard.data_start + start..shard.data_start + end).ok_or_else(|| Error::Safetensors {
                 path: shard.path.clone(),
                 message: format!("tensor `{name}` lies past the end of the file"),
             })?;
@@ -131,35 +117,25 @@ impl Weights {
     }
 
     fn missing(&self, name: &str) -> Error {
-        let searched = self
-            .shards
-            .iter()
-            .map(|s| s.path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        Error::MissingTensor {
-            name: name.to_string(),
-            searched,
-        }
+        let searched = self.shards.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
+        Error::MissingTensor { name: name.to_string(), searched }
     }
 }
 
 /// The distinct shard files named by an index's `weight_map`, in a stable order.
 fn shard_files(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: index_path.to_path_buf(),
-        source,
-    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.to_path_buf(), source })?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::field(index_path, "weight_map", "missing or not an object"))?;
     let mut files: Vec<String> = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::field(index_path, "weight_map", format!("entry for `{tensor}` is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::field(index_path, "weight_map", format!("entry for `{tensor}` is not a file name"))
+        })?;
         if file.contains('/') || file.contains('\\') || file == ".." {
             return Err(Error::field(index_path, "weight_map", format!("shard {file:?} is not a plain file name")));
         }

@@ -8,13 +8,7 @@ use qwen_worker::generate::{generate, GenerateParams, Sampling};
 use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
 use serde_json::Value;
 
-const FIXTURES: [&str; 5] = [
-    "qwen2-gqa",
-    "qwen2-tied-bf16-sharded",
-    "qwen3",
-    "qwen1-ntk-logn",
-    "qwen1-partial-rotary",
-];
+const FIXTURES: [&str; 5] = ["qwen2-gqa", "qwen2-tied-bf16-sharded", "qwen3", "qwen1-ntk-logn", "qwen1-partial-rotary"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
@@ -49,12 +43,8 @@ fn load(name: &str) -> Model {
 
 fn logits_alone(model: &mut Model, prompt: &[u32]) -> Vec<f32> {
     let mut cache = ContiguousKvCache::new(model.config().num_layers);
-    let seq = SeqChunk {
-        seq_id: 0,
-        context_len: 0,
-        len: prompt.len(),
-        rope_alpha: model.config().ntk_alpha(prompt.len()),
-    };
+    let seq =
+        SeqChunk { seq_id: 0, context_len: 0, len: prompt.len(), rope_alpha: model.config().ntk_alpha(prompt.len()) };
     let out = model.forward(prompt, &[seq], &mut cache).unwrap();
     out.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
 }
@@ -65,11 +55,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn greedy_params(n: usize) -> GenerateParams {
-    GenerateParams {
-        max_new_tokens: n,
-        sampling: Sampling::Greedy,
-        stop_token_ids: Vec::new(),
-    }
+    GenerateParams { max_new_tokens: n, sampling: Sampling::Greedy, stop_token_ids: Vec::new() }
 }
 
 #[test]

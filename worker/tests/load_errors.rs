@@ -35,16 +35,11 @@ fn rewrite_weights(dir: &Path, edit: impl Fn(&mut Vec<(String, Dtype, Vec<usize>
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
+    let mut tensors: Vec<_> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
     edit(&mut tensors);
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -72,7 +67,11 @@ fn unknown_architecture() {
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     std::fs::write(dir.path().join("config.json"), cfg.replace("Qwen3ForCausalLM", "MixtralForCausalLM")).unwrap();
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("\"MixtralForCausalLM\"") && msg.contains("supported: QWenLMHeadModel, Qwen2ForCausalLM, Qwen3ForCausalLM"), "{msg}");
+    assert!(
+        msg.contains("\"MixtralForCausalLM\"")
+            && msg.contains("supported: QWenLMHeadModel, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -112,10 +111,7 @@ fn wrong_shape() {
         e.2 = vec![e.2[1], e.2[0]];
     });
     let msg = load_err(dir.path()).to_string();
-    assert!(
-        msg.contains("tensor `model.layers.0.mlp.up_proj.weight` has shape [64, 96], expected [96, 64]"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor `model.layers.0.mlp.up_proj.weight` has shape [64, 96], expected [96, 64]"), "{msg}");
 }
 
 #[test]
@@ -167,12 +163,18 @@ fn bad_generation_parameters_name_the_field() {
         (vec![1; 250], GenerateParams { max_new_tokens: 10, ..base.clone() }, "context length 256"),
         (
             vec![1],
-            GenerateParams { sampling: Sampling::Random { temperature: -1.0, top_p: 1.0, top_k: None, seed: 0 }, ..base.clone() },
+            GenerateParams {
+                sampling: Sampling::Random { temperature: -1.0, top_p: 1.0, top_k: None, seed: 0 },
+                ..base.clone()
+            },
             "temperature",
         ),
         (
             vec![1],
-            GenerateParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.5, top_k: None, seed: 0 }, ..base.clone() },
+            GenerateParams {
+                sampling: Sampling::Random { temperature: 1.0, top_p: 1.5, top_k: None, seed: 0 },
+                ..base.clone()
+            },
             "top_p",
         ),
     ];

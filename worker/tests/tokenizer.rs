@@ -14,14 +14,9 @@ fn root() -> PathBuf {
 /// The real `qwen.tiktoken`: `$QWEN_TIKTOKEN`, else `.cache/qwen.tiktoken` as fetched by
 /// `scripts/fetch_qwen_tiktoken.sh` (which `.ci/run` runs).
 fn qwen_tiktoken() -> Tokenizer {
-    let path = std::env::var_os("QWEN_TIKTOKEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".cache/qwen.tiktoken"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch_qwen_tiktoken.sh (or set QWEN_TIKTOKEN)",
-        path.display()
-    );
+    let path =
+        std::env::var_os("QWEN_TIKTOKEN").map(PathBuf::from).unwrap_or_else(|| root().join(".cache/qwen.tiktoken"));
+    assert!(path.exists(), "{} is missing: run scripts/fetch_qwen_tiktoken.sh (or set QWEN_TIKTOKEN)", path.display());
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(&path, dir.path().join("qwen.tiktoken")).unwrap();
     Tokenizer::from_dir(dir.path()).unwrap()
@@ -57,7 +52,8 @@ fn qwen_tiktoken_matches_python_tiktoken() {
 #[test]
 fn qwen_tiktoken_streams_whole_characters() {
     let tok = qwen_tiktoken();
-    for s in ["你好，世界！通义千问", "emoji 😀🎉👨‍👩‍👧‍👦 mixed 中文 text", "plain ascii only", "Ünïcödé àccénts ½"] {
+    for s in ["你好，世界！通义千问", "emoji 😀🎉👨‍👩‍👧‍👦 mixed 中文 text", "plain ascii only", "Ünïcödé àccénts ½"]
+    {
         let ids = tok.encode(s, false).unwrap();
         let mut dec = tok.stream_decoder();
         let mut out = String::new();

@@ -16,21 +16,22 @@ pub struct BatchMeta {
     /// Offset of each sequence's first token in the flat token dimension.
     pub offsets: Vec<usize>,
     pub num_tokens: usize,
+    /// Additive causal mask `[len, context_len + len]` per sequence, built once per forward for
+    /// implementations that materialise scores; `None` for single-token chunks.
+    pub causal_masks: Vec<Option<Tensor>>,
 }
 
 impl BatchMeta {
-    pub fn new(seqs: &[SeqChunk]) -> Self {
+    pub fn new(seqs: &[SeqChunk], device: &Device) -> Result<Self> {
         let mut offsets = Vec::with_capacity(seqs.len());
+        let mut causal_masks = Vec::with_capacity(seqs.len());
         let mut num_tokens = 0;
         for s in seqs {
             offsets.push(num_tokens);
             num_tokens += s.len;
+            causal_masks.push(causal_mask(s.len, s.context_len, device)?);
         }
-        BatchMeta {
-            seqs: seqs.to_vec(),
-            offsets,
-            num_tokens,
-        }
+        Ok(BatchMeta { seqs: seqs.to_vec(), offsets, num_tokens, causal_masks })
     }
 }
 
@@ -39,7 +40,15 @@ pub trait Attention {
     /// `q`: `[T, Hq, D]`, `k` and `v`: `[T, Hkv, D]` for the batch's new tokens (rotary already
     /// applied). Returns `[T, Hq, D]`: causal attention of each token over its own sequence's
     /// cached tokens plus the new ones up to itself, with scores scaled by `scale`.
-    fn forward(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, meta: &BatchMeta, scale: f64) -> Result<Tensor>;
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+        scale: f64,
+    ) -> Result<Tensor>;
 }
 
 /// One sequence's keys and values for one layer, `[Hkv, capacity, D]`, filled up to `len`.
@@ -58,19 +67,16 @@ pub struct ContiguousKvCache {
 
 impl ContiguousKvCache {
     pub fn new(num_layers: usize) -> Self {
-        ContiguousKvCache {
-            num_layers,
-            seqs: HashMap::new(),
-        }
+        ContiguousKvCache { num_layers, seqs: HashMap::new() }
     }
 
     /// Tokens cached for `seq_id` (0 when unknown).
     pub fn seq_len(&self, seq_id: u64) -> usize {
-        self.seqs
-            .get(&seq_id)
-            .and_then(|layers| layers.first())
-            .and_then(|l| l.as_ref())
-            .map_or(0, |l| l.len)
+        self.seqs.get(&seq_id).and_then(|layers| layers.first()).and_then(|l| l.as_ref()).map_or(0, |l| l.len)
+    }
+
+    fn layer_len(&self, seq_id: u64, layer: usize) -> usize {
+        self.seqs.get(&seq_id).and_then(|layers| layers.get(layer)).and_then(|l| l.as_ref()).map_or(0, |l| l.len)
     }
 
     /// Drops a finished sequence's cache.
@@ -81,20 +87,10 @@ impl ContiguousKvCache {
     /// Appends `k`/`v` (`[Hkv, n, D]`) at `at` and returns views of everything cached.
     fn append(&mut self, layer: usize, seq: &SeqChunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let layers = self.seqs.entry(seq.seq_id).or_insert_with(|| (0..self.num_layers).map(|_| None).collect());
-        let slot = layers.get_mut(layer).ok_or(Error::InvalidInput {
-            field: "layer",
-            message: format!("layer {layer} out of range"),
-        })?;
+        let slot = layers
+            .get_mut(layer)
+            .ok_or(Error::InvalidInput { field: "layer", message: format!("layer {layer} out of range") })?;
         let have = slot.as_ref().map_or(0, |l| l.len);
-        if have != seq.context_len {
-            return Err(Error::InvalidInput {
-                field: "context_len",
-                message: format!(
-                    "sequence {} claims {} cached tokens but the cache holds {have}",
-                    seq.seq_id, seq.context_len
-                ),
-            });
-        }
         let (hkv, n, d) = k.dims3()?;
         let needed = have + n;
         let capacity = slot.as_ref().map_or(0, |l| l.k.dim(1).unwrap_or(0));
@@ -120,44 +116,72 @@ impl ContiguousKvCache {
 }
 
 impl Attention for ContiguousKvCache {
-    fn forward(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, meta: &BatchMeta, scale: f64) -> Result<Tensor> {
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+        scale: f64,
+    ) -> Result<Tensor> {
+        // Check every sequence before appending any, so a bad batch leaves the cache untouched.
+        for seq in &meta.seqs {
+            let have = self.layer_len(seq.seq_id, layer);
+            if have != seq.context_len {
+                return Err(Error::InvalidInput {
+                    field: "context_len",
+                    message: format!(
+                        "sequence {} claims {} cached tokens but the cache holds {have}",
+                        seq.seq_id, seq.context_len
+                    ),
+                });
+            }
+        }
         let mut outs = Vec::with_capacity(meta.seqs.len());
-        for (seq, &off) in meta.seqs.iter().zip(&meta.offsets) {
+        for ((seq, &off), mask) in meta.seqs.iter().zip(&meta.offsets).zip(&meta.causal_masks) {
             let q_s = q.narrow(0, off, seq.len)?.transpose(0, 1)?; // [Hq, n, D]
             let k_s = k.narrow(0, off, seq.len)?.transpose(0, 1)?; // [Hkv, n, D]
             let v_s = v.narrow(0, off, seq.len)?.transpose(0, 1)?;
             let (keys, values) = self.append(layer, seq, &k_s, &v_s)?;
-            outs.push(causal_attention(&q_s, &keys, &values, seq.context_len, scale)?);
+            outs.push(causal_attention(&q_s, &keys, &values, mask.as_ref(), scale)?);
         }
         Ok(Tensor::cat(&outs, 0)?)
     }
 }
 
 /// Causal attention for one sequence: `q` `[Hq, n, D]` holds the queries at positions
-/// `context_len..context_len + n`; `keys`/`values` `[Hkv, context_len + n, D]`. Grouped-query heads
-/// share kv heads in consecutive groups (q head `h` reads kv head `h / (Hq / Hkv)`).
-/// Returns `[n, Hq, D]`.
-pub fn causal_attention(q: &Tensor, keys: &Tensor, values: &Tensor, context_len: usize, scale: f64) -> Result<Tensor> {
+/// `context_len..context_len + n`; `keys`/`values` `[Hkv, context_len + n, D]`; `mask` from
+/// [`causal_mask`]. Grouped-query heads share kv heads in consecutive groups (q head `h` reads kv
+/// head `h / (Hq / Hkv)`). Returns `[n, Hq, D]`.
+pub fn causal_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (hq, n, d) = q.dims3()?;
     let (hkv, total, _) = keys.dims3()?;
     let group = hq / hkv;
     let dtype = q.dtype();
     // Grouping consecutive q heads onto their kv head makes GQA one batched matmul per kv head.
     let q = (q.contiguous()?.reshape((hkv, group * n, d))? * scale)?;
-    let scores = q.matmul(&keys.contiguous()?.t()?)?.reshape((hq, n, total))?;
+    // The cache views are strided along the token axis; matmul reads them in place.
+    let scores = q.matmul(&keys.t()?)?.reshape((hq, n, total))?;
     let scores = scores.to_dtype(DType::F32)?;
-    let scores = match causal_mask(n, context_len, q.device())? {
-        Some(mask) => scores.broadcast_add(&mask)?,
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    let out = probs.reshape((hkv, group * n, total))?.matmul(&values.contiguous()?)?;
+    let out = probs.reshape((hkv, group * n, total))?.matmul(values)?;
     Ok(out.reshape((hq, n, d))?.transpose(0, 1)?.contiguous()?)
 }
 
 /// `[n, context_len + n]` additive mask hiding keys after each query; `None` for a single query,
 /// which sees everything cached.
-fn causal_mask(n: usize, context_len: usize, device: &Device) -> Result<Option<Tensor>> {
+pub fn causal_mask(n: usize, context_len: usize, device: &Device) -> Result<Option<Tensor>> {
     if n == 1 {
         return Ok(None);
     }
@@ -173,7 +197,14 @@ mod tests {
     use super::*;
 
     /// Attention by definition, one head and query at a time, in f64 on the host.
-    fn naive(q: &[Vec<Vec<f32>>], k: &[Vec<Vec<f32>>], v: &[Vec<Vec<f32>>], ctx: usize, scale: f64) -> Vec<Vec<Vec<f32>>> {
+    #[allow(clippy::needless_range_loop)]
+    fn naive(
+        q: &[Vec<Vec<f32>>],
+        k: &[Vec<Vec<f32>>],
+        v: &[Vec<Vec<f32>>],
+        ctx: usize,
+        scale: f64,
+    ) -> Vec<Vec<Vec<f32>>> {
         let (hq, hkv) = (q.len(), k.len());
         let mut out = vec![];
         for i in 0..q[0].len() {
@@ -188,7 +219,9 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 let d = v[0][0].len();
-                heads.push((0..d).map(|c| (0..visible).map(|j| e[j] / z * v[kh][j][c] as f64).sum::<f64>() as f32).collect());
+                heads.push(
+                    (0..d).map(|c| (0..visible).map(|j| e[j] / z * v[kh][j][c] as f64).sum::<f64>() as f32).collect(),
+                );
             }
             out.push(heads);
         }
@@ -202,7 +235,8 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (hq, n, d), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (hkv, ctx + n, d), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (hkv, ctx + n, d), &dev)?;
-        let got = causal_attention(&q, &k, &v, ctx, 0.3)?.to_vec3::<f32>()?;
+        let mask = causal_mask(n, ctx, &dev)?;
+        let got = causal_attention(&q, &k, &v, mask.as_ref(), 0.3)?.to_vec3::<f32>()?;
         let want = naive(&q.to_vec3()?, &k.to_vec3()?, &v.to_vec3()?, ctx, 0.3);
         for (a, b) in got.iter().flatten().flatten().zip(want.iter().flatten().flatten()) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
@@ -211,13 +245,20 @@ mod tests {
     }
 
     #[test]
-    fn cache_rejects_a_wrong_context_len() -> Result<()> {
+    fn a_bad_batch_leaves_the_cache_untouched() -> Result<()> {
         let dev = Device::Cpu;
         let mut cache = ContiguousKvCache::new(1);
         let t = Tensor::zeros((2, 2, 4), DType::F32, &dev)?;
-        let meta = BatchMeta::new(&[SeqChunk { seq_id: 1, context_len: 3, len: 2, rope_alpha: 1.0 }]);
+        let good = SeqChunk { seq_id: 1, context_len: 0, len: 1, rope_alpha: 1.0 };
+        let bad = SeqChunk { seq_id: 2, context_len: 3, len: 1, rope_alpha: 1.0 };
+        let meta = BatchMeta::new(&[good, bad], &dev)?;
         let err = cache.forward(0, &t, &t, &t, &meta, 1.0).unwrap_err();
-        assert!(err.to_string().contains("cache holds 0"), "{err}");
+        assert!(err.to_string().contains("sequence 2 claims 3 cached tokens but the cache holds 0"), "{err}");
+        assert_eq!(cache.seq_len(1), 0, "the good sequence was not appended");
+        // The same good sequence then runs normally.
+        let one = Tensor::zeros((1, 2, 4), DType::F32, &dev)?;
+        cache.forward(0, &one, &one, &one, &BatchMeta::new(&[good], &dev)?, 1.0)?;
+        assert_eq!(cache.seq_len(1), 1);
         Ok(())
     }
 }

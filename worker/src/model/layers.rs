@@ -43,10 +43,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: w.get(name, &[dim])?,
-            eps: eps as f32,
-        })
+        Ok(RmsNorm { weight: w.get(name, &[dim])?, eps: eps as f32 })
     }
 
     /// Normalises over the last dimension.
@@ -81,13 +78,7 @@ pub struct Rotary {
 
 impl Rotary {
     pub fn new(theta: f64, dim: usize, dtype: DType, device: &Device) -> Self {
-        Rotary {
-            theta,
-            dim,
-            tables: HashMap::new(),
-            dtype,
-            device: device.clone(),
-        }
+        Rotary { theta, dim, tables: HashMap::new(), dtype, device: device.clone() }
     }
 
     fn table(&mut self, alpha: f64, min_len: usize) -> Result<&(Tensor, Tensor)> {
@@ -144,7 +135,8 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if rot == head_dim {
         return Ok(candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?);
     }
-    let rotated = candle_nn::rotary_emb::rope_thd(&x.narrow(2, 0, rot)?.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
+    let rotated =
+        candle_nn::rotary_emb::rope_thd(&x.narrow(2, 0, rot)?.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
     Ok(Tensor::cat(&[rotated, x.narrow(2, rot, head_dim - rot)?], 2)?)
 }
 
@@ -190,13 +182,8 @@ impl<A: SelfAttention> DecoderStack<A> {
         }
         // Only each sequence's last position needs logits: selecting first saves the LM head's
         // vocab-wide matmul on every prompt token.
-        let last: Vec<u32> = ctx
-            .meta
-            .seqs
-            .iter()
-            .zip(&ctx.meta.offsets)
-            .map(|(s, &o)| (o + s.len - 1) as u32)
-            .collect();
+        let last: Vec<u32> =
+            ctx.meta.seqs.iter().zip(&ctx.meta.offsets).map(|(s, &o)| (o + s.len - 1) as u32).collect();
         let last = Tensor::from_vec(last, ctx.meta.seqs.len(), x.device())?;
         let x = self.final_norm.forward(&x.index_select(&last, 0)?)?;
         self.lm_head.forward(&x)
@@ -246,10 +233,5 @@ pub fn load_stack<A>(
     } else {
         Linear::load(w, names.lm_head, h, cfg.vocab_size, false)?
     };
-    Ok(DecoderStack {
-        embed,
-        blocks,
-        final_norm: RmsNorm::load(w, names.final_norm, h, eps)?,
-        lm_head,
-    })
+    Ok(DecoderStack { embed, blocks, final_norm: RmsNorm::load(w, names.final_norm, h, eps)?, lm_head })
 }

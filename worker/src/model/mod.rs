@@ -57,13 +57,7 @@ impl Model {
             Architecture::Qwen3 => Stack::Qwen3(qwen3::load(&weights, &config)?),
         };
         let rotary = Rotary::new(config.rope_theta, config.rotary_dim, dtype, device);
-        Ok(Model {
-            config,
-            stack,
-            rotary,
-            device: device.clone(),
-            dtype,
-        })
+        Ok(Model { config, stack, rotary, device: device.clone(), dtype })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -82,20 +76,13 @@ impl Model {
     /// `[seqs.len(), vocab]` for the last token of each sequence, on the model's device.
     pub fn forward(&mut self, tokens: &[u32], seqs: &[SeqChunk], attn: &mut dyn Attention) -> Result<Tensor> {
         self.check_batch(tokens, seqs)?;
-        let meta = BatchMeta::new(seqs);
-        let positions: Vec<u32> = seqs
-            .iter()
-            .flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| p as u32))
-            .collect();
+        let meta = BatchMeta::new(seqs, &self.device)?;
+        let positions: Vec<u32> =
+            seqs.iter().flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| p as u32)).collect();
         let query_scale = self.query_scale(seqs)?;
         let positions = Tensor::from_vec(positions, tokens.len(), &self.device)?;
         let (cos, sin) = self.rotary.for_batch(&meta, &positions)?;
-        let ctx = StepContext {
-            meta: &meta,
-            cos,
-            sin,
-            query_scale,
-        };
+        let ctx = StepContext { meta: &meta, cos, sin, query_scale };
         let tokens = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
         let logits = match &self.stack {
             Stack::QWen(s) => s.forward(&tokens, &ctx, attn)?,
@@ -119,13 +106,35 @@ impl Model {
                 message: format!("{} tokens given but the sequences cover {total}", tokens.len()),
             });
         }
+        let max_ctx = self.config.max_context();
+        let mut ids = std::collections::HashSet::with_capacity(seqs.len());
+        for s in seqs {
+            if !ids.insert(s.seq_id) {
+                return Err(Error::InvalidInput {
+                    field: "seqs",
+                    message: format!("sequence {} appears twice in one batch", s.seq_id),
+                });
+            }
+            if s.context_len.saturating_add(s.len) > max_ctx {
+                return Err(Error::InvalidInput {
+                    field: "seqs",
+                    message: format!(
+                        "sequence {} would reach {} tokens; the model's context length is {max_ctx}",
+                        s.seq_id,
+                        s.context_len.saturating_add(s.len)
+                    ),
+                });
+            }
+            if !(s.rope_alpha.is_finite() && s.rope_alpha >= 1.0) {
+                return Err(Error::InvalidInput {
+                    field: "rope_alpha",
+                    message: format!("{} must be a finite number >= 1", s.rope_alpha),
+                });
+            }
+        }
         let vocab = self.config.vocab_size;
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::TokenOutOfRange {
-                field: "token_ids",
-                token,
-                vocab,
-            });
+            return Err(Error::TokenOutOfRange { field: "token_ids", token, vocab });
         }
         Ok(())
     }
@@ -139,10 +148,8 @@ impl Model {
         if seqs.iter().all(|s| s.context_len + s.len <= lc.seq_length) {
             return Ok(None);
         }
-        let scales: Vec<f32> = seqs
-            .iter()
-            .flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| lc.logn_scale(p) as f32))
-            .collect();
+        let scales: Vec<f32> =
+            seqs.iter().flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| lc.logn_scale(p) as f32)).collect();
         let n = scales.len();
         Ok(Some(Tensor::from_vec(scales, (n, 1, 1), &self.device)?.to_dtype(self.dtype)?))
     }

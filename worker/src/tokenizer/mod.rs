@@ -11,7 +11,7 @@ pub use tiktoken::QwenTiktoken;
 
 pub enum Tokenizer {
     Hf(Box<tokenizers::Tokenizer>),
-    Tiktoken(QwenTiktoken),
+    Tiktoken(Box<QwenTiktoken>),
 }
 
 impl Tokenizer {
@@ -23,32 +23,27 @@ impl Tokenizer {
         }
         let tiktoken = dir.join("qwen.tiktoken");
         if tiktoken.exists() {
-            return Ok(Tokenizer::Tiktoken(QwenTiktoken::from_file(&tiktoken)?));
+            return Ok(Tokenizer::Tiktoken(Box::new(QwenTiktoken::from_file(&tiktoken)?)));
         }
         Err(Error::NoTokenizer { dir: dir.to_path_buf() })
     }
 
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let tok = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(Tokenizer::Hf(Box::new(tok)))
     }
 
     /// Encodes `text` without adding BOS/EOS (Qwen prompts have none). With `allow_special`
-    /// false, the original Qwen tokenizer encodes special-token strings as plain text;
-    /// `tokenizer.json` tokenizers always match their added special tokens.
+    /// false, special-token strings in the text are encoded as the plain text they are.
     pub fn encode(&self, text: &str, allow_special: bool) -> Result<Vec<u32>> {
         match self {
-            Tokenizer::Hf(t) => Ok(t
+            Tokenizer::Hf(t) if allow_special => Ok(t
                 .encode(text, false)
-                .map_err(|e| Error::InvalidInput {
-                    field: "text",
-                    message: e.to_string(),
-                })?
+                .map_err(|e| Error::InvalidInput { field: "text", message: e.to_string() })?
                 .get_ids()
                 .to_vec()),
+            Tokenizer::Hf(t) => encode_without_added_tokens(t, text),
             Tokenizer::Tiktoken(t) => t.encode(text, allow_special),
         }
     }
@@ -58,10 +53,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Hf(t) => {
                 self.check_ids(ids)?;
-                t.decode(ids, false).map_err(|e| Error::InvalidInput {
-                    field: "token_ids",
-                    message: e.to_string(),
-                })
+                t.decode(ids, false).map_err(|e| Error::InvalidInput { field: "token_ids", message: e.to_string() })
             }
             Tokenizer::Tiktoken(t) => Ok(String::from_utf8_lossy(&t.decode_bytes(ids)?).into_owned()),
         }
@@ -84,24 +76,37 @@ impl Tokenizer {
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let vocab = self.vocab_size();
         match ids.iter().find(|&&id| id as usize >= vocab) {
-            Some(&token) => Err(Error::TokenOutOfRange {
-                field: "token_ids",
-                token,
-                vocab,
-            }),
+            Some(&token) => Err(Error::TokenOutOfRange { field: "token_ids", token, vocab }),
             None => Ok(()),
         }
     }
 
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
-        StreamDecoder {
-            tokenizer: self,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-            pending: Vec::new(),
-        }
+        StreamDecoder { tokenizer: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0, pending: Vec::new() }
     }
+}
+
+/// Normaliser, pre-tokenizer and BPE model of `tokenizer.json` without its added-token
+/// matching: what `tokenizers` would produce if the text contained no special tokens, so a
+/// user's `<|im_start|>` is plain characters.
+fn encode_without_added_tokens(t: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+    use tokenizers::{
+        Model as _, Normalizer as _, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _,
+    };
+    let fail = |e: tokenizers::Error| Error::InvalidInput { field: "text", message: e.to_string() };
+    let mut pre = PreTokenizedString::from(text);
+    if let Some(n) = t.get_normalizer() {
+        pre.normalize(|s| n.normalize(s)).map_err(fail)?;
+    }
+    if let Some(p) = t.get_pre_tokenizer() {
+        p.pre_tokenize(&mut pre).map_err(fail)?;
+    }
+    pre.tokenize(|s| t.get_model().tokenize(s.get())).map_err(fail)?;
+    Ok(pre
+        .get_splits(OffsetReferential::Original, OffsetType::Byte)
+        .into_iter()
+        .flat_map(|(_, _, tokens)| tokens.iter().flatten().map(|tok| tok.id))
+        .collect())
 }
 
 /// Incremental detokenization for streaming. Text is released only once it is complete UTF-8,

@@ -12,7 +12,8 @@ use tiktoken_rs::CoreBPE;
 use crate::error::{Error, Result};
 
 /// Qwen's pre-tokenization pattern (from its `tokenization_qwen.py`).
-pub const PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Special tokens in id order, starting right after the last rank (151643 for `qwen.tiktoken`).
 pub fn special_tokens() -> Vec<String> {
@@ -41,9 +42,8 @@ impl QwenTiktoken {
             }
             let line_no = i + 1;
             let text = std::str::from_utf8(line).map_err(|_| bad(line_no, "not UTF-8".into()))?;
-            let (token, rank) = text
-                .split_once(' ')
-                .ok_or_else(|| bad(line_no, "expected `<base64 token> <rank>`".into()))?;
+            let (token, rank) =
+                text.split_once(' ').ok_or_else(|| bad(line_no, "expected `<base64 token> <rank>`".into()))?;
             let token = base64::engine::general_purpose::STANDARD
                 .decode(token)
                 .map_err(|e| bad(line_no, format!("bad base64 token: {e}")))?;
@@ -56,6 +56,10 @@ impl QwenTiktoken {
         if n == 0 {
             return Err(bad(1, "no ranks".into()));
         }
+        // Byte-level BPE needs every single byte as a token; tiktoken-rs indexes them unchecked.
+        if let Some(b) = (0..=255u8).find(|b| !ranks.contains_key(&[*b][..])) {
+            return Err(bad(0, format!("no rank for the single byte 0x{b:02x}; byte-level BPE needs all 256")));
+        }
         let mut seen = vec![false; n];
         for &r in ranks.values() {
             match seen.get_mut(r as usize) {
@@ -63,21 +67,25 @@ impl QwenTiktoken {
                 _ => return Err(bad(0, format!("ranks must be exactly 0..{n} without repeats; found rank {r}"))),
             }
         }
-        let specials: FxHashMap<String, u32> = special_tokens()
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| (s, (n + i) as u32))
-            .collect();
+        let specials: FxHashMap<String, u32> =
+            special_tokens().into_iter().enumerate().map(|(i, s)| (s, (n + i) as u32)).collect();
         let vocab_size = n + specials.len();
-        let bpe = CoreBPE::new(ranks, specials.clone(), PATTERN).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let bpe = CoreBPE::new(ranks, specials.clone(), PATTERN)
+            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(QwenTiktoken { bpe, specials, vocab_size })
     }
 
-    /// Encodes `text`; special-token strings in it are plain text unless `allow_special`.
+    /// Encodes `text` after NFC normalisation (as Qwen's `tokenization_qwen.py` does);
+    /// special-token strings in it are plain text unless `allow_special`.
     pub fn encode(&self, text: &str, allow_special: bool) -> Result<Vec<u32>> {
+        use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+        let normalized: String;
+        let text = if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+            text
+        } else {
+            normalized = text.nfc().collect();
+            &normalized
+        };
         let none = HashSet::new();
         let all: HashSet<&str>;
         let allowed = if allow_special {
@@ -86,10 +94,8 @@ impl QwenTiktoken {
         } else {
             &none
         };
-        let (ids, _) = self.bpe.encode(text, allowed).map_err(|e| Error::InvalidInput {
-            field: "text",
-            message: e.message,
-        })?;
+        let (ids, _) =
+            self.bpe.encode(text, allowed).map_err(|e| Error::InvalidInput { field: "text", message: e.message })?;
         Ok(ids)
     }
 
