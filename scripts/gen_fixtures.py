@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -392,6 +393,7 @@ def tiktoken_cases():
         "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_0|>", "<|extra_204|>", "<|extra_205|>",
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n",
         "text before <|endoftext|> text after", "<|endoftext|><|endoftext|>", "<|im_end", "|im_end|>", "<|unknown|>",
+        "e\u0301 decomposed accent", "A\u030a\u0323 stacked marks", "\uac00 vs \u1100\u1161 jamo",
         "a" * 100, "ab" * 50, " " * 40, "\n" * 10, "1" * 30, "你" * 20, "😀" * 10, "-" * 64, "=" * 32,
     ]
     # Systematic combinations: each word in several contexts.
@@ -404,10 +406,15 @@ def tiktoken_cases():
     texts = list(dict.fromkeys(texts))
     cases = []
     for t in texts:
-        ordinary = enc.encode_ordinary(t)
-        allowed = enc.encode(t, allowed_special="all")
-        assert enc.decode(ordinary) == t
-        cases.append({"text": t, "ids": ordinary, "ids_allow_special": allowed})
+        # tokenization_qwen.py NFC-normalises before encoding.
+        nfc = unicodedata.normalize("NFC", t)
+        ordinary = enc.encode_ordinary(nfc)
+        allowed = enc.encode(nfc, allowed_special="all")
+        assert enc.decode(ordinary) == nfc
+        case = {"text": t, "ids": ordinary, "ids_allow_special": allowed}
+        if nfc != t:
+            case["decoded"] = nfc
+        cases.append(case)
     d = OUT / "tokenizer"
     d.mkdir(parents=True, exist_ok=True)
     (d / "qwen_tiktoken_cases.json").write_text(json.dumps({"sha256": QWEN_TIKTOKEN_SHA256, "cases": cases}, ensure_ascii=False, indent=0))
@@ -459,7 +466,8 @@ def main():
     )
     qwen1(
         "qwen1-partial-rotary",
-        dict(qwen1_base, rotary_pct=0.5, seq_length=2048, use_dynamic_ntk=False, use_logn_attn=False),
+        # kv_channels * heads (96) != hidden_size (64): head size is independent of the width.
+        dict(qwen1_base, kv_channels=24, rotary_pct=0.5, seq_length=2048, use_dynamic_ntk=False, use_logn_attn=False),
         22, [1, 7, 23],
     )
     tiktoken_cases()

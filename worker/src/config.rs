@@ -543,4 +543,43 @@ mod tests {
         assert_eq!(lc.logn_scale(15), 1.0);
         assert!((lc.logn_scale(31) - 32f64.ln() / 16f64.ln()).abs() < 1e-12);
     }
+
+    #[test]
+    fn head_dim_defaults_follow_transformers() {
+        let qwen3 = parse(&QWEN2.replace("Qwen2ForCausalLM", "Qwen3ForCausalLM").replace("96", "96}")).unwrap();
+        assert_eq!(qwen3.head_dim, 128);
+        assert!(qwen3.qk_norm && !qwen3.qkv_bias);
+        let qwen2 = parse(&format!("{QWEN2},\"head_dim\":32}}")).unwrap();
+        assert_eq!(qwen2.head_dim, 32);
+    }
+
+    #[test]
+    fn unsupported_or_absurd_values_are_refused_by_field() {
+        let err = parse(&format!("{QWEN2},\"use_sliding_window\":true}}")).unwrap_err();
+        assert!(err.to_string().contains("`use_sliding_window`"), "{err}");
+        let err = parse(&QWEN2.replace("\"vocab_size\":100", "\"vocab_size\":100000000000").replace("96", "96}"))
+            .unwrap_err();
+        assert!(err.to_string().contains("`vocab_size`"), "{err}");
+        let err = parse(&QWEN2.replace("\"num_attention_heads\":4", "\"num_attention_heads\":0").replace("96", "96}"))
+            .unwrap_err();
+        assert!(err.to_string().contains("`num_attention_heads`: must be greater than 0"), "{err}");
+    }
+
+    const QWEN: &str = r#"{"architectures":["QWenLMHeadModel"],"vocab_size":100,"hidden_size":64,
+        "num_hidden_layers":2,"num_attention_heads":4,"kv_channels":16,"intermediate_size":256"#;
+
+    #[test]
+    fn qwen_defaults_and_checks() {
+        let cfg = parse(&format!("{QWEN},\"seq_length\":2048}}")).unwrap();
+        let lc = cfg.long_context.unwrap();
+        assert!(lc.dynamic_ntk && lc.logn_attn, "QWenConfig defaults both on");
+        assert_eq!((cfg.mlp_hidden, cfg.rotary_dim, cfg.num_kv_heads), (128, 16, 4));
+        assert_eq!(cfg.max_context(), 32_768);
+        let err = parse(&format!("{QWEN},\"seq_length\":1}}")).unwrap_err();
+        assert!(err.to_string().contains("`seq_length`"), "{err}");
+        let err = parse(&format!("{QWEN},\"seq_length\":8,\"rotary_pct\":1.5}}")).unwrap_err();
+        assert!(err.to_string().contains("`rotary_pct`"), "{err}");
+        let err = parse(&format!("{QWEN},\"seq_length\":8,\"no_bias\":false}}")).unwrap_err();
+        assert!(err.to_string().contains("`no_bias`"), "{err}");
+    }
 }

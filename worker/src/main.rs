@@ -114,6 +114,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Writes to stdout and flushes. A closed stdout (piped into `head`, say) is ignored rather than
+/// a panic, as `print!` would.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+}
+
 /// The tokenizer of a model directory, or `None` when it has none.
 fn optional_tokenizer(dir: &Path) -> anyhow::Result<Option<Tokenizer>> {
     match Tokenizer::from_dir(dir) {
@@ -156,7 +163,6 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 
     let mut decoder = tokenizer.as_ref().map(|t| t.stream_decoder());
     let mut text = String::new();
-    let stdout = std::io::stdout();
     let json = args.json;
     let generation = generate(&mut model, &prompt, &params, |id| {
         let piece = match decoder.as_mut() {
@@ -165,9 +171,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         };
         if let Some(piece) = piece {
             if !json {
-                let mut out = stdout.lock();
-                // A closed stdout (e.g. piped into `head`) must not abort generation bookkeeping.
-                let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                emit(&piece);
             }
             text.push_str(&piece);
         }
@@ -175,7 +179,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     })?;
     if let Some(rest) = decoder.as_mut().map(|d| d.finish()).transpose()?.flatten() {
         if !json {
-            print!("{rest}");
+            emit(&rest);
         }
         text.push_str(&rest);
     }
@@ -189,9 +193,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             "ttft_ms": ttft_ms,
             "tokens_per_s": tokens_per_s,
         });
-        println!("{obj}");
+        emit(&format!("{obj}\n"));
     } else {
-        println!();
+        emit("\n");
         eprintln!(
             "{} tokens ({:?}), time to first token {ttft_ms:.1} ms, {tokens_per_s:.1} tokens/s",
             generation.token_ids.len(),
@@ -205,9 +209,9 @@ fn run_tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let ids = tokenizer.encode(&args.text, args.allow_special)?;
     if args.json {
-        println!("{}", serde_json::json!({ "token_ids": ids }));
+        emit(&format!("{}\n", serde_json::json!({ "token_ids": ids })));
     } else {
-        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+        emit(&format!("{}\n", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
     }
     Ok(())
 }

@@ -129,16 +129,26 @@ fn varlen_batch_matches_each_sequence_alone() {
 }
 
 /// The original Qwen's dynamic NTK and LogN really change the result on the long prompts, so
-/// the fixture can tell an implementation without them from one with them.
+/// the fixture can tell an implementation without them from one with them: turning either off
+/// moves the logits of the prompt longer than `seq_length` far beyond the tolerance.
 #[test]
 fn qwen_long_context_fixture_exercises_ntk_and_logn() {
     let (_, cases) = golden("qwen1-ntk-logn");
-    let model = load("qwen1-ntk-logn");
-    let lc = model.config().long_context.unwrap();
-    assert!(lc.dynamic_ntk && lc.logn_attn);
-    let alphas: Vec<f64> = cases.iter().map(|c| model.config().ntk_alpha(c.prompt.len())).collect();
-    assert!(alphas.iter().any(|&a| a > 1.0), "{alphas:?}");
-    assert!(cases.iter().any(|c| c.prompt.len() > lc.seq_length));
+    let seq_length = load("qwen1-ntk-logn").config().long_context.unwrap().seq_length;
+    let long = cases.iter().filter(|c| c.prompt.len() > seq_length).max_by_key(|c| c.prompt.len()).unwrap();
+    for flag in ["use_dynamic_ntk", "use_logn_attn"] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["model.safetensors", "generation_config.json"] {
+            std::fs::copy(fixture("qwen1-ntk-logn").join(f), dir.path().join(f)).unwrap();
+        }
+        let cfg = std::fs::read_to_string(fixture("qwen1-ntk-logn").join("config.json")).unwrap();
+        let off = cfg.replace(&format!("\"{flag}\": true"), &format!("\"{flag}\": false"));
+        assert_ne!(cfg, off, "{flag} not found in config.json");
+        std::fs::write(dir.path().join("config.json"), off).unwrap();
+        let mut model = Model::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let diff = max_abs_diff(&logits_alone(&mut model, &long.prompt), &long.logits);
+        assert!(diff > 1e-2, "without {flag} the logits moved only {diff}");
+    }
 }
 
 #[test]

@@ -43,7 +43,10 @@ fn qwen_tiktoken_matches_python_tiktoken() {
         let plain = tok.encode(s, false).unwrap();
         assert_eq!(plain, ids(&case["ids"]), "special tokens as text: {s:?}");
         assert_eq!(tok.encode(s, true).unwrap(), ids(&case["ids_allow_special"]), "specials allowed: {s:?}");
-        assert_eq!(tok.decode(&plain).unwrap(), s, "round trip of {s:?}");
+        // Encoding NFC-normalises (as tokenization_qwen.py does): a decomposed input comes back
+        // composed, recorded as `decoded` in the case.
+        let want = case.get("decoded").and_then(Value::as_str).unwrap_or(s);
+        assert_eq!(tok.decode(&plain).unwrap(), want, "round trip of {s:?}");
     }
 }
 
@@ -113,4 +116,29 @@ fn decoding_an_id_outside_the_vocabulary_is_an_error() {
     let hf = Tokenizer::from_dir(&root().join("fixtures/models/qwen2-gqa")).unwrap();
     let err = hf.decode(&[100_000]).unwrap_err();
     assert!(err.to_string().contains("100000"), "{err}");
+}
+
+/// With specials not allowed, `tokenizer.json` encodes `<|im_start|>` typed by a user as the
+/// characters it is; with them allowed, as the special token. Text without specials encodes the
+/// same either way.
+#[test]
+fn tokenizer_json_special_tokens_are_text_unless_allowed() {
+    let dir = root().join("fixtures/models/qwen2-gqa");
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let specials: Vec<u32> =
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].iter().map(|s| tok.token_to_id(s).unwrap()).collect();
+    let text = "<|im_start|>user\nhi<|im_end|><|endoftext|>";
+    let allowed = tok.encode(text, true).unwrap();
+    assert_eq!(allowed.iter().filter(|id| specials.contains(id)).count(), 3, "{allowed:?}");
+    let plain = tok.encode(text, false).unwrap();
+    assert!(plain.iter().all(|id| !specials.contains(id)), "{plain:?}");
+    assert_eq!(tok.decode(&plain).unwrap(), text);
+
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    for case in golden["tokenizer_cases"].as_array().unwrap() {
+        let s = case["text"].as_str().unwrap();
+        if !s.contains("<|") {
+            assert_eq!(tok.encode(s, false).unwrap(), ids(&case["ids"]), "{s:?}");
+        }
+    }
 }
