@@ -77,7 +77,7 @@ fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool
             add("model.norm.weight".into(), vec![h], true);
             let arch = if qwen3 { "Qwen3ForCausalLM" } else { "Qwen2ForCausalLM" };
             let cfg = json!({
-                "architectures": [arch], "vocab_size": v, "hidden_size": h, "num_hidden_layers": l,
+                "architectures": [arch], "model_type": arch.trim_end_matches("ForCausalLM").to_lowercase(), "vocab_size": v, "hidden_size": h, "num_hidden_layers": l,
                 "num_attention_heads": nh, "num_key_value_heads": nkv, "head_dim": d, "intermediate_size": i,
                 "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "tie_word_embeddings": true,
                 "max_position_embeddings": 32768, "torch_dtype": "bfloat16",
@@ -101,7 +101,7 @@ fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool
             add("transformer.ln_f.weight".into(), vec![h], true);
             add("lm_head.weight".into(), vec![v, h], false);
             let cfg = json!({
-                "architectures": ["QWenLMHeadModel"], "vocab_size": v, "hidden_size": h, "num_hidden_layers": l,
+                "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": v, "hidden_size": h, "num_hidden_layers": l,
                 "num_attention_heads": nh, "kv_channels": d, "intermediate_size": i, "rotary_pct": 1.0,
                 "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6, "seq_length": 8192,
                 "max_position_embeddings": 8192, "use_dynamic_ntk": true, "use_logn_attn": true, "bf16": true,
@@ -111,13 +111,14 @@ fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool
     }
 }
 
-/// Writes a random bf16 checkpoint of `shape` into `dir` unless one is there.
+/// Writes a random bf16 checkpoint of `shape` into `dir`; weights already there are reused.
 fn ensure_checkpoint(shape: Shape, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cfg, tensors) = checkpoint(shape);
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     if dir.join("model.safetensors").exists() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (cfg, tensors) = checkpoint(shape);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
     let data: Vec<Vec<u8>> = tensors
         .iter()
@@ -137,7 +138,6 @@ fn ensure_checkpoint(shape: Shape, dir: &Path) -> anyhow::Result<()> {
         .map(|((name, shape, _), bytes)| Ok((name.clone(), TensorView::new(Dtype::BF16, shape.clone(), bytes)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     Ok(())
 }
 
