@@ -3,6 +3,16 @@
 use qwen_tests::{fixture, golden, ids, qwen_worker};
 use serde_json::Value;
 
+/// `qwen-worker generate --model MODEL --prompt-ids IDS --max-new-tokens N --json EXTRA...`, parsed.
+fn generate_json(model: &std::path::Path, prompt: &[u32], max_new_tokens: usize, extra: &[&str]) -> Value {
+    let prompt = prompt.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let n = max_new_tokens.to_string();
+    let mut args =
+        vec!["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &prompt, "--max-new-tokens", &n, "--json"];
+    args.extend_from_slice(extra);
+    stdout_json(&qwen_worker(&args))
+}
+
 fn stdout_json(out: &std::process::Output) -> Value {
     assert!(out.status.success(), "exit {:?}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout.clone()).unwrap();
@@ -14,21 +24,8 @@ fn stdout_json(out: &std::process::Output) -> Value {
 fn generate_prompt_ids_json_matches_golden_greedy() {
     let model = fixture("qwen1-ntk-logn");
     for case in golden("qwen1-ntk-logn")["cases"].as_array().unwrap() {
-        let prompt = ids(&case["prompt_ids"]).iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let want = ids(&case["greedy"]);
-        let n = want.len().to_string();
-        let out = qwen_worker(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt-ids",
-            &prompt,
-            "--max-new-tokens",
-            &n,
-            "--ignore-eos",
-            "--json",
-        ]);
-        let json = stdout_json(&out);
+        let json = generate_json(&model, &ids(&case["prompt_ids"]), want.len(), &["--ignore-eos"]);
         assert_eq!(ids(&json["token_ids"]), want);
         assert!(json["text"].is_null(), "no tokenizer in this fixture, so no text");
         assert!(json["ttft_ms"].as_f64().unwrap() > 0.0);
@@ -84,18 +81,7 @@ fn generate_stops_at_the_models_eos_ids() {
             greedy.iter().position(|t| eos.contains(t)).map(|p| (ids(&c["prompt_ids"]), greedy[..=p].to_vec()))
         })
         .expect("the qwen2-gqa fixture has a greedy path through an eos id");
-    let prompt = prompt.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let out = qwen_worker(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt-ids",
-        &prompt,
-        "--max-new-tokens",
-        "32",
-        "--json",
-    ]);
-    let json = stdout_json(&out);
+    let json = generate_json(&model, &prompt, 32, &[]);
     assert_eq!(ids(&json["token_ids"]), until_eos);
     assert_eq!(json["finish_reason"], "stop");
 }
@@ -104,24 +90,8 @@ fn generate_stops_at_the_models_eos_ids() {
 fn sampling_is_reproducible_by_seed() {
     let model = fixture("qwen3");
     let run = |seed: &str| {
-        let out = qwen_worker(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt-ids",
-            "5,6,7",
-            "--max-new-tokens",
-            "24",
-            "--temperature",
-            "1.5",
-            "--top-p",
-            "0.95",
-            "--seed",
-            seed,
-            "--ignore-eos",
-            "--json",
-        ]);
-        ids(&stdout_json(&out)["token_ids"])
+        let extra = ["--temperature", "1.5", "--top-p", "0.95", "--seed", seed, "--ignore-eos"];
+        ids(&generate_json(&model, &[5, 6, 7], 24, &extra)["token_ids"])
     };
     let a = run("1");
     assert_eq!(a, run("1"));
@@ -170,7 +140,7 @@ fn bad_input_fails_with_a_clear_message() {
     assert!(err.contains("needs a tokenizer") && err.contains("--prompt-ids"), "{err}");
     let err = failure(&["generate", "--model", qwen1, "--prompt-ids", "1,x"]);
     assert!(err.contains("--prompt-ids"), "{err}");
-    let err = failure(&["generate", "--model", qwen1, "--prompt-ids", "1", "--temperature", "0"]);
+    let err = failure(&["generate", "--model", qwen1, "--prompt-ids", "1", "--temperature=-1"]);
     assert!(err.contains("temperature"), "{err}");
     let err = failure(&["generate", "--model", qwen1, "--prompt-ids", "1", "--max-new-tokens", "100000"]);
     assert!(err.contains("max_new_tokens") && err.contains("context length"), "{err}");

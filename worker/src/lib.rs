@@ -1,9 +1,11 @@
 //! A qwen-serve worker: loads a Qwen checkpoint, tokenizes, and generates.
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 

@@ -8,8 +8,9 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use qwen_worker::config::GenerationConfig;
-use qwen_worker::generate::{generate, GenerateParams, Sampling};
+use qwen_worker::generate::{generate, GenerateParams};
 use qwen_worker::model::Model;
+use qwen_worker::sampling::SamplingParams;
 use qwen_worker::tokenizer::Tokenizer;
 
 #[derive(Parser)]
@@ -60,13 +61,13 @@ struct GenerateArgs {
     allow_special: bool,
     #[arg(long, env = "QWEN_MAX_NEW_TOKENS", default_value_t = 64)]
     max_new_tokens: usize,
-    /// Sampling temperature; greedy when not given.
+    /// Sampling temperature; greedy when not given (or 0).
     #[arg(long, env = "QWEN_TEMPERATURE")]
     temperature: Option<f64>,
     /// Nucleus sampling mass (with --temperature); defaults to generation_config.json's, else 1.
     #[arg(long, env = "QWEN_TOP_P")]
     top_p: Option<f64>,
-    /// Keep only the k most likely tokens (with --temperature); defaults to generation_config.json's.
+    /// Keep only the k most likely tokens (with --temperature; 0 = all); defaults to generation_config.json's.
     #[arg(long, env = "QWEN_TOP_K")]
     top_k: Option<usize>,
     #[arg(long, env = "QWEN_SEED", default_value_t = 0)]
@@ -145,12 +146,13 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let gen_cfg = GenerationConfig::from_dir(&args.model)?;
     let sampling = match args.temperature {
-        None => Sampling::Greedy,
-        Some(temperature) => Sampling::Random {
+        None => SamplingParams::greedy(),
+        Some(temperature) => SamplingParams {
             temperature,
             top_p: args.top_p.or(gen_cfg.top_p).unwrap_or(1.0),
-            top_k: args.top_k.or(gen_cfg.top_k.filter(|&k| k > 0)),
+            top_k: args.top_k.or(gen_cfg.top_k).unwrap_or(0),
             seed: args.seed,
+            ..SamplingParams::default()
         },
     };
     let params = GenerateParams {

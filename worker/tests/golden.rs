@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use qwen_worker::generate::{generate, GenerateParams, Sampling};
+use qwen_worker::generate::{generate, GenerateParams};
 use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
+use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
 
 const FIXTURES: [&str; 5] = ["qwen2-gqa", "qwen2-tied-bf16-sharded", "qwen3", "qwen1-ntk-logn", "qwen1-partial-rotary"];
@@ -55,7 +56,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn greedy_params(n: usize) -> GenerateParams {
-    GenerateParams { max_new_tokens: n, sampling: Sampling::Greedy, stop_token_ids: Vec::new() }
+    GenerateParams { max_new_tokens: n, sampling: SamplingParams::greedy(), stop_token_ids: Vec::new() }
 }
 
 #[test]

@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use qwen_worker::generate::{generate, GenerateParams, Sampling};
+use qwen_worker::generate::{generate, GenerateParams};
 use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
+use qwen_worker::sampling::SamplingParams;
 use qwen_worker::{Error, ErrorKind};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -148,7 +149,7 @@ fn token_id_outside_the_vocabulary() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(err.to_string().contains("token id 512") && err.to_string().contains("512 ids"), "{err}");
 
-    let params = GenerateParams { max_new_tokens: 4, sampling: Sampling::Greedy, stop_token_ids: vec![] };
+    let params = GenerateParams { max_new_tokens: 4, sampling: SamplingParams::greedy(), stop_token_ids: vec![] };
     let err = generate(&mut model, &[7, 151_643], &params, |_| Ok(())).unwrap_err();
     assert!(err.to_string().contains("token id 151643 in prompt"), "{err}");
 }
@@ -156,7 +157,7 @@ fn token_id_outside_the_vocabulary() {
 #[test]
 fn bad_generation_parameters_name_the_field() {
     let mut model = Model::load(&fixture("qwen2-gqa"), DType::F32, &Device::Cpu).unwrap();
-    let base = GenerateParams { max_new_tokens: 4, sampling: Sampling::Greedy, stop_token_ids: vec![] };
+    let base = GenerateParams { max_new_tokens: 4, sampling: SamplingParams::greedy(), stop_token_ids: vec![] };
     let cases = [
         (vec![], base.clone(), "prompt"),
         (vec![1], GenerateParams { max_new_tokens: 0, ..base.clone() }, "max_new_tokens"),
@@ -164,7 +165,7 @@ fn bad_generation_parameters_name_the_field() {
         (
             vec![1],
             GenerateParams {
-                sampling: Sampling::Random { temperature: -1.0, top_p: 1.0, top_k: None, seed: 0 },
+                sampling: SamplingParams { temperature: -1.0, ..SamplingParams::default() },
                 ..base.clone()
             },
             "temperature",
@@ -172,7 +173,7 @@ fn bad_generation_parameters_name_the_field() {
         (
             vec![1],
             GenerateParams {
-                sampling: Sampling::Random { temperature: 1.0, top_p: 1.5, top_k: None, seed: 0 },
+                sampling: SamplingParams { temperature: 1.0, top_p: 1.5, ..SamplingParams::default() },
                 ..base.clone()
             },
             "top_p",

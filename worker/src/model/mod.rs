@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod layers;
+pub mod paged;
 pub mod qwen;
 pub mod qwen2;
 pub mod qwen3;

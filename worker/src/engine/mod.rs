@@ -1,0 +1,5 @@
+//! The serving engine: paged KV blocks, the prefix cache, the continuous-batching scheduler and
+//! the loop that runs them on the model thread.
+
+pub mod blocks;
+pub mod prefix_cache;

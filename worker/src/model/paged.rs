@@ -1,0 +1,146 @@
+//! Attention over a paged KV cache: each layer's keys and values live in one tensor of
+//! `num_blocks * block_size` slots, and a sequence's tokens sit in the blocks its block table
+//! lists, in order. Block ids come from the engine's allocator; this module only reads and
+//! writes slots.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{causal_attention, Attention, BatchMeta};
+use crate::error::{Error, Result};
+
+/// The KV tensors: per layer, `[num_blocks * block_size, Hkv, D]` for keys and for values.
+pub struct PagedKvStore {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    block_size: usize,
+    num_blocks: usize,
+}
+
+/// Shape of the store, from the model config and the cache budget.
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub dtype: DType,
+}
+
+impl KvLayout {
+    /// Bytes one block takes across all layers, keys and values.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+}
+
+impl PagedKvStore {
+    pub fn new(layout: KvLayout, num_blocks: usize, device: &Device) -> Result<Self> {
+        let slots = num_blocks * layout.block_size;
+        let shape = (slots, layout.num_kv_heads, layout.head_dim);
+        let mut keys = Vec::with_capacity(layout.num_layers);
+        let mut values = Vec::with_capacity(layout.num_layers);
+        for _ in 0..layout.num_layers {
+            keys.push(Tensor::zeros(shape, layout.dtype, device)?);
+            values.push(Tensor::zeros(shape, layout.dtype, device)?);
+        }
+        Ok(PagedKvStore { keys, values, block_size: layout.block_size, num_blocks })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// A view for one forward whose `i`-th sequence uses block table `tables[i]`.
+    pub fn step<'a>(&'a mut self, meta: &BatchMeta, tables: &[&[u32]]) -> Result<PagedStep<'a>> {
+        if tables.len() != meta.seqs.len() {
+            return Err(Error::InvalidInput {
+                field: "block_tables",
+                message: format!("{} tables for {} sequences", tables.len(), meta.seqs.len()),
+            });
+        }
+        let device = self.keys.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let mut writes = Vec::with_capacity(tables.len());
+        let mut reads = Vec::with_capacity(tables.len());
+        for (seq, table) in meta.seqs.iter().zip(tables) {
+            let total = seq.context_len + seq.len;
+            if table.len() * self.block_size < total {
+                return Err(Error::InvalidInput {
+                    field: "block_tables",
+                    message: format!(
+                        "sequence {} needs {total} slots but its {} blocks hold {}",
+                        seq.seq_id,
+                        table.len(),
+                        table.len() * self.block_size
+                    ),
+                });
+            }
+            if let Some(&bad) = table.iter().find(|&&b| b as usize >= self.num_blocks) {
+                return Err(Error::InvalidInput {
+                    field: "block_tables",
+                    message: format!("block {bad} out of range (0..{})", self.num_blocks),
+                });
+            }
+            let slot = |pos: usize| table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
+            // New tokens' positions are contiguous: they fill runs of consecutive slots, one run
+            // per block touched.
+            let mut runs = Vec::new();
+            let mut pos = seq.context_len;
+            while pos < total {
+                let run = (self.block_size - pos % self.block_size).min(total - pos);
+                runs.push(Run { slot: slot(pos), token: pos - seq.context_len, len: run });
+                pos += run;
+            }
+            writes.push(runs);
+            let gather: Vec<u32> = (0..total).map(|p| slot(p) as u32).collect();
+            reads.push(Tensor::from_vec(gather, total, &device)?);
+        }
+        Ok(PagedStep { store: self, writes, reads })
+    }
+}
+
+/// `len` new tokens starting at batch token `token` go to slots `slot..slot + len`.
+struct Run {
+    slot: usize,
+    token: usize,
+    len: usize,
+}
+
+/// One forward's access to the store: where each sequence's new tokens go and which slots hold
+/// its whole context, computed once and reused by every layer.
+pub struct PagedStep<'a> {
+    store: &'a mut PagedKvStore,
+    writes: Vec<Vec<Run>>,
+    reads: Vec<Tensor>,
+}
+
+impl Attention for PagedStep<'_> {
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (keys, values) = (&self.store.keys[layer], &self.store.values[layer]);
+        for ((runs, &off), _) in self.writes.iter().zip(&meta.offsets).zip(&meta.seqs) {
+            for r in runs {
+                keys.slice_set(&k.narrow(0, off + r.token, r.len)?.contiguous()?, 0, r.slot)?;
+                values.slice_set(&v.narrow(0, off + r.token, r.len)?.contiguous()?, 0, r.slot)?;
+            }
+        }
+        let mut outs = Vec::with_capacity(meta.seqs.len());
+        for (i, (seq, &off)) in meta.seqs.iter().zip(&meta.offsets).enumerate() {
+            let q_s = q.narrow(0, off, seq.len)?.transpose(0, 1)?;
+            let k_s = keys.index_select(&self.reads[i], 0)?.transpose(0, 1)?;
+            let v_s = values.index_select(&self.reads[i], 0)?.transpose(0, 1)?;
+            outs.push(causal_attention(&q_s, &k_s, &v_s, meta.causal_masks[i].as_ref(), scale)?);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
