@@ -3,3 +3,5 @@
 
 pub mod blocks;
 pub mod prefix_cache;
+pub mod scheduler;
+pub mod sequence;
