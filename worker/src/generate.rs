@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, D};
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{ContiguousKvCache, Model, SeqChunk};
 use crate::sampling::{SamplingParams, Scratch, SeqSampler};
@@ -19,9 +20,8 @@ pub struct GenerateParams {
 }
 
 impl GenerateParams {
-    /// Checks the request against the model; every error names the offending field.
-    pub fn validate(&self, prompt: &[u32], model: &Model) -> Result<()> {
-        let cfg = model.config();
+    /// Checks a request against the model; every error names the offending field.
+    pub fn validate(&self, prompt: &[u32], cfg: &ModelConfig) -> Result<()> {
         if prompt.is_empty() {
             return Err(Error::InvalidInput { field: "prompt", message: "must contain at least one token".into() });
         }
@@ -31,7 +31,7 @@ impl GenerateParams {
         if self.max_new_tokens == 0 {
             return Err(Error::InvalidInput { field: "max_new_tokens", message: "must be at least 1".into() });
         }
-        let max_ctx = model.config().max_context();
+        let max_ctx = cfg.max_context();
         if prompt.len().saturating_add(self.max_new_tokens) > max_ctx {
             return Err(Error::InvalidInput {
                 field: "max_new_tokens",
@@ -85,7 +85,7 @@ pub fn generate(
     params: &GenerateParams,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
-    params.validate(prompt, model)?;
+    params.validate(prompt, model.config())?;
     let start = Instant::now();
     let mut cache = ContiguousKvCache::new(model.config().num_layers);
     let mut sampler = SeqSampler::new(params.sampling.clone(), prompt);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use qwen_worker::model::paged::{KvLayout, PagedKvStore};
-use qwen_worker::model::{BatchMeta, Model, SeqChunk};
+use qwen_worker::model::{Model, SeqChunk};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -73,9 +73,8 @@ fn paged_chunked_batched_greedy_matches_reference() {
                 tokens.extend_from_slice(&s.tokens[s.computed..s.computed + len]);
                 chunks.push(SeqChunk { seq_id: i as u64, context_len: s.computed, len, rope_alpha: s.alpha });
             }
-            let meta = BatchMeta::new(&chunks, &Device::Cpu).unwrap();
             let tables: Vec<&[u32]> = active.iter().map(|&i| seqs[i].table.as_slice()).collect();
-            let mut step = store.step(&meta, &tables).unwrap();
+            let mut step = store.step(&chunks, &tables).unwrap();
             let logits = model.forward(&tokens, &chunks, &mut step).unwrap();
             let next: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
             for (k, &i) in active.iter().enumerate() {
@@ -96,10 +95,9 @@ fn paged_chunked_batched_greedy_matches_reference() {
 fn a_table_too_short_or_out_of_range_is_refused() {
     let layout = KvLayout { num_layers: 1, num_kv_heads: 1, head_dim: 4, block_size: 4, dtype: DType::F32 };
     let mut store = PagedKvStore::new(layout, 2, &Device::Cpu).unwrap();
-    let meta =
-        BatchMeta::new(&[SeqChunk { seq_id: 0, context_len: 0, len: 5, rope_alpha: 1.0 }], &Device::Cpu).unwrap();
-    let err = store.step(&meta, &[&[0]]).err().unwrap();
+    let seqs = [SeqChunk { seq_id: 0, context_len: 0, len: 5, rope_alpha: 1.0 }];
+    let err = store.step(&seqs, &[[0]]).err().unwrap();
     assert!(err.to_string().contains("needs 5 slots"), "{err}");
-    let err = store.step(&meta, &[&[0, 7]]).err().unwrap();
+    let err = store.step(&seqs, &[[0, 7]]).err().unwrap();
     assert!(err.to_string().contains("block 7 out of range"), "{err}");
 }

@@ -3,5 +3,6 @@
 
 pub mod blocks;
 pub mod prefix_cache;
+pub mod runner;
 pub mod scheduler;
 pub mod sequence;

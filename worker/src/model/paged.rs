@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{causal_attention, Attention, BatchMeta};
+use super::SeqChunk;
 use crate::error::{Error, Result};
 
 /// The KV tensors: per layer, `[num_blocks * block_size, Hkv, D]` for keys and for values.
@@ -54,18 +55,20 @@ impl PagedKvStore {
         self.num_blocks
     }
 
-    /// A view for one forward whose `i`-th sequence uses block table `tables[i]`.
-    pub fn step<'a>(&'a mut self, meta: &BatchMeta, tables: &[&[u32]]) -> Result<PagedStep<'a>> {
-        if tables.len() != meta.seqs.len() {
+    /// A view for one forward over `seqs` (as passed to `Model::forward`) whose `i`-th sequence
+    /// uses block table `tables[i]`.
+    pub fn step<'a, T: AsRef<[u32]>>(&'a mut self, seqs: &[SeqChunk], tables: &[T]) -> Result<PagedStep<'a>> {
+        if tables.len() != seqs.len() {
             return Err(Error::InvalidInput {
                 field: "block_tables",
-                message: format!("{} tables for {} sequences", tables.len(), meta.seqs.len()),
+                message: format!("{} tables for {} sequences", tables.len(), seqs.len()),
             });
         }
         let device = self.keys.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
         let mut writes = Vec::with_capacity(tables.len());
         let mut reads = Vec::with_capacity(tables.len());
-        for (seq, table) in meta.seqs.iter().zip(tables) {
+        for (seq, table) in seqs.iter().zip(tables) {
+            let table = table.as_ref();
             let total = seq.context_len + seq.len;
             if table.len() * self.block_size < total {
                 return Err(Error::InvalidInput {

@@ -1,0 +1,365 @@
+//! The engine thread: owns the model, the paged KV store and the scheduler, and runs one
+//! continuous-batching step after another. The async side talks to it only through
+//! [`EngineHandle`]: commands in over a channel, tokens out over each request's own channel, and a
+//! stats snapshot refreshed once per step.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, D};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::blocks::BlockPool;
+use super::prefix_cache::root_hash;
+use super::scheduler::{Planned, Scheduler, SchedulerConfig};
+use super::sequence::{Event, FinishReason, Sequence};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::GenerateParams;
+use crate::model::paged::{KvLayout, PagedKvStore};
+use crate::model::{Model, SeqChunk};
+use crate::sampling::{Scratch, SeqSampler};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    pub num_blocks: usize,
+    pub model_name: String,
+}
+
+/// A request as the engine receives it: already validated by [`EngineHandle::submit`].
+pub struct NewRequest {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    pub events: UnboundedSender<Event>,
+}
+
+enum Command {
+    Submit(Box<NewRequest>),
+    Cancel(String),
+}
+
+/// What the router's load-aware policies read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub running: usize,
+    pub waiting: usize,
+    /// Blocks no sequence holds (free, or kept only by the prefix cache).
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    /// Blocks the prefix cache keeps (some may also be in use).
+    pub cached_blocks: usize,
+    pub prefix_cache_hit_rate: f64,
+    /// Generated tokens per second over the last few seconds.
+    pub tokens_per_s: f64,
+    pub preemptions: u64,
+    pub model_name: String,
+    pub max_context: usize,
+}
+
+/// Cheap, cloneable access to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: UnboundedSender<Command>,
+    stats: Arc<Mutex<Stats>>,
+    config: Arc<ModelConfig>,
+    /// Tokens the whole KV cache holds: the longest sequence that can ever be scheduled.
+    kv_capacity_tokens: usize,
+}
+
+impl EngineHandle {
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Validates and queues a request; its tokens arrive on `request.events`.
+    pub fn submit(&self, request: NewRequest) -> Result<()> {
+        request.params.validate(&request.prompt, &self.config)?;
+        let total = request.prompt.len() + request.params.max_new_tokens;
+        if total > self.kv_capacity_tokens {
+            return Err(Error::InvalidInput {
+                field: "max_new_tokens",
+                message: format!(
+                    "prompt + max_new_tokens = {total} tokens exceeds this worker's KV cache ({} tokens)",
+                    self.kv_capacity_tokens
+                ),
+            });
+        }
+        self.commands.send(Command::Submit(Box::new(request))).map_err(|_| engine_stopped())
+    }
+
+    /// Cancels a request by id; unknown ids are ignored (it may have just finished).
+    pub fn cancel(&self, request_id: &str) -> Result<()> {
+        self.commands.send(Command::Cancel(request_id.to_string())).map_err(|_| engine_stopped())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// True while the engine thread is running.
+    pub fn is_alive(&self) -> bool {
+        !self.commands.is_closed()
+    }
+}
+
+fn engine_stopped() -> Error {
+    Error::InvalidInput { field: "engine", message: "the engine has stopped".into() }
+}
+
+/// Starts the engine thread; it runs until every handle is dropped.
+pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHandle<()>)> {
+    let cfg = model.config().clone();
+    let layout = KvLayout {
+        num_layers: cfg.num_layers,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        block_size: config.scheduler.block_size,
+        dtype: model.dtype(),
+    };
+    let store = PagedKvStore::new(layout, config.num_blocks, model.device())?;
+    tracing::info!(
+        blocks = config.num_blocks,
+        block_size = layout.block_size,
+        mib = (config.num_blocks * layout.block_bytes()) >> 20,
+        "KV cache allocated"
+    );
+    let (tx, rx) = unbounded_channel();
+    let stats = Arc::new(Mutex::new(Stats {
+        total_blocks: config.num_blocks,
+        free_blocks: config.num_blocks,
+        model_name: config.model_name.clone(),
+        max_context: cfg.max_context(),
+        ..Stats::default()
+    }));
+    let handle = EngineHandle {
+        commands: tx,
+        stats: stats.clone(),
+        kv_capacity_tokens: config.num_blocks * config.scheduler.block_size,
+        config: Arc::new(cfg),
+    };
+    let thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            let scheduler = Scheduler::new(config.scheduler, BlockPool::new(config.num_blocks));
+            let model_salt = {
+                use std::hash::{Hash, Hasher};
+                let mut h = rustc_hash::FxHasher::default();
+                config.model_name.hash(&mut h);
+                h.finish()
+            };
+            Engine {
+                model,
+                store,
+                scheduler,
+                commands: rx,
+                stats,
+                config,
+                model_salt,
+                next_id: 0,
+                cancelled: HashSet::new(),
+                scratch: Scratch::default(),
+                recent: VecDeque::new(),
+            }
+            .run()
+        })
+        .map_err(|e| Error::io("engine thread", e))?;
+    Ok((handle, thread))
+}
+
+struct Engine {
+    model: Model,
+    store: PagedKvStore,
+    scheduler: Scheduler,
+    commands: UnboundedReceiver<Command>,
+    stats: Arc<Mutex<Stats>>,
+    config: EngineConfig,
+    model_salt: u64,
+    next_id: u64,
+    cancelled: HashSet<String>,
+    scratch: Scratch,
+    /// (when, tokens generated) of recent steps, for tokens/s.
+    recent: VecDeque<(Instant, usize)>,
+}
+
+impl Engine {
+    fn run(mut self) {
+        loop {
+            if self.scheduler.is_idle() {
+                self.publish_stats(0);
+                // Nothing to do until a request arrives; no handles left means shut down.
+                match self.commands.blocking_recv() {
+                    Some(c) => self.handle(c),
+                    None => return,
+                }
+            }
+            while let Ok(c) = self.commands.try_recv() {
+                self.handle(c);
+            }
+            self.drop_cancelled();
+            let plan = self.scheduler.schedule();
+            if plan.is_empty() {
+                continue;
+            }
+            let generated = self.step(&plan);
+            self.publish_stats(generated);
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(req) => {
+                let NewRequest { request_id, prompt, params, events } = *req;
+                let rope_alpha = self.model.config().ntk_alpha(prompt.len());
+                self.next_id += 1;
+                self.scheduler.waiting.push_back(Sequence {
+                    id: self.next_id,
+                    request_id,
+                    prompt_len: prompt.len(),
+                    sampler: SeqSampler::new(params.sampling, &prompt),
+                    tokens: prompt,
+                    computed: 0,
+                    blocks: Vec::new(),
+                    block_hashes: Vec::new(),
+                    root_hash: root_hash(self.model_salt, rope_alpha),
+                    rope_alpha,
+                    max_new_tokens: params.max_new_tokens,
+                    stop_token_ids: params.stop_token_ids,
+                    events,
+                    arrived: Instant::now(),
+                    cached_prompt_tokens: None,
+                });
+            }
+            Command::Cancel(id) => {
+                self.cancelled.insert(id);
+            }
+        }
+    }
+
+    /// Cancelled requests and those whose client went away leave within one step; dropping
+    /// them returns their blocks.
+    fn drop_cancelled(&mut self) {
+        let cancelled = std::mem::take(&mut self.cancelled);
+        self.scheduler.remove_where(
+            |s| cancelled.contains(&s.request_id) || s.events.is_closed(),
+            |s| s.finish(FinishReason::Cancelled, None),
+        );
+    }
+
+    /// Runs one forward over `plan`, samples where a sequence's chunk ends its known tokens, and
+    /// streams and finishes. Returns how many tokens were generated.
+    fn step(&mut self, plan: &[Planned]) -> usize {
+        match self.forward_and_sample(plan) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "step failed; failing its sequences");
+                let ids: HashSet<u64> = plan.iter().map(|p| self.scheduler.running[p.index].id).collect();
+                let msg = e.to_string();
+                self.scheduler
+                    .remove_where(|s| ids.contains(&s.id), |s| s.finish(FinishReason::Error, Some(msg.clone())));
+                0
+            }
+        }
+    }
+
+    fn forward_and_sample(&mut self, plan: &[Planned]) -> Result<usize> {
+        let running = &self.scheduler.running;
+        let mut tokens = Vec::with_capacity(plan.iter().map(|p| p.len).sum());
+        let mut chunks = Vec::with_capacity(plan.len());
+        let mut tables = Vec::with_capacity(plan.len());
+        for p in plan {
+            let s = &running[p.index];
+            tokens.extend_from_slice(&s.tokens[s.computed..s.computed + p.len]);
+            chunks.push(SeqChunk { seq_id: s.id, context_len: s.computed, len: p.len, rope_alpha: s.rope_alpha });
+            tables.push(s.blocks.iter().map(|b| b.id()).collect::<Vec<u32>>());
+        }
+        let logits = {
+            let mut step = self.store.step(&chunks, &tables)?;
+            self.model.forward(&tokens, &chunks, &mut step)?
+        };
+        // Rows whose chunk completes the sequence's known tokens produce a token.
+        let sampled: Vec<usize> = (0..plan.len())
+            .filter(|&k| running[plan[k].index].computed + plan[k].len == running[plan[k].index].tokens.len())
+            .collect();
+        let all_plain = sampled.iter().all(|&k| running[plan[k].index].sampler.params().is_plain_greedy());
+        let host_rows: Option<Vec<Vec<f32>>> =
+            if sampled.is_empty() || all_plain { None } else { Some(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?) };
+        let argmax: Option<Vec<u32>> =
+            if !sampled.is_empty() && all_plain { Some(logits.argmax(D::Minus1)?.to_vec1()?) } else { None };
+
+        let max_context = self.model.config().max_context();
+        let mut finished = Vec::new();
+        for (k, p) in plan.iter().enumerate() {
+            let seq = &mut self.scheduler.running[p.index];
+            seq.computed += p.len;
+            self.scheduler.blocks.register_full_blocks(seq);
+            if seq.computed != seq.tokens.len() {
+                continue;
+            }
+            let (token, logprob, top) = match (&argmax, &host_rows) {
+                (Some(ids), _) => {
+                    seq.sampler.accept(ids[k]);
+                    (ids[k], f32::NAN, Vec::new())
+                }
+                (None, Some(rows)) => {
+                    let s = seq.sampler.sample(&rows[k], &mut self.scratch);
+                    (s.token, s.logprob, s.top)
+                }
+                (None, None) => unreachable!("rows exist whenever a sequence samples"),
+            };
+            seq.tokens.push(token);
+            let _ = seq.events.send(Event::Token { token, logprob, top });
+            let reason = if seq.stop_token_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if seq.generated() >= seq.max_new_tokens || seq.tokens.len() >= max_context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                finished.push((seq.id, r));
+            }
+        }
+        let generated = sampled.len();
+        if !finished.is_empty() {
+            self.scheduler.remove_where(
+                |s| finished.iter().any(|(id, _)| *id == s.id),
+                |s| {
+                    let reason = finished.iter().find(|(id, _)| *id == s.id).map_or(FinishReason::Length, |f| f.1);
+                    s.finish(reason, None)
+                },
+            );
+        }
+        Ok(generated)
+    }
+
+    fn publish_stats(&mut self, generated: usize) {
+        let now = Instant::now();
+        self.recent.push_back((now, generated));
+        let window = Duration::from_secs(5);
+        while self.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > window) {
+            self.recent.pop_front();
+        }
+        let span = self.recent.front().map_or(0.0, |(t, _)| now.duration_since(*t).as_secs_f64());
+        let tokens: usize = self.recent.iter().map(|(_, n)| n).sum();
+        let s = &self.scheduler;
+        let snapshot = Stats {
+            running: s.running.len(),
+            waiting: s.waiting.len(),
+            free_blocks: s.blocks.available(),
+            total_blocks: s.blocks.pool.total(),
+            cached_blocks: s.blocks.prefix.len(),
+            prefix_cache_hit_rate: s.blocks.prefix.hit_rate(),
+            tokens_per_s: if span > 0.0 { tokens as f64 / span } else { 0.0 },
+            preemptions: s.preemptions,
+            model_name: self.config.model_name.clone(),
+            max_context: self.model.config().max_context(),
+        };
+        if let Ok(mut st) = self.stats.lock() {
+            *st = snapshot;
+        }
+    }
+}
