@@ -1,4 +1,6 @@
-//! gRPC contracts of qwen-serve (worker and router services).
-//!
-//! The `.proto` files and their generated code land here with the worker service; the crate exists
-//! now so every other crate's dependency graph is fixed from the start.
+//! gRPC contracts of qwen-serve. `worker.proto`: the worker service the router calls.
+
+/// `qwen.worker.v1`: generation on one model replica.
+pub mod worker {
+    tonic::include_proto!("qwen.worker.v1");
+}

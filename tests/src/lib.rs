@@ -42,3 +42,44 @@ pub fn golden(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixture(name).join("golden.json")).expect("golden.json");
     serde_json::from_str(&text).expect("golden.json parses")
 }
+
+/// A `qwen-worker serve` process on a free loopback port, killed (by PID) when dropped.
+pub struct WorkerProcess {
+    child: std::process::Child,
+    pub addr: String,
+}
+
+impl WorkerProcess {
+    /// Starts `qwen-worker serve --model <fixture> --listen 127.0.0.1:0 <extra>` and waits for
+    /// its "listening on" line.
+    pub fn start(fixture_name: &str, extra: &[&str]) -> WorkerProcess {
+        use std::io::BufRead;
+        let model = fixture(fixture_name);
+        let mut child = Command::new(bin("qwen-worker"))
+            .args(["serve", "--model", model.to_str().expect("utf-8 path"), "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn qwen-worker serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("read listening line");
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            panic!("qwen-worker serve did not start: {line:?}");
+        };
+        WorkerProcess { addr: format!("http://{addr}"), child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -5,7 +5,9 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod request;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;
 pub mod weights;
 

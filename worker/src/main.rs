@@ -13,6 +13,8 @@ use qwen_worker::model::Model;
 use qwen_worker::sampling::SamplingParams;
 use qwen_worker::tokenizer::Tokenizer;
 
+mod cli_serve;
+
 #[derive(Parser)]
 #[command(name = "qwen-worker", version, about = "qwen-serve worker: one Qwen model replica")]
 struct Cli {
@@ -26,6 +28,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the token ids of a text.
     Tokenize(TokenizeArgs),
+    /// Serve the model over gRPC with continuous batching.
+    Serve(cli_serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -105,6 +109,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Tokenize(args) => run_tokenize(args),
+        Command::Serve(args) => cli_serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -117,7 +122,7 @@ fn main() -> std::process::ExitCode {
 
 /// Writes to stdout and flushes. A closed stdout (piped into `head`, say) is ignored rather than
 /// a panic, as `print!` would.
-fn emit(text: &str) {
+pub(crate) fn emit(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }

@@ -1,0 +1,138 @@
+//! The worker's gRPC service (`qwen.worker.v1.Worker`) over the engine, plus standard
+//! `grpc.health.v1` health. Request translation and validation live in `request.rs`; this file
+//! only moves messages between tonic and the engine.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use qwen_proto::worker::worker_server::{Worker, WorkerServer};
+use qwen_proto::worker::{
+    CancelRequest, CancelResponse, FinishReason as PbFinish, GenerateRequest, GenerateResponse, StatsRequest,
+    StatsResponse, TopLogprob,
+};
+use tokio::sync::mpsc::unbounded_channel;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::config::GenerationConfig;
+use crate::engine::runner::{EngineHandle, NewRequest};
+use crate::engine::sequence::{Event, FinishReason};
+use crate::error::{Error, ErrorKind};
+use crate::request::to_generate_params;
+
+pub struct WorkerService {
+    engine: EngineHandle,
+    defaults: GenerationConfig,
+    block_size: usize,
+    next_id: AtomicU64,
+}
+
+impl WorkerService {
+    pub fn new(engine: EngineHandle, defaults: GenerationConfig, block_size: usize) -> Self {
+        WorkerService { engine, defaults, block_size, next_id: AtomicU64::new(0) }
+    }
+}
+
+/// Maps an engine error to a gRPC status: the caller's mistakes are INVALID_ARGUMENT.
+pub fn status(e: &Error) -> Status {
+    match e.kind() {
+        ErrorKind::InvalidInput => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn finish_reason(r: FinishReason) -> PbFinish {
+    match r {
+        FinishReason::Length => PbFinish::Length,
+        FinishReason::Stop => PbFinish::Stop,
+        FinishReason::Cancelled => PbFinish::Cancelled,
+        FinishReason::Error => PbFinish::Error,
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let req = request.into_inner();
+        let params = to_generate_params(&req, &self.defaults).map_err(|e| status(&e))?;
+        let request_id = if req.request_id.is_empty() {
+            format!("req-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+        } else {
+            req.request_id.clone()
+        };
+        let prompt_tokens = req.prompt_token_ids.len() as u32;
+        let (tx, rx) = unbounded_channel();
+        self.engine
+            .submit(NewRequest { request_id: request_id.clone(), prompt: req.prompt_token_ids, params, events: tx })
+            .map_err(|e| status(&e))?;
+        // Dropping this stream (client gone) drops the receiver; the engine sees the closed
+        // channel and frees the request's blocks within one step.
+        let stream = UnboundedReceiverStream::new(rx).map(move |event| {
+            let mut msg = GenerateResponse { request_id: request_id.clone(), prompt_tokens, ..Default::default() };
+            match event {
+                Event::Token { token, logprob, top } => {
+                    msg.token_id = Some(token);
+                    if !logprob.is_nan() {
+                        msg.logprob = Some(logprob);
+                    }
+                    msg.top_logprobs =
+                        top.into_iter().map(|(token_id, logprob)| TopLogprob { token_id, logprob }).collect();
+                }
+                Event::Finished { reason, cached_prompt_tokens, message } => {
+                    msg.finish_reason = finish_reason(reason) as i32;
+                    msg.cached_prompt_tokens = cached_prompt_tokens as u32;
+                    msg.error = message.unwrap_or_default();
+                }
+            }
+            Ok(msg)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let id = request.into_inner().request_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("request_id: must not be empty"));
+        }
+        self.engine.cancel(&id).map_err(|e| status(&e))?;
+        Ok(Response::new(CancelResponse {}))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let s = self.engine.stats();
+        Ok(Response::new(StatsResponse {
+            running: s.running as u32,
+            waiting: s.waiting as u32,
+            free_kv_blocks: s.free_blocks as u32,
+            total_kv_blocks: s.total_blocks as u32,
+            cached_kv_blocks: s.cached_blocks as u32,
+            prefix_cache_hit_rate: s.prefix_cache_hit_rate,
+            tokens_per_s: s.tokens_per_s,
+            model_name: s.model_name,
+            max_context: s.max_context as u32,
+            preemptions: s.preemptions,
+            kv_block_size: self.block_size as u32,
+        }))
+    }
+}
+
+/// Serves the worker and health services on `listener` until `shutdown` resolves.
+pub async fn serve(
+    service: WorkerService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WorkerServer<WorkerService>>().await;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(WorkerServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
