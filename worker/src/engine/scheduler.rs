@@ -100,24 +100,16 @@ impl Scheduler {
 
     /// Removes every sequence `drop_if` selects, from both queues, handing each to `on_removed`.
     pub fn remove_where(&mut self, mut drop_if: impl FnMut(&Sequence) -> bool, mut on_removed: impl FnMut(Sequence)) {
-        let mut keep = Vec::with_capacity(self.running.len());
-        for s in self.running.drain(..) {
+        let mut keep = |s: Sequence| {
             if drop_if(&s) {
                 on_removed(s);
+                None
             } else {
-                keep.push(s);
+                Some(s)
             }
-        }
-        self.running = keep;
-        let mut keep = VecDeque::with_capacity(self.waiting.len());
-        for s in self.waiting.drain(..) {
-            if drop_if(&s) {
-                on_removed(s);
-            } else {
-                keep.push_back(s);
-            }
-        }
-        self.waiting = keep;
+        };
+        self.running = std::mem::take(&mut self.running).into_iter().filter_map(&mut keep).collect();
+        self.waiting = std::mem::take(&mut self.waiting).into_iter().filter_map(&mut keep).collect();
     }
 
     /// Chooses this step's work; admitted sequences move from `waiting` to `running`.

@@ -131,7 +131,7 @@ impl Attention for PagedStep<'_> {
         scale: f64,
     ) -> Result<Tensor> {
         let (keys, values) = (&self.store.keys[layer], &self.store.values[layer]);
-        for ((runs, &off), _) in self.writes.iter().zip(&meta.offsets).zip(&meta.seqs) {
+        for (runs, &off) in self.writes.iter().zip(&meta.offsets) {
             for r in runs {
                 keys.slice_set(&k.narrow(0, off + r.token, r.len)?.contiguous()?, 0, r.slot)?;
                 values.slice_set(&v.narrow(0, off + r.token, r.len)?.contiguous()?, 0, r.slot)?;
