@@ -60,6 +60,7 @@ impl WorkerProcess {
             .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
+            .env("RUST_LOG", "warn")
             .spawn()
             .expect("spawn qwen-worker serve");
         let stdout = child.stdout.take().expect("stdout");

@@ -229,3 +229,20 @@ async fn logprobs_and_eos_stop() {
     assert_eq!(got, want[..=stop_at]);
     assert_eq!(last.unwrap().finish_reason, FinishReason::Stop as i32);
 }
+
+/// A body that is not a GenerateRequest (a StatsResponse whose field 1 is a varint where
+/// request_id's string belongs) is INVALID_ARGUMENT, and the worker keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_is_invalid_argument() {
+    let w = WorkerProcess::start("qwen2-gqa", &["--kv-cache-bytes", "1000000"]);
+    let channel = Channel::from_shared(w.addr.clone()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/qwen.worker.v1.Worker/Generate");
+    let codec = tonic_prost::ProstCodec::<StatsResponse, GenerateResponse>::default();
+    let garbage = StatsResponse { running: 7, model_name: "x".into(), ..Default::default() };
+    let err = grpc.server_streaming(tonic::Request::new(garbage), path, codec).await.expect_err("rejected");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("malformed request"), "{}", err.message());
+    assert_eq!(run(client(&w).await, greedy(&[1, 2], 2)).await.0.len(), 2);
+}
