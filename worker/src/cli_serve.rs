@@ -132,6 +132,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let (engine, engine_thread) =
         spawn(model, EngineConfig { scheduler: cfg.scheduler, num_blocks, model_name: cfg.model_name.clone() })?;
+    let watch = engine.clone();
     let service = WorkerService::new(engine, defaults, cfg.scheduler.block_size);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -142,7 +143,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         crate::emit(&format!("listening on {addr}\n"));
         tracing::info!(%addr, model = %cfg.model_name, num_blocks, "serving");
-        serve(service, listener, shutdown_signal()).await?;
+        let (engine_died_tx, mut engine_died) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = &mut engine_died => {}
+            }
+        };
+        // An engine thread that is gone takes the worker down with an error, so a supervisor
+        // (Kubernetes) restarts it instead of routing to a process that cannot generate.
+        let watcher = tokio::spawn(async move {
+            while watch.is_alive() {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            let _ = engine_died_tx.send(());
+        });
+        serve(service, listener, stop).await?;
+        if watcher.is_finished() {
+            bail!("the engine thread stopped");
+        }
+        watcher.abort();
         anyhow::Ok(())
     })?;
     // The service (and with it the last engine handle) is gone: the engine thread winds down.

@@ -17,6 +17,8 @@ pub enum ErrorKind {
     Tokenizer,
     /// A request's input is invalid (e.g. a token id outside the vocabulary).
     InvalidInput,
+    /// The engine thread is gone; the worker cannot serve.
+    Unavailable,
     /// A tensor operation failed: a bug or a device fault, not the caller's input.
     Internal,
 }
@@ -29,6 +31,7 @@ impl ErrorKind {
             ErrorKind::Weights => "weights",
             ErrorKind::Tokenizer => "tokenizer",
             ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
         }
     }
@@ -70,6 +73,8 @@ pub enum Error {
     TokenOutOfRange { field: &'static str, token: u32, vocab: usize },
     #[error("invalid input: {field}: {message}")]
     InvalidInput { field: &'static str, message: String },
+    #[error("the engine has stopped")]
+    EngineStopped,
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -86,6 +91,7 @@ impl Error {
             | Error::TensorDtype { .. } => ErrorKind::Weights,
             Error::Tokenizer { .. } | Error::NoTokenizer { .. } => ErrorKind::Tokenizer,
             Error::TokenOutOfRange { .. } | Error::InvalidInput { .. } => ErrorKind::InvalidInput,
+            Error::EngineStopped => ErrorKind::Unavailable,
             Error::Candle(_) => ErrorKind::Internal,
         }
     }

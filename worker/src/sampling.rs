@@ -50,6 +50,8 @@ impl Default for SamplingParams {
     }
 }
 
+const GREEDY_BELOW: f64 = 1e-5;
+
 /// Most alternatives a request may ask for with each token.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -58,8 +60,9 @@ impl SamplingParams {
         Self::default()
     }
 
+    /// Temperatures this small are greedy (as in vLLM): dividing by them overflows f32.
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
+        self.temperature < GREEDY_BELOW
     }
 
     /// Whether the chosen token is the plain argmax of the raw logits (no penalties, greedy),
@@ -295,6 +298,11 @@ mod tests {
         let row = [0.0f32, -0.51, -1.02, -3.2];
         let seen = draws(params(|p| p.min_p = 0.2), &row, 400);
         assert!(seen.contains(&0) && seen.contains(&1) && seen.contains(&2) && !seen.contains(&3));
+    }
+
+    #[test]
+    fn a_vanishing_temperature_is_greedy_not_garbage() {
+        assert_eq!(draws(params(|p| p.temperature = 1e-39), &[0.0, 5.0, 1.0], 3), vec![1, 1, 1]);
     }
 
     #[test]

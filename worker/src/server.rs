@@ -3,7 +3,8 @@
 //! only moves messages between tonic and the engine.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use qwen_proto::worker::worker_server::{Worker, WorkerServer};
 use qwen_proto::worker::{
@@ -38,6 +39,7 @@ impl WorkerService {
 pub fn status(e: &Error) -> Status {
     match e.kind() {
         ErrorKind::InvalidInput => Status::invalid_argument(e.to_string()),
+        ErrorKind::Unavailable => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }
@@ -72,6 +74,8 @@ impl Worker for WorkerService {
             .map_err(|e| status(&e))?;
         // Dropping this stream (client gone) drops the receiver; the engine sees the closed
         // channel and frees the request's blocks within one step.
+        let finished = Arc::new(AtomicBool::new(false));
+        let seen_finish = finished.clone();
         let stream = UnboundedReceiverStream::new(rx).map(move |event| {
             let mut msg = GenerateResponse { request_id: request_id.clone(), prompt_tokens, ..Default::default() };
             match event {
@@ -84,6 +88,7 @@ impl Worker for WorkerService {
                         top.into_iter().map(|(token_id, logprob)| TopLogprob { token_id, logprob }).collect();
                 }
                 Event::Finished { reason, cached_prompt_tokens, message } => {
+                    seen_finish.store(true, Ordering::Relaxed);
                     msg.finish_reason = finish_reason(reason) as i32;
                     msg.cached_prompt_tokens = cached_prompt_tokens as u32;
                     msg.error = message.unwrap_or_default();
@@ -91,7 +96,11 @@ impl Worker for WorkerService {
             }
             Ok(msg)
         });
-        Ok(Response::new(Box::pin(stream)))
+        // A stream that ends without its finish message lost the engine: say so.
+        let tail = tokio_stream::once(()).filter_map(move |_| {
+            (!finished.load(Ordering::Relaxed)).then(|| Err(Status::unavailable("the engine stopped")))
+        });
+        Ok(Response::new(Box::pin(stream.chain(tail))))
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {

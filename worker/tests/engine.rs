@@ -151,17 +151,22 @@ fn seeded_sampling_is_the_same_alone_and_in_a_crowd() {
     }
 }
 
-/// Many requests, some cancelled, some with their client gone: afterwards every block is free.
+/// Many requests, some cancelled, some with their client gone: the cancelled ones end as
+/// Cancelled, the rest run to their length, and afterwards every block is free.
 #[test]
 fn cancellations_and_disconnects_free_every_block() {
     let name = "qwen2-gqa";
     let e = engine(name, 64, 4, 32);
-    let mut kept = Vec::new();
+    let (mut kept, mut cancelled) = (Vec::new(), Vec::new());
     for i in 0..200u32 {
         let prompt: Vec<u32> = (0..(i % 13 + 1)).map(|t| (t * 7 + i) % 400).collect();
         let rx = submit(&e, &format!("r{i}"), &prompt, 8 + (i as usize % 5) * 4, SamplingParams::greedy());
         match i % 4 {
-            0 => e.cancel(&format!("r{i}")).unwrap(),
+            // Commands apply in order, and a request needs several steps: the cancel lands first.
+            0 => {
+                e.cancel(&format!("r{i}")).unwrap();
+                cancelled.push((i, rx));
+            }
             1 => drop(rx),
             _ => kept.push((i, rx)),
         }
@@ -170,8 +175,28 @@ fn cancellations_and_disconnects_free_every_block() {
         let (tokens, reason, _) = collect(rx);
         assert!(reason == FinishReason::Length && !tokens.is_empty(), "request {i}: {reason:?}");
     }
+    for (i, rx) in cancelled {
+        assert_eq!(collect(rx).1, FinishReason::Cancelled, "request {i}");
+    }
     wait_idle(&e);
     assert_eq!(e.stats().free_blocks, 64);
+}
+
+/// Cancel finds requests by id: a live id cannot be taken twice, and after a cancel the id is
+/// free for a new request, which the earlier cancel does not touch.
+#[test]
+fn request_ids_are_unique_while_live() {
+    let e = engine("qwen2-gqa", 64, 4, 32);
+    let first = submit(&e, "same", &[1, 2, 3], 30, SamplingParams::greedy());
+    let (tokens, reason, _) = collect(submit(&e, "same", &[4, 5], 3, SamplingParams::greedy()));
+    assert_eq!((tokens.len(), reason), (0, FinishReason::Error));
+    e.cancel("same").unwrap();
+    let again = submit(&e, "same", &[4, 5], 3, SamplingParams::greedy());
+    assert_eq!(collect(first).1, FinishReason::Cancelled);
+    assert_eq!(
+        collect(again),
+        (collect(submit(&e, "other", &[4, 5], 3, SamplingParams::greedy())).0, FinishReason::Length, 0)
+    );
 }
 
 #[test]

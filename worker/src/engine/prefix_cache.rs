@@ -32,6 +32,9 @@ struct Entry {
     /// Kept to rule out hash collisions: a hit must match token for token.
     tokens: Vec<u32>,
     last_used: u64,
+    /// Cached blocks whose parent this is. Only leaves are evicted: dropping an inner block
+    /// would strand its descendants, unreachable by lookups yet still holding memory.
+    children: u32,
 }
 
 #[derive(Default)]
@@ -69,9 +72,13 @@ impl PrefixCache {
         for &h in &hit.hashes {
             self.touch(h);
         }
-        self.queried_tokens += tokens.len() as u64;
-        self.hit_tokens += (hit.blocks.len() * block_size) as u64;
         hit
+    }
+
+    /// Counts one admitted prompt for the hit rate (retried admissions are not counted again).
+    pub fn record(&mut self, prompt_tokens: usize, hit_tokens: usize) {
+        self.queried_tokens += prompt_tokens as u64;
+        self.hit_tokens += hit_tokens as u64;
     }
 
     /// Records a block a sequence has just filled. A block already cached under the same chain
@@ -84,7 +91,13 @@ impl PrefixCache {
         }
         self.tick += 1;
         self.lru.insert(self.tick, h);
-        self.entries.insert(h, Entry { block: block.clone(), parent, tokens: tokens.to_vec(), last_used: self.tick });
+        if let Some(p) = self.entries.get_mut(&parent) {
+            p.children += 1;
+        }
+        self.entries.insert(
+            h,
+            Entry { block: block.clone(), parent, tokens: tokens.to_vec(), last_used: self.tick, children: 0 },
+        );
         h
     }
 
@@ -97,17 +110,24 @@ impl PrefixCache {
         }
     }
 
-    /// Drops the least recently used block that no sequence holds, returning it to the pool.
+    /// Drops the least recently used leaf block that no sequence holds, returning it to the pool.
     pub fn evict_one(&mut self) -> bool {
-        let victim = self.lru.iter().find(|(_, h)| self.entries[h].block.owners() == 1).map(|(&t, &h)| (t, h));
-        match victim {
-            Some((tick, h)) => {
-                self.lru.remove(&tick);
-                self.entries.remove(&h);
-                true
+        let victim = self
+            .lru
+            .iter()
+            .find(|(_, h)| {
+                let e = &self.entries[h];
+                e.children == 0 && e.block.owners() == 1
+            })
+            .map(|(&t, &h)| (t, h));
+        let Some((tick, h)) = victim else { return false };
+        self.lru.remove(&tick);
+        if let Some(e) = self.entries.remove(&h) {
+            if let Some(p) = self.entries.get_mut(&e.parent) {
+                p.children -= 1;
             }
-            None => false,
         }
+        true
     }
 
     /// Blocks held only by the cache: free for the taking.
@@ -160,12 +180,13 @@ mod tests {
         assert!(!cache.evict_one());
         drop(hit);
         assert_eq!(cache.evictable(), 2);
-        // [1,2] was used last (by the partial hit), so [3,4] goes first.
+        // [1,2] is older but has a cached child: the leaf [3,4] goes first, never stranding it.
         assert!(cache.evict_one());
         assert_eq!(cache.lookup(root, &[1, 2, 3, 4], 2).blocks.len(), 1);
         assert!(cache.evict_one());
         assert!(cache.is_empty());
         assert_eq!(pool.free_count(), 4);
-        assert!(cache.hit_rate() > 0.0);
+        cache.record(10, 4);
+        assert_eq!(cache.hit_rate(), 0.4);
     }
 }

@@ -107,11 +107,22 @@ impl EngineHandle {
 }
 
 fn engine_stopped() -> Error {
-    Error::InvalidInput { field: "engine", message: "the engine has stopped".into() }
+    Error::EngineStopped
 }
 
 /// Starts the engine thread; it runs until every handle is dropped.
 pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHandle<()>)> {
+    let sc = &config.scheduler;
+    for (field, v) in [
+        ("block_size", sc.block_size),
+        ("max_batch_tokens", sc.max_batch_tokens),
+        ("max_seqs", sc.max_seqs),
+        ("num_blocks", config.num_blocks),
+    ] {
+        if v == 0 {
+            return Err(Error::InvalidInput { field, message: "must be at least 1".into() });
+        }
+    }
     let cfg = model.config().clone();
     let layout = KvLayout {
         num_layers: cfg.num_layers,
@@ -160,7 +171,6 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
                 config,
                 model_salt,
                 next_id: 0,
-                cancelled: HashSet::new(),
                 scratch: Scratch::default(),
                 recent: VecDeque::new(),
             }
@@ -179,7 +189,6 @@ struct Engine {
     config: EngineConfig,
     model_salt: u64,
     next_id: u64,
-    cancelled: HashSet<String>,
     scratch: Scratch,
     /// (when, tokens generated) of recent steps, for tokens/s.
     recent: VecDeque<(Instant, usize)>,
@@ -199,7 +208,7 @@ impl Engine {
             while let Ok(c) = self.commands.try_recv() {
                 self.handle(c);
             }
-            self.drop_cancelled();
+            self.drop_disconnected();
             let plan = self.scheduler.schedule();
             if plan.is_empty() {
                 continue;
@@ -213,6 +222,16 @@ impl Engine {
         match command {
             Command::Submit(req) => {
                 let NewRequest { request_id, prompt, params, events } = *req;
+                let s = &self.scheduler;
+                if s.running.iter().chain(&s.waiting).any(|q| q.request_id == request_id) {
+                    // Cancel finds requests by id, so two live requests may not share one.
+                    let _ = events.send(Event::Finished {
+                        reason: FinishReason::Error,
+                        cached_prompt_tokens: 0,
+                        message: Some(format!("request_id {request_id:?} is already in use")),
+                    });
+                    return;
+                }
                 let rope_alpha = self.model.config().ntk_alpha(prompt.len());
                 self.next_id += 1;
                 self.scheduler.waiting.push_back(Sequence {
@@ -233,20 +252,20 @@ impl Engine {
                     cached_prompt_tokens: None,
                 });
             }
+            // Applied at once, in command order: a cancel cannot reach a later request that
+            // reuses the id.
             Command::Cancel(id) => {
-                self.cancelled.insert(id);
+                self.scheduler.remove_where(|s| s.request_id == id, |s| s.finish(FinishReason::Cancelled, None));
             }
         }
     }
 
-    /// Cancelled requests and those whose client went away leave within one step; dropping
-    /// them returns their blocks.
-    fn drop_cancelled(&mut self) {
-        let cancelled = std::mem::take(&mut self.cancelled);
-        self.scheduler.remove_where(
-            |s| cancelled.contains(&s.request_id) || s.events.is_closed(),
-            |s| s.finish(FinishReason::Cancelled, None),
-        );
+    /// Requests whose client went away leave within one step; dropping them returns their
+    /// blocks.
+    fn drop_disconnected(&mut self) {
+        if self.scheduler.running.iter().chain(&self.scheduler.waiting).any(|s| s.events.is_closed()) {
+            self.scheduler.remove_where(|s| s.events.is_closed(), drop);
+        }
     }
 
     /// Runs one forward over `plan`, samples where a sequence's chunk ends its known tokens, and
@@ -285,13 +304,20 @@ impl Engine {
             .filter(|&k| running[plan[k].index].computed + plan[k].len == running[plan[k].index].tokens.len())
             .collect();
         let all_plain = sampled.iter().all(|&k| running[plan[k].index].sampler.params().is_plain_greedy());
-        let host_rows: Option<Vec<Vec<f32>>> =
-            if sampled.is_empty() || all_plain { None } else { Some(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?) };
+        // Only the rows that sample cross to the host (chunks in mid-prefill need none).
+        let host_rows: Option<Vec<Vec<f32>>> = if sampled.is_empty() || all_plain {
+            None
+        } else {
+            let rows: Vec<u32> = sampled.iter().map(|&k| k as u32).collect();
+            let rows = candle_core::Tensor::from_vec(rows, sampled.len(), logits.device())?;
+            Some(logits.index_select(&rows, 0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        };
         let argmax: Option<Vec<u32>> =
             if !sampled.is_empty() && all_plain { Some(logits.argmax(D::Minus1)?.to_vec1()?) } else { None };
 
         let max_context = self.model.config().max_context();
         let mut finished = Vec::new();
+        let mut next_row = 0;
         for (k, p) in plan.iter().enumerate() {
             let seq = &mut self.scheduler.running[p.index];
             seq.computed += p.len;
@@ -305,7 +331,9 @@ impl Engine {
                     (ids[k], f32::NAN, Vec::new())
                 }
                 (None, Some(rows)) => {
-                    let s = seq.sampler.sample(&rows[k], &mut self.scratch);
+                    // `rows` holds the sampled rows in plan order.
+                    let s = seq.sampler.sample(&rows[next_row], &mut self.scratch);
+                    next_row += 1;
                     (s.token, s.logprob, s.top)
                 }
                 (None, None) => unreachable!("rows exist whenever a sequence samples"),

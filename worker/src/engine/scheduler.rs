@@ -144,7 +144,14 @@ impl Scheduler {
             }
             let len = seq.uncomputed().min(budget);
             let upto = seq.computed + len;
-            if self.blocks.ensure(&mut seq, upto) {
+            // Check before allocating: a failed admission must not evict cached blocks for nothing.
+            let needed = upto.div_ceil(self.config.block_size).saturating_sub(seq.blocks.len());
+            if needed <= self.blocks.available() && self.blocks.ensure(&mut seq, upto) {
+                if seq.cached_prompt_tokens.is_none() {
+                    let hit = seq.computed.min(seq.prompt_len);
+                    seq.cached_prompt_tokens = Some(hit);
+                    self.blocks.prefix.record(seq.prompt_len, hit);
+                }
                 self.running.push(seq);
                 plan.push(Planned { index: self.running.len() - 1, len });
                 budget -= len;
@@ -165,9 +172,6 @@ impl Scheduler {
         seq.computed = hit.blocks.len() * self.config.block_size;
         seq.blocks = hit.blocks;
         seq.block_hashes = hit.hashes;
-        if seq.cached_prompt_tokens.is_none() {
-            seq.cached_prompt_tokens = Some(seq.computed.min(seq.prompt_len));
-        }
     }
 }
 
@@ -246,6 +250,9 @@ mod tests {
         assert_eq!(s.waiting[0].computed, 0);
         assert_eq!(s.waiting[0].tokens.len(), 5, "its 2 generated tokens survive preemption");
         assert_eq!(plan, vec![Planned { index: 0, len: 1 }]);
+        // The victim's block came back: sequence 1 holds 2 of 3, and its next block is free.
+        assert_eq!(s.running[0].blocks.len(), 2);
+        assert_eq!(s.blocks.available(), 1);
     }
 
     #[test]
