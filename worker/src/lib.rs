@@ -1,5 +1,6 @@
 //! A qwen-serve worker: loads a Qwen checkpoint, tokenizes, and generates.
 
+pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
