@@ -3,6 +3,7 @@
 //! converted to the compute dtype on the target device; every failure names file and tensor.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -78,6 +79,43 @@ impl Weights {
 
     /// Loads tensor `name`, checking it has exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (data, dtype) = self.raw(name, shape)?;
+        self.finish(data, dtype, shape)
+    }
+
+    /// Loads only index ranges `ranges` along `dim` of tensor `name` (whose full shape must be
+    /// `shape`), concatenated in order: a tensor-parallel rank's slice, read straight from the
+    /// memory map without materialising the rest. Tensors of up to two dimensions.
+    pub fn get_ranges(&self, name: &str, shape: &[usize], dim: usize, ranges: &[Range<usize>]) -> Result<Tensor> {
+        let (data, dtype) = self.raw(name, shape)?;
+        let bad = |message: String| Error::InvalidInput { field: "shard", message: format!("`{name}`: {message}") };
+        if shape.len() > 2 || dim >= shape.len() {
+            return Err(bad(format!("cannot slice dim {dim} of a tensor of shape {shape:?}")));
+        }
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > shape[dim]) {
+            return Err(bad(format!("range {r:?} outside 0..{}", shape[dim])));
+        }
+        let el = dtype.size_in_bytes();
+        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        let mut out = Vec::new();
+        if dim == 0 {
+            for r in ranges {
+                out.extend_from_slice(&data[r.start * cols * el..r.end * cols * el]);
+            }
+        } else {
+            for row in 0..shape[0] {
+                for r in ranges {
+                    out.extend_from_slice(&data[(row * cols + r.start) * el..(row * cols + r.end) * el]);
+                }
+            }
+        }
+        let mut sliced = shape.to_vec();
+        sliced[dim] = ranges.iter().map(|r| r.end - r.start).sum();
+        self.finish(&out, dtype, &sliced)
+    }
+
+    /// The bytes and stored dtype of tensor `name`, checked against `shape`.
+    fn raw(&self, name: &str, shape: &[usize]) -> Result<(&[u8], DType)> {
         let shard = self.shard_of(name)?;
         let info = shard.metadata.info(name).ok_or_else(|| self.missing(name))?;
         if info.shape != shape {
@@ -106,8 +144,19 @@ impl Weights {
                 path: shard.path.clone(),
                 message: format!("tensor `{name}` lies past the end of the file"),
             })?;
-        // Loading on the CPU first converts dtype there, so only the final tensor crosses to the
-        // device and no device ever holds both copies.
+        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if data.len() != expected {
+            return Err(Error::Safetensors {
+                path: shard.path.clone(),
+                message: format!("tensor `{name}` holds {} bytes, its shape needs {expected}", data.len()),
+            });
+        }
+        Ok((data, dtype))
+    }
+
+    /// Bytes on the host → a tensor in the compute dtype on the device. Converting on the CPU
+    /// first means only the final tensor crosses to the device and no device holds both copies.
+    fn finish(&self, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let tensor = Tensor::from_raw_buffer(data, dtype, shape, &Device::Cpu)?;
         Ok(tensor.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
