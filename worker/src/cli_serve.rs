@@ -116,7 +116,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mc = model.config();
     let layout = KvLayout {
         num_layers: mc.num_layers,
-        num_kv_heads: mc.num_kv_heads,
+        num_kv_heads: model.local_kv_heads(),
         head_dim: mc.head_dim,
         block_size: cfg.scheduler.block_size,
         dtype: cfg.dtype,

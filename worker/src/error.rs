@@ -73,6 +73,8 @@ pub enum Error {
     TokenOutOfRange { field: &'static str, token: u32, vocab: usize },
     #[error("invalid input: {field}: {message}")]
     InvalidInput { field: &'static str, message: String },
+    #[error("tensor-parallel group: {0}")]
+    Comm(#[from] crate::comm::CommError),
     #[error("the engine has stopped")]
     EngineStopped,
     #[error("tensor operation failed: {0}")]
@@ -91,7 +93,7 @@ impl Error {
             | Error::TensorDtype { .. } => ErrorKind::Weights,
             Error::Tokenizer { .. } | Error::NoTokenizer { .. } => ErrorKind::Tokenizer,
             Error::TokenOutOfRange { .. } | Error::InvalidInput { .. } => ErrorKind::InvalidInput,
-            Error::EngineStopped => ErrorKind::Unavailable,
+            Error::EngineStopped | Error::Comm(_) => ErrorKind::Unavailable,
             Error::Candle(_) => ErrorKind::Internal,
         }
     }

@@ -126,7 +126,7 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
     let cfg = model.config().clone();
     let layout = KvLayout {
         num_layers: cfg.num_layers,
-        num_kv_heads: cfg.num_kv_heads,
+        num_kv_heads: model.local_kv_heads(),
         head_dim: cfg.head_dim,
         block_size: config.scheduler.block_size,
         dtype: model.dtype(),

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Attention, BatchMeta};
+use super::parallel::{self, Shard};
+use crate::comm::Comm;
 use crate::error::Result;
 use crate::weights::Weights;
 
@@ -22,8 +24,8 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    pub fn from_weight(weight: Tensor) -> Self {
-        Linear { weight, bias: None }
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
     }
 
     /// `x`: `[T, in]` → `[T, out]`.
@@ -147,11 +149,14 @@ pub struct StepContext<'a> {
     pub sin: Tensor,
     /// Per-token query multiplier `[T, 1, 1]` (the original Qwen's LogN attention), if any.
     pub query_scale: Option<Tensor>,
+    /// The tensor-parallel group (`Comm::Single` when unsharded).
+    pub comm: &'a Comm,
 }
 
 /// An architecture's attention block: projections, norms and rotary around [`Attention`].
 pub trait SelfAttention {
-    /// `x`: `[T, hidden]` → `[T, hidden]`.
+    /// `x`: `[T, hidden]` → `[T, hidden]`; under tensor parallelism a partial sum over this
+    /// rank's heads, which the stack all-reduces.
     fn forward(&self, x: &Tensor, ctx: &StepContext, layer: usize, attn: &mut dyn Attention) -> Result<Tensor>;
 }
 
@@ -174,11 +179,13 @@ impl<A: SelfAttention> DecoderStack<A> {
     /// Logits `[num_seqs, vocab]` for the last token of each sequence in the batch.
     pub fn forward(&self, tokens: &Tensor, ctx: &StepContext, attn: &mut dyn Attention) -> Result<Tensor> {
         let mut x = self.embed.index_select(tokens, 0)?;
+        // Row-parallel outputs (o_proj, down) are partial sums: the one place they are summed.
+        let reduce = |h: Tensor| -> Result<Tensor> { Ok(ctx.comm.all_reduce_sum(&h)?) };
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.attn.forward(&block.input_norm.forward(&x)?, ctx, i, attn)?;
-            x = (x + h)?;
+            x = (x + reduce(h)?)?;
             let h = block.mlp.forward(&block.post_attn_norm.forward(&x)?)?;
-            x = (x + h)?;
+            x = (x + reduce(h)?)?;
         }
         // Only each sequence's last position needs logits: selecting first saves the LM head's
         // vocab-wide matmul on every prompt token.
@@ -186,7 +193,8 @@ impl<A: SelfAttention> DecoderStack<A> {
             ctx.meta.seqs.iter().zip(&ctx.meta.offsets).map(|(s, &o)| (o + s.len - 1) as u32).collect();
         let last = Tensor::from_vec(last, ctx.meta.seqs.len(), x.device())?;
         let x = self.final_norm.forward(&x.index_select(&last, 0)?)?;
-        self.lm_head.forward(&x)
+        // Vocab-parallel head: each rank's slice of the vocabulary, gathered in rank order.
+        Ok(ctx.comm.all_gather(&self.lm_head.forward(&x)?, 1)?)
     }
 }
 
@@ -203,35 +211,39 @@ pub struct TensorNames {
     pub lm_head: &'static str,
 }
 
-/// Loads a decoder stack whose attention blocks come from `load_attn(prefix)`, `prefix` being
-/// the block's tensor-name prefix.
+/// Loads this rank's part of a decoder stack whose attention blocks come from
+/// `load_attn(prefix)`, `prefix` being the block's tensor-name prefix. The embedding is
+/// replicated; the MLP and LM head are split per `shard`.
 pub fn load_stack<A>(
     w: &Weights,
     cfg: &crate::config::ModelConfig,
     names: &TensorNames,
+    shard: Shard,
     load_attn: impl Fn(&str) -> Result<A>,
 ) -> Result<DecoderStack<A>> {
-    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    let (h, eps, ff) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.mlp_hidden);
     let embed = w.get(names.embed, &[cfg.vocab_size, h])?;
     let mut blocks = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = names.layer.replace("{i}", &i.to_string());
+        let ff_part = [shard.split(ff)];
         blocks.push(Block {
             input_norm: RmsNorm::load(w, &format!("{p}.{}", names.input_norm), h, eps)?,
             attn: load_attn(&p)?,
             post_attn_norm: RmsNorm::load(w, &format!("{p}.{}", names.post_attn_norm), h, eps)?,
             mlp: Mlp {
-                gate: Linear::load(w, &format!("{p}.{}", names.gate), h, cfg.mlp_hidden, false)?,
-                up: Linear::load(w, &format!("{p}.{}", names.up), h, cfg.mlp_hidden, false)?,
-                down: Linear::load(w, &format!("{p}.{}", names.down), cfg.mlp_hidden, h, false)?,
+                gate: parallel::column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
+                up: parallel::column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
+                down: parallel::row(w, &format!("{p}.{}", names.down), ff, h, ff_part[0].clone(), false, shard)?,
             },
         });
     }
-    // Tied checkpoints usually omit lm_head; some still store a copy, which is then used as is.
+    // Tied checkpoints usually omit lm_head (it is the embedding); some still store a copy.
+    let vocab_part = [shard.split(cfg.vocab_size)];
     let lm_head = if cfg.tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head)) {
-        Linear::from_weight(embed.clone())
+        Linear::new(w.get_ranges(names.embed, &[cfg.vocab_size, h], 0, &vocab_part)?, None)
     } else {
-        Linear::load(w, names.lm_head, h, cfg.vocab_size, false)?
+        parallel::column(w, names.lm_head, h, cfg.vocab_size, &vocab_part, false)?
     };
     Ok(DecoderStack { embed, blocks, final_norm: RmsNorm::load(w, names.final_norm, h, eps)?, lm_head })
 }

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod layers;
 pub mod paged;
+pub mod parallel;
 pub mod qwen;
 pub mod qwen2;
 pub mod qwen3;
@@ -15,7 +16,9 @@ use candle_core::{DType, Device, Tensor};
 
 pub use attention::{Attention, BatchMeta, ContiguousKvCache};
 use layers::{DecoderStack, Rotary, StepContext};
+use parallel::Shard;
 
+use crate::comm::Comm;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -42,6 +45,9 @@ enum Stack {
 pub struct Model {
     config: ModelConfig,
     stack: Stack,
+    comm: Comm,
+    /// KV heads this rank stores (all of them when unsharded).
+    local_kv_heads: usize,
     rotary: Rotary,
     device: Device,
     dtype: DType,
@@ -50,19 +56,33 @@ pub struct Model {
 impl Model {
     /// Loads the checkpoint in `dir` with weights converted to `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_sharded(dir, dtype, device, Comm::Single)
+    }
+
+    /// Loads this rank's shard of the checkpoint; `comm` is its tensor-parallel group, whose
+    /// ranks must run the same forwards in the same order.
+    pub fn load_sharded(dir: &Path, dtype: DType, device: &Device, comm: Comm) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
+        let shard = Shard { rank: comm.rank(), world: comm.world_size() };
+        parallel::check(&config, shard)?;
         let weights = Weights::open(dir, dtype, device)?;
         let stack = match config.architecture {
-            Architecture::QWen => Stack::QWen(qwen::load(&weights, &config)?),
-            Architecture::Qwen2 => Stack::Qwen2(qwen2::load(&weights, &config)?),
-            Architecture::Qwen3 => Stack::Qwen3(qwen3::load(&weights, &config)?),
+            Architecture::QWen => Stack::QWen(qwen::load(&weights, &config, shard)?),
+            Architecture::Qwen2 => Stack::Qwen2(qwen2::load(&weights, &config, shard)?),
+            Architecture::Qwen3 => Stack::Qwen3(qwen3::load(&weights, &config, shard)?),
         };
+        let local_kv_heads = parallel::heads(&config, shard).kv_len();
         let rotary = Rotary::new(config.rope_theta, config.rotary_dim, dtype, device);
-        Ok(Model { config, stack, rotary, device: device.clone(), dtype })
+        Ok(Model { config, stack, comm, local_kv_heads, rotary, device: device.clone(), dtype })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// KV heads this rank's cache must hold per layer.
+    pub fn local_kv_heads(&self) -> usize {
+        self.local_kv_heads
     }
 
     pub fn device(&self) -> &Device {
@@ -83,7 +103,7 @@ impl Model {
         let query_scale = self.query_scale(seqs)?;
         let positions = Tensor::from_vec(positions, tokens.len(), &self.device)?;
         let (cos, sin) = self.rotary.for_batch(&meta, &positions)?;
-        let ctx = StepContext { meta: &meta, cos, sin, query_scale };
+        let ctx = StepContext { meta: &meta, cos, sin, query_scale, comm: &self.comm };
         let tokens = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
         let logits = match &self.stack {
             Stack::QWen(s) => s.forward(&tokens, &ctx, attn)?,

@@ -7,6 +7,7 @@ use candle_core::Tensor;
 
 use super::attention::Attention;
 use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
+use super::parallel::{self, column, row, rows, Shard};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::Weights;
@@ -32,13 +33,18 @@ pub struct QWenAttention {
 }
 
 impl QWenAttention {
-    fn load(w: &Weights, cfg: &ModelConfig, p: &str) -> Result<Self> {
-        let proj = cfg.num_heads * cfg.head_dim;
+    fn load(w: &Weights, cfg: &ModelConfig, p: &str, shard: Shard) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let proj = cfg.num_heads * d;
+        // The fused projection stacks all q rows, then k, then v: a rank takes its heads' rows
+        // from each third.
+        let heads = parallel::heads(cfg, shard);
+        let qkv_rows = [rows(&heads.q, d, 0), rows(&heads.q, d, proj), rows(&heads.q, d, 2 * proj)];
         Ok(QWenAttention {
-            c_attn: Linear::load(w, &format!("{p}.attn.c_attn"), cfg.hidden_size, 3 * proj, true)?,
-            c_proj: Linear::load(w, &format!("{p}.attn.c_proj"), proj, cfg.hidden_size, false)?,
-            heads: cfg.num_heads,
-            head_dim: cfg.head_dim,
+            c_attn: column(w, &format!("{p}.attn.c_attn"), h, 3 * proj, &qkv_rows, true)?,
+            c_proj: row(w, &format!("{p}.attn.c_proj"), proj, h, rows(&heads.q, d, 0), false, shard)?,
+            heads: heads.q_len(),
+            head_dim: d,
         })
     }
 }
@@ -62,6 +68,6 @@ impl SelfAttention for QWenAttention {
     }
 }
 
-pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<DecoderStack<QWenAttention>> {
-    load_stack(w, cfg, &NAMES, |p| QWenAttention::load(w, cfg, p))
+pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard) -> Result<DecoderStack<QWenAttention>> {
+    load_stack(w, cfg, &NAMES, shard, |p| QWenAttention::load(w, cfg, p, shard))
 }

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 
 use super::attention::Attention;
 use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
+use super::parallel::{self, column, row, rows, Shard};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::Weights;
@@ -33,15 +34,18 @@ pub struct Qwen2Attention {
 }
 
 impl Qwen2Attention {
-    fn load(w: &Weights, cfg: &ModelConfig, p: &str) -> Result<Self> {
+    fn load(w: &Weights, cfg: &ModelConfig, p: &str, shard: Shard) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let heads = parallel::heads(cfg, shard);
+        let (q_rows, kv_rows) = ([rows(&heads.q, d, 0)], [rows(&heads.kv, d, 0)]);
+        let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         Ok(Qwen2Attention {
-            q: Linear::load(w, &format!("{p}.self_attn.q_proj"), h, cfg.num_heads * d, true)?,
-            k: Linear::load(w, &format!("{p}.self_attn.k_proj"), h, cfg.num_kv_heads * d, true)?,
-            v: Linear::load(w, &format!("{p}.self_attn.v_proj"), h, cfg.num_kv_heads * d, true)?,
-            o: Linear::load(w, &format!("{p}.self_attn.o_proj"), cfg.num_heads * d, h, false)?,
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
+            q: column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, true)?,
+            k: column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, true)?,
+            v: column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, true)?,
+            o: row(w, &format!("{p}.self_attn.o_proj"), qd, h, rows(&heads.q, d, 0), false, shard)?,
+            heads: heads.q_len(),
+            kv_heads: heads.kv_len(),
             head_dim: d,
         })
     }
@@ -61,6 +65,6 @@ impl SelfAttention for Qwen2Attention {
     }
 }
 
-pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<DecoderStack<Qwen2Attention>> {
-    load_stack(w, cfg, &NAMES, |p| Qwen2Attention::load(w, cfg, p))
+pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard) -> Result<DecoderStack<Qwen2Attention>> {
+    load_stack(w, cfg, &NAMES, shard, |p| Qwen2Attention::load(w, cfg, p, shard))
 }

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 
 use super::attention::Attention;
 use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, RmsNorm, SelfAttention, StepContext};
+use super::parallel::{self, column, row, rows, Shard};
 use super::qwen2::NAMES;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -23,17 +24,20 @@ pub struct Qwen3Attention {
 }
 
 impl Qwen3Attention {
-    fn load(w: &Weights, cfg: &ModelConfig, p: &str) -> Result<Self> {
+    fn load(w: &Weights, cfg: &ModelConfig, p: &str, shard: Shard) -> Result<Self> {
         let (h, d, bias) = (cfg.hidden_size, cfg.head_dim, cfg.qkv_bias);
+        let heads = parallel::heads(cfg, shard);
+        let (q_rows, kv_rows) = ([rows(&heads.q, d, 0)], [rows(&heads.kv, d, 0)]);
+        let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         Ok(Qwen3Attention {
-            q: Linear::load(w, &format!("{p}.self_attn.q_proj"), h, cfg.num_heads * d, bias)?,
-            k: Linear::load(w, &format!("{p}.self_attn.k_proj"), h, cfg.num_kv_heads * d, bias)?,
-            v: Linear::load(w, &format!("{p}.self_attn.v_proj"), h, cfg.num_kv_heads * d, bias)?,
-            o: Linear::load(w, &format!("{p}.self_attn.o_proj"), cfg.num_heads * d, h, bias)?,
+            q: column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, bias)?,
+            k: column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, bias)?,
+            v: column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, bias)?,
+            o: row(w, &format!("{p}.self_attn.o_proj"), qd, h, rows(&heads.q, d, 0), bias, shard)?,
             q_norm: RmsNorm::load(w, &format!("{p}.self_attn.q_norm.weight"), d, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(w, &format!("{p}.self_attn.k_norm.weight"), d, cfg.rms_norm_eps)?,
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
+            heads: heads.q_len(),
+            kv_heads: heads.kv_len(),
             head_dim: d,
         })
     }
@@ -53,6 +57,6 @@ impl SelfAttention for Qwen3Attention {
     }
 }
 
-pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<DecoderStack<Qwen3Attention>> {
-    load_stack(w, cfg, &NAMES, |p| Qwen3Attention::load(w, cfg, p))
+pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard) -> Result<DecoderStack<Qwen3Attention>> {
+    load_stack(w, cfg, &NAMES, shard, |p| Qwen3Attention::load(w, cfg, p, shard))
 }

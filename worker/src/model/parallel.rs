@@ -1,0 +1,174 @@
+//! Tensor-parallel sharding of the Qwen models: which slice of each weight a rank loads, and
+//! the checks that a group size can shard a model at all. Megatron-style: column-parallel q/k/v
+//! and gate/up (each rank owns whole heads and a slice of the MLP), row-parallel o_proj/down
+//! (partial sums, all-reduced by the decoder stack), vocab-parallel LM head (logits all-gathered).
+//! KV heads split across ranks, or are replicated when the group outnumbers them.
+
+use std::ops::Range;
+
+use super::layers::Linear;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// This rank's place in its tensor-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// This rank's even share of `n` items (`n` divisible by the world size).
+    pub fn split(&self, n: usize) -> Range<usize> {
+        let per = n / self.world;
+        self.rank * per..(self.rank + 1) * per
+    }
+}
+
+/// The attention heads a rank owns: query heads, and the KV heads they read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heads {
+    pub q: Range<usize>,
+    pub kv: Range<usize>,
+}
+
+impl Heads {
+    pub fn q_len(&self) -> usize {
+        self.q.len()
+    }
+
+    pub fn kv_len(&self) -> usize {
+        self.kv.len()
+    }
+}
+
+/// Checks that `shard.world` ranks can split `cfg`, naming what does not divide.
+pub fn check(cfg: &ModelConfig, shard: Shard) -> Result<()> {
+    let tp = shard.world;
+    let refuse = |what: &str, n: usize| {
+        Err(Error::InvalidInput {
+            field: "tp",
+            message: format!("tensor-parallel size {tp} does not divide {what} = {n}"),
+        })
+    };
+    if tp == 0 || shard.rank >= tp {
+        return Err(Error::InvalidInput { field: "tp", message: format!("rank {} outside group of {tp}", shard.rank) });
+    }
+    if cfg.num_heads % tp != 0 {
+        return refuse("num_attention_heads", cfg.num_heads);
+    }
+    if cfg.num_kv_heads % tp != 0 && tp % cfg.num_kv_heads != 0 {
+        return Err(Error::InvalidInput {
+            field: "tp",
+            message: format!(
+                "tensor-parallel size {tp} and num_key_value_heads = {} must divide one another",
+                cfg.num_kv_heads
+            ),
+        });
+    }
+    if cfg.mlp_hidden % tp != 0 {
+        return refuse("the MLP width", cfg.mlp_hidden);
+    }
+    if cfg.vocab_size % tp != 0 {
+        return refuse("vocab_size", cfg.vocab_size);
+    }
+    Ok(())
+}
+
+/// The heads `shard` owns. With more ranks than KV heads, each KV head is replicated on the
+/// ranks whose query heads read it.
+pub fn heads(cfg: &ModelConfig, shard: Shard) -> Heads {
+    let q = shard.split(cfg.num_heads);
+    let kv = if cfg.num_kv_heads >= shard.world {
+        shard.split(cfg.num_kv_heads)
+    } else {
+        let ranks_per_kv = shard.world / cfg.num_kv_heads;
+        let k = shard.rank / ranks_per_kv;
+        k..k + 1
+    };
+    Heads { q, kv }
+}
+
+/// Scales head ranges to row ranges of a projection with `head_dim` rows per head.
+pub fn rows(heads: &Range<usize>, head_dim: usize, offset: usize) -> Range<usize> {
+    offset + heads.start * head_dim..offset + heads.end * head_dim
+}
+
+/// Column-parallel: the output rows `ranges` of `{prefix}.weight` (`[out, in]`) and its bias.
+pub fn column(
+    w: &Weights,
+    prefix: &str,
+    in_dim: usize,
+    out_dim: usize,
+    ranges: &[Range<usize>],
+    bias: bool,
+) -> Result<Linear> {
+    let weight = w.get_ranges(&format!("{prefix}.weight"), &[out_dim, in_dim], 0, ranges)?;
+    let bias = if bias { Some(w.get_ranges(&format!("{prefix}.bias"), &[out_dim], 0, ranges)?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+/// Row-parallel: the input columns `cols` of `{prefix}.weight`. Outputs are partial sums; a bias
+/// is added on rank 0 only, so the all-reduce adds it once.
+pub fn row(
+    w: &Weights,
+    prefix: &str,
+    in_dim: usize,
+    out_dim: usize,
+    cols: Range<usize>,
+    bias: bool,
+    shard: Shard,
+) -> Result<Linear> {
+    let weight = w.get_ranges(&format!("{prefix}.weight"), &[out_dim, in_dim], 1, &[cols])?;
+    let bias = if bias && shard.rank == 0 { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Architecture;
+
+    fn cfg(heads: usize, kv: usize) -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Qwen2,
+            vocab_size: 512,
+            hidden_size: 64,
+            num_layers: 1,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: 16,
+            mlp_hidden: 96,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            rotary_dim: 16,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            qkv_bias: true,
+            qk_norm: false,
+            declared_dtype: None,
+            long_context: None,
+        }
+    }
+
+    #[test]
+    fn heads_split_or_replicate_kv() {
+        let c = cfg(4, 2);
+        assert_eq!(heads(&c, Shard { rank: 1, world: 2 }), Heads { q: 2..4, kv: 1..2 });
+        // tp 4 > 2 KV heads: ranks 0,1 read KV head 0; ranks 2,3 read KV head 1.
+        let kv: Vec<_> = (0..4).map(|r| heads(&c, Shard { rank: r, world: 4 }).kv).collect();
+        assert_eq!(kv, vec![0..1, 0..1, 1..2, 1..2]);
+    }
+
+    #[test]
+    fn unshardable_groups_are_refused_by_name() {
+        let err = check(&cfg(4, 2), Shard { rank: 0, world: 3 }).unwrap_err();
+        assert!(err.to_string().contains("num_attention_heads = 4"), "{err}");
+        let err = check(&cfg(8, 3), Shard { rank: 0, world: 2 }).unwrap_err();
+        assert!(err.to_string().contains("num_key_value_heads = 3"), "{err}");
+        assert!(check(&cfg(4, 2), Shard { rank: 3, world: 4 }).is_ok());
+    }
+}
