@@ -195,8 +195,8 @@ fn ranges_read_the_same_values_as_slicing_the_whole_tensor() {
     let rows = w.get_ranges(name, &[96, 64], 0, &[24..48, 0..8]).unwrap();
     let want = candle_core::Tensor::cat(&[full.narrow(0, 24, 24).unwrap(), full.narrow(0, 0, 8).unwrap()], 0).unwrap();
     assert_eq!(rows.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
-    let cols = w.get_ranges(name, &[96, 64], 1, &[16..32]).unwrap();
+    let cols = w.get_ranges(name, &[96, 64], 1, std::slice::from_ref(&(16..32))).unwrap();
     assert_eq!(cols.to_vec2::<f32>().unwrap(), full.narrow(1, 16, 16).unwrap().to_vec2::<f32>().unwrap());
-    let err = w.get_ranges(name, &[96, 64], 1, &[60..70]).unwrap_err();
+    let err = w.get_ranges(name, &[96, 64], 1, std::slice::from_ref(&(60..70))).unwrap_err();
     assert!(err.to_string().contains("60..70"), "{err}");
 }
