@@ -54,6 +54,14 @@ impl Comm {
         }
     }
 
+    /// How long a collective waits on a peer before failing.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Comm::Single => Duration::MAX,
+            Comm::Tcp(c) => c.timeout(),
+        }
+    }
+
     /// Element-wise sum of `t` over all ranks, returned on every rank. Summation runs in rank
     /// order, so every rank gets bit-identical results.
     pub fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {

@@ -100,6 +100,10 @@ impl TcpComm {
         self.world_size
     }
 
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Rank 0's stream to `peer`, or a non-root rank's stream to rank 0.
     fn stream(&self, peer: usize) -> &TcpStream {
         if self.rank == 0 {

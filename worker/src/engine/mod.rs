@@ -2,6 +2,8 @@
 //! the loop that runs them on the model thread.
 
 pub mod blocks;
+pub mod follower;
+pub mod plan;
 pub mod prefix_cache;
 pub mod runner;
 pub mod scheduler;

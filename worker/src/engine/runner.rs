@@ -12,6 +12,7 @@ use candle_core::{DType, D};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::blocks::BlockPool;
+use super::plan::{Message, StepPlan};
 use super::prefix_cache::root_hash;
 use super::scheduler::{Planned, Scheduler, SchedulerConfig};
 use super::sequence::{Event, FinishReason, Sequence};
@@ -173,6 +174,7 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
                 next_id: 0,
                 scratch: Scratch::default(),
                 recent: VecDeque::new(),
+                group_broken: false,
             }
             .run()
         })
@@ -192,6 +194,8 @@ struct Engine {
     scratch: Scratch,
     /// (when, tokens generated) of recent steps, for tokens/s.
     recent: VecDeque<(Instant, usize)>,
+    /// A collective failed: some rank is gone and no further forward can complete.
+    group_broken: bool,
 }
 
 impl Engine {
@@ -200,9 +204,12 @@ impl Engine {
             if self.scheduler.is_idle() {
                 self.publish_stats(0);
                 // Nothing to do until a request arrives; no handles left means shut down.
-                match self.commands.blocking_recv() {
+                match self.wait_for_command() {
                     Some(c) => self.handle(c),
-                    None => return,
+                    None => {
+                        self.tell_followers(&Message::Stop);
+                        return;
+                    }
                 }
             }
             while let Ok(c) = self.commands.try_recv() {
@@ -215,6 +222,55 @@ impl Engine {
             }
             let generated = self.step(&plan);
             self.publish_stats(generated);
+            if self.group_broken {
+                // A rank is gone: this engine can no longer run a forward. Stopping drops the
+                // command channel, which the server sees and exits on.
+                self.scheduler.remove_where(
+                    |_| true,
+                    |s| s.finish(FinishReason::Error, Some("a tensor-parallel rank failed".into())),
+                );
+                return;
+            }
+        }
+    }
+
+    /// The next command. Alone, just waits; in a tensor-parallel group, also sends heartbeats
+    /// so idle followers' collectives do not time out.
+    fn wait_for_command(&mut self) -> Option<Command> {
+        if self.model.comm().world_size() == 1 {
+            return self.commands.blocking_recv();
+        }
+        let beat = self.model.comm().timeout() / 4;
+        let mut last = Instant::now();
+        loop {
+            match self.commands.try_recv() {
+                Ok(c) => return Some(c),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    if last.elapsed() >= beat {
+                        if !self.tell_followers(&Message::Heartbeat) {
+                            return None;
+                        }
+                        last = Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+
+    /// Broadcasts `msg` to the other ranks; false (and the group marked broken) on failure.
+    fn tell_followers(&mut self, msg: &Message) -> bool {
+        if self.model.comm().world_size() == 1 {
+            return true;
+        }
+        match self.model.comm().broadcast_bytes(0, msg.encode()) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "tensor-parallel group broken");
+                self.group_broken = true;
+                false
+            }
         }
     }
 
@@ -274,6 +330,9 @@ impl Engine {
         match self.forward_and_sample(plan) {
             Ok(n) => n,
             Err(e) => {
+                if e.kind() == crate::error::ErrorKind::Unavailable {
+                    self.group_broken = true;
+                }
                 tracing::error!(error = %e, "step failed; failing its sequences");
                 let ids: HashSet<u64> = plan.iter().map(|p| self.scheduler.running[p.index].id).collect();
                 let msg = e.to_string();
@@ -294,6 +353,13 @@ impl Engine {
             tokens.extend_from_slice(&s.tokens[s.computed..s.computed + p.len]);
             chunks.push(SeqChunk { seq_id: s.id, context_len: s.computed, len: p.len, rope_alpha: s.rope_alpha });
             tables.push(s.blocks.iter().map(|b| b.id()).collect::<Vec<u32>>());
+        }
+        if self.model.comm().world_size() > 1 {
+            // Followers run the same forward on their shards; the plan travels first.
+            let msg = Message::Step(StepPlan { tokens, chunks, tables });
+            self.model.comm().broadcast_bytes(0, msg.encode())?;
+            let Message::Step(StepPlan { tokens: t, chunks: c, tables: b }) = msg else { unreachable!("built above") };
+            (tokens, chunks, tables) = (t, c, b);
         }
         let logits = {
             let mut step = self.store.step(&chunks, &tables)?;

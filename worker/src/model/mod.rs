@@ -80,6 +80,11 @@ impl Model {
         &self.config
     }
 
+    /// The tensor-parallel group this rank belongs to.
+    pub fn comm(&self) -> &Comm {
+        &self.comm
+    }
+
     /// KV heads this rank's cache must hold per layer.
     pub fn local_kv_heads(&self) -> usize {
         self.local_kv_heads
