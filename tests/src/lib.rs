@@ -78,9 +78,61 @@ impl WorkerProcess {
     }
 }
 
+impl WorkerProcess {
+    /// Asks the process to stop (SIGTERM) and waits up to `limit`; SIGKILL after that.
+    pub fn stop(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        signal(self.child.id(), "TERM");
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Graceful first: a `--tp` supervisor stops its ranks on SIGTERM.
+        self.stop(std::time::Duration::from_secs(5));
     }
+}
+
+/// Sends SIG`name` (e.g. "KILL", "STOP") to `pid` with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let _ =
+        Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).stderr(std::process::Stdio::null()).status();
+}
+
+/// PIDs of processes whose command line contains every one of `args` (as whole arguments).
+pub fn pids_with_args(args: &[&str]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let parts: Vec<String> = cmdline.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+        if args.iter().all(|a| parts.iter().any(|p| p == a)) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// PID of rank `rank` of group `group` (started by a `--tp` supervisor).
+pub fn rank_pid(group: &str, rank: usize) -> Option<u32> {
+    let r = rank.to_string();
+    let pids = pids_with_args(&["--group", group, "--rank"]);
+    pids.into_iter().find(|pid| {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let parts: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        parts.windows(2).any(|w| w[0] == b"--rank" && w[1] == r.as_bytes())
+    })
 }

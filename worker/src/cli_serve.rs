@@ -8,13 +8,17 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
 
+use qwen_cluster::keys::GroupName;
+use qwen_worker::comm::Comm;
 use qwen_worker::config::GenerationConfig;
+use qwen_worker::engine::follower;
 use qwen_worker::engine::runner::{spawn, EngineConfig};
 use qwen_worker::engine::scheduler::SchedulerConfig;
 use qwen_worker::model::paged::KvLayout;
 use qwen_worker::model::Model;
 use qwen_worker::server::{serve, WorkerService};
 
+use crate::cli_tp::RankConfig;
 use crate::ComputeDtype;
 
 #[derive(Args)]
@@ -45,10 +49,38 @@ pub struct ServeArgs {
     /// Most sequences in one forward.
     #[arg(long, env = "QWEN_MAX_SEQS", default_value_t = 256)]
     max_seqs: usize,
+    /// Tensor-parallel size: start this many rank processes on this host and supervise them.
+    #[arg(long, env = "QWEN_TP", default_value_t = 1)]
+    tp: usize,
+    /// This process's rank in its tensor-parallel group (for groups spanning hosts or pods).
+    #[arg(long, env = "QWEN_RANK", requires_all = ["world_size", "group"])]
+    rank: Option<usize>,
+    #[arg(long, env = "QWEN_WORLD_SIZE")]
+    world_size: Option<usize>,
+    /// Name of the group; its ranks meet under this name in etcd.
+    #[arg(long, env = "QWEN_GROUP")]
+    group: Option<String>,
+    /// etcd endpoints (comma-separated), needed by tensor-parallel groups.
+    #[arg(long, env = "QWEN_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Where rank 0 listens for the other ranks' collectives.
+    #[arg(long, env = "QWEN_COMM_LISTEN", default_value = "127.0.0.1:0")]
+    comm_listen: SocketAddr,
+    /// Longest any collective waits for a rank before the group is declared broken.
+    #[arg(long, env = "QWEN_COLLECTIVE_TIMEOUT_MS", default_value_t = 10_000)]
+    collective_timeout_ms: u64,
+}
+
+/// How this process takes part.
+enum Mode {
+    Single,
+    Supervisor { tp: usize, group: GroupName },
+    Rank(RankConfig),
 }
 
 /// Checked serve settings.
 pub struct ServeConfig {
+    mode: Mode,
     model: PathBuf,
     listen: SocketAddr,
     model_name: String,
@@ -78,11 +110,46 @@ impl ServeArgs {
                     as u64
             }
         };
+        let timeout = std::time::Duration::from_millis(self.collective_timeout_ms);
+        if self.collective_timeout_ms < 100 {
+            bail!("--collective-timeout-ms {}: must be at least 100", self.collective_timeout_ms);
+        }
+        let group = |g: Option<String>| -> anyhow::Result<GroupName> {
+            let name = g.unwrap_or_else(|| format!("g-{}", std::process::id()));
+            GroupName::new(&name).map_err(|e| anyhow::anyhow!("--group: {e}"))
+        };
+        let mode = match (self.rank, self.world_size) {
+            (Some(rank), Some(world_size)) => {
+                if world_size < 2 || rank >= world_size {
+                    bail!("--rank {rank} --world-size {world_size}: need world size >= 2 and rank < world size");
+                }
+                if self.etcd.is_empty() {
+                    bail!("--etcd: tensor-parallel ranks meet through etcd; give its endpoints");
+                }
+                Mode::Rank(RankConfig {
+                    rank,
+                    world_size,
+                    group: group(self.group)?,
+                    etcd: self.etcd,
+                    comm_listen: self.comm_listen,
+                    timeout,
+                })
+            }
+            _ if self.tp > 1 => {
+                if self.etcd.is_empty() {
+                    bail!("--etcd: --tp {} starts ranks that meet through etcd; give its endpoints", self.tp);
+                }
+                Mode::Supervisor { tp: self.tp, group: group(self.group)? }
+            }
+            _ if self.tp == 0 => bail!("--tp: must be at least 1"),
+            _ => Mode::Single,
+        };
         let model_name = match self.model_name {
             Some(n) => n,
             None => self.model.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
         };
         Ok(ServeConfig {
+            mode,
             model: self.model,
             listen: self.listen,
             model_name,
@@ -110,7 +177,27 @@ fn available_memory() -> anyhow::Result<u64> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.validate()?;
-    let model = Model::load(&cfg.model, cfg.dtype, &Device::Cpu)
+    if let Mode::Supervisor { tp, group } = &cfg.mode {
+        let argv: Vec<String> = std::env::args().collect();
+        return crate::cli_tp::supervise(&argv, *tp, group);
+    }
+    crate::cli_tp::exit_with_supervisor();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (comm, lease) = match &cfg.mode {
+        Mode::Rank(r) => crate::cli_tp::join_group(&runtime, r)?,
+        _ => (Comm::Single, None),
+    };
+    let result = serve_rank(&runtime, &cfg, comm);
+    if let Some(lease) = lease {
+        // Gone at once on a clean stop; on a crash the lease expires instead.
+        runtime.block_on(lease.revoke());
+    }
+    result
+}
+
+/// Loads this rank's shard; rank 0 runs the engine and the gRPC service, the others follow it.
+fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) -> anyhow::Result<()> {
+    let model = Model::load_sharded(&cfg.model, cfg.dtype, &Device::Cpu, comm)
         .with_context(|| format!("loading model from {}", cfg.model.display()))?;
     let defaults = GenerationConfig::from_dir(&cfg.model)?;
     let mc = model.config();
@@ -121,7 +208,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         block_size: cfg.scheduler.block_size,
         dtype: cfg.dtype,
     };
-    let num_blocks = (cfg.kv_cache_bytes / layout.block_bytes() as u64) as usize;
+    // Block ids come from rank 0's allocator, so every rank must hold as many blocks: rank 0's
+    // count (its memory reading) is the group's.
+    let mine = (cfg.kv_cache_bytes / layout.block_bytes() as u64) as usize;
+    let agreed = model.comm().broadcast_bytes(0, (mine as u64).to_le_bytes().to_vec())?;
+    let num_blocks = u64::from_le_bytes(agreed.as_slice().try_into().context("block count from rank 0")?) as usize;
     if num_blocks == 0 {
         bail!(
             "--kv-cache-bytes {}: too small for one block of {} bytes ({} tokens)",
@@ -130,19 +221,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             cfg.scheduler.block_size
         );
     }
+    if model.comm().rank() != 0 {
+        follower::run(model, cfg.scheduler.block_size, num_blocks, &Device::Cpu)?;
+        return Ok(());
+    }
     let (engine, engine_thread) =
         spawn(model, EngineConfig { scheduler: cfg.scheduler, num_blocks, model_name: cfg.model_name.clone() })?;
     let watch = engine.clone();
+    let alive = engine.clone();
     let service = WorkerService::new(engine, defaults, cfg.scheduler.block_size);
-
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let listen = cfg.listen;
+    let model_name = cfg.model_name.clone();
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("--listen {}: cannot bind", cfg.listen))?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}: cannot bind"))?;
         let addr = listener.local_addr()?;
         crate::emit(&format!("listening on {addr}\n"));
-        tracing::info!(%addr, model = %cfg.model_name, num_blocks, "serving");
+        tracing::info!(%addr, model = %model_name, num_blocks, "serving");
         let (engine_died_tx, mut engine_died) = tokio::sync::oneshot::channel::<()>();
         let stop = async move {
             tokio::select! {
@@ -151,7 +246,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         };
         // An engine thread that is gone takes the worker down with an error, so a supervisor
-        // (Kubernetes) restarts it instead of routing to a process that cannot generate.
+        // (Kubernetes, or `--tp`) restarts it instead of routing to a process that cannot generate.
         let watcher = tokio::spawn(async move {
             while watch.is_alive() {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -159,13 +254,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let _ = engine_died_tx.send(());
         });
         serve(service, listener, stop).await?;
-        if watcher.is_finished() {
+        watcher.abort();
+        if !alive.is_alive() {
             bail!("the engine thread stopped");
         }
-        watcher.abort();
         anyhow::Ok(())
     })?;
-    // The service (and with it the last engine handle) is gone: the engine thread winds down.
+    // The service (and with it the last engine handle) is gone: the engine thread winds down and
+    // tells any followers to stop.
     let _ = engine_thread.join();
     Ok(())
 }

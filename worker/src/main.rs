@@ -14,6 +14,7 @@ use qwen_worker::sampling::SamplingParams;
 use qwen_worker::tokenizer::Tokenizer;
 
 mod cli_serve;
+mod cli_tp;
 
 #[derive(Parser)]
 #[command(name = "qwen-worker", version, about = "qwen-serve worker: one Qwen model replica")]

@@ -1,0 +1,172 @@
+//! Tensor-parallel process management for `qwen-worker serve`: a `--tp N` supervisor that starts
+//! N rank processes on this host and stops them all when one dies, and the rendezvous through
+//! etcd by which ranks of a group find rank 0.
+
+use std::io::BufRead;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use qwen_cluster::keys::GroupName;
+use qwen_cluster::lease::Lease;
+use qwen_cluster::rendezvous::{self, Record};
+use qwen_worker::comm::{Comm, TcpComm, TcpConfig};
+use tokio_util::sync::CancellationToken;
+
+/// One rank's place, from `--rank/--world-size/--group/--etcd`.
+#[derive(Debug, Clone)]
+pub struct RankConfig {
+    pub rank: usize,
+    pub world_size: usize,
+    pub group: GroupName,
+    pub etcd: Vec<String>,
+    pub comm_listen: std::net::SocketAddr,
+    pub timeout: Duration,
+}
+
+/// Set on the ranks a `--tp` supervisor starts: its PID, so they can follow it out.
+const SUPERVISOR_PID: &str = "QWEN_SUPERVISOR_PID";
+
+/// A rank started by a supervisor exits when the supervisor is gone (killed outright, it could
+/// not stop its ranks), so no orphan keeps a port or a stale group alive.
+pub fn exit_with_supervisor() {
+    let Some(pid) = std::env::var(SUPERVISOR_PID).ok().and_then(|p| p.parse::<u32>().ok()) else { return };
+    std::thread::spawn(move || loop {
+        if std::os::unix::process::parent_id() != pid {
+            tracing::error!("supervisor {pid} is gone; exiting");
+            std::process::exit(1);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+}
+
+/// How long rank 0's rendezvous record outlives a rank 0 that died without revoking it.
+const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// Meets the rest of the group: rank 0 publishes its collective address under a lease and waits
+/// for everyone; the others wait for the record and connect. Returns the group handle and, on
+/// rank 0, the lease to revoke at shutdown.
+pub fn join_group(rt: &tokio::runtime::Runtime, r: &RankConfig) -> anyhow::Result<(Comm, Option<Lease>)> {
+    let client = rt.block_on(qwen_cluster::connect(&r.etcd)).with_context(|| format!("--etcd {:?}", r.etcd))?;
+    let tcp = TcpConfig { rank: r.rank, world_size: r.world_size, timeout: r.timeout };
+    if r.rank == 0 {
+        let listener = TcpListener::bind(r.comm_listen).with_context(|| format!("--comm-listen {}", r.comm_listen))?;
+        let addr = listener.local_addr()?.to_string();
+        let lease = rt.block_on(async {
+            let lease = Lease::grant(&client, LEASE_TTL, CancellationToken::new()).await?;
+            rendezvous::publish(&client, &r.group, &Record { addr, world_size: r.world_size as u32 }, &lease).await?;
+            anyhow::Ok(lease)
+        })?;
+        let comm = TcpComm::root(listener, &tcp).context("waiting for the other ranks")?;
+        tracing::info!(group = r.group.as_str(), world_size = r.world_size, "tensor-parallel group formed");
+        Ok((Comm::Tcp(comm), Some(lease)))
+    } else {
+        let record = rt.block_on(rendezvous::wait_for(&client, &r.group, r.timeout * 3))?;
+        if record.world_size as usize != r.world_size {
+            bail!("--world-size {} but rank 0 of group {} runs {}", r.world_size, r.group.as_str(), record.world_size);
+        }
+        let addr = record.addr.parse().with_context(|| format!("rendezvous address {:?}", record.addr))?;
+        Ok((Comm::Tcp(TcpComm::join(addr, &tcp)?), None))
+    }
+}
+
+/// `serve --tp N`: runs N copies of this command as ranks 0..N of one group and forwards rank
+/// 0's "listening on" line. If any rank exits, the others are stopped and this fails, so the
+/// group never limps on with a missing shard.
+pub fn supervise(argv: &[String], tp: usize, group: &GroupName) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let base = strip_flags(&argv[1..], &["--tp", "--group", "--rank", "--world-size"]);
+    let mut children: Vec<Child> = Vec::with_capacity(tp);
+    for rank in 0..tp {
+        let mut cmd = Command::new(&exe);
+        cmd.env_remove("QWEN_TP").env(SUPERVISOR_PID, std::process::id().to_string()).args(&base).args([
+            "--rank",
+            &rank.to_string(),
+            "--world-size",
+            &tp.to_string(),
+            "--group",
+            group.as_str(),
+        ]);
+        if rank == 0 {
+            cmd.stdout(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::null());
+        }
+        children.push(cmd.spawn().with_context(|| format!("starting rank {rank}"))?);
+    }
+    let stdout = children[0].stdout.take().context("rank 0 stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.starts_with("listening on ") {
+        crate::emit(&line);
+    }
+    let result = watch(&mut children);
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    result
+}
+
+/// Waits until a rank exits (an error) or a termination signal arrives (a clean stop).
+fn watch(children: &mut [Child]) -> anyhow::Result<()> {
+    let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = term.clone();
+    // Signals arrive through a small runtime so the watch loop itself stays synchronous.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let _signals = std::thread::spawn(move || {
+        rt.block_on(async {
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                tokio::select! { _ = s.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    });
+    loop {
+        if term.load(std::sync::atomic::Ordering::SeqCst) {
+            // Let rank 0 stop cleanly (it revokes the rendezvous lease), then the rest.
+            for c in children.iter() {
+                let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).stderr(Stdio::null()).status();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            return Ok(());
+        }
+        for (rank, c) in children.iter_mut().enumerate() {
+            if let Some(status) = c.try_wait()? {
+                bail!("rank {rank} exited ({status}); stopping the group");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The command line without `flags` (as `--flag value` or `--flag=value`); the supervisor sets
+/// those itself for each rank.
+fn strip_flags(args: &[String], flags: &[&str]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+        } else if flags.contains(&a.as_str()) {
+            skip = true;
+        } else if !flags.iter().any(|f| a.starts_with(&format!("{f}="))) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_flags;
+
+    #[test]
+    fn supervisor_flags_are_removed() {
+        let args: Vec<String> = ["serve", "--tp", "2", "--model", "m", "--tp=3", "--group", "g", "--listen", "x"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(strip_flags(&args, &["--tp", "--group"]), ["serve", "--model", "m", "--listen", "x"]);
+    }
+}
