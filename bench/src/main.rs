@@ -12,6 +12,7 @@ use clap::Parser;
 use qwen_bench::{ensure_checkpoint, Shape};
 use rand::{Rng, SeedableRng};
 
+use qwen_worker::comm::{Comm, TcpComm, TcpConfig};
 use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
 
 #[derive(Parser)]
@@ -28,22 +29,54 @@ struct Args {
     /// Batch sizes to measure decode at (comma-separated).
     #[arg(long, env = "QWEN_BENCH_BATCH", value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,
+    /// Tensor-parallel ranks (threads of this process, TCP collectives on loopback).
+    #[arg(long, env = "QWEN_BENCH_TP", default_value_t = 1)]
+    tp: usize,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = args.dir.clone().unwrap_or_else(|| args.shape.default_dir());
     ensure_checkpoint(args.shape, &dir)?;
+    if args.tp <= 1 {
+        return bench_rank(&args, &dir, Comm::Single);
+    }
+    // Every rank runs the same forwards; rank 0 reports.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let timeout = std::time::Duration::from_secs(600);
+    let args = std::sync::Arc::new(args);
+    let peers: Vec<_> = (1..args.tp)
+        .map(|rank| {
+            let (args, dir) = (args.clone(), dir.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let comm = TcpComm::join(addr, &TcpConfig { rank, world_size: args.tp, timeout })?;
+                bench_rank(&args, &dir, Comm::Tcp(comm))
+            })
+        })
+        .collect();
+    let root = TcpComm::root(listener, &TcpConfig { rank: 0, world_size: args.tp, timeout })?;
+    bench_rank(&args, &dir, Comm::Tcp(root))?;
+    for p in peers {
+        p.join().map_err(|_| anyhow::anyhow!("a rank panicked"))??;
+    }
+    Ok(())
+}
+
+fn bench_rank(args: &Args, dir: &std::path::Path, comm: Comm) -> anyhow::Result<()> {
+    let report = comm.rank() == 0;
     let t0 = Instant::now();
-    let mut model = Model::load(&dir, DType::F32, &Device::Cpu)?;
+    let mut model = Model::load_sharded(dir, DType::F32, &Device::Cpu, comm)?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
-    println!(
-        "shape {:?}: {} layers, hidden {}, load {load_s:.2} s (bf16 file → f32)",
-        args.shape, cfg.num_layers, cfg.hidden_size
-    );
-    println!("| shape | batch | prompt | prefill tok/s | decode ms/step | decode tok/s |");
-    println!("|---|---|---|---|---|---|");
+    if report {
+        println!(
+            "shape {:?}: {} layers, hidden {}, tp {}, load {load_s:.2} s (bf16 file → f32)",
+            args.shape, cfg.num_layers, cfg.hidden_size, args.tp
+        );
+        println!("| shape | tp | batch | prompt | prefill tok/s | decode ms/step | decode tok/s | collectives |");
+        println!("|---|---|---|---|---|---|---|---|");
+    }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
     for &batch in &args.batch {
         let mut cache = ContiguousKvCache::new(cfg.num_layers);
@@ -60,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         let logits = model.forward(&prompt, &seqs, &mut cache)?;
         let mut next: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let prefill_s = t.elapsed().as_secs_f64();
+        let comm_before = model.comm().collective_time();
         let t = Instant::now();
         for _ in 0..args.decode_steps {
             for s in seqs.iter_mut() {
@@ -69,14 +103,19 @@ fn main() -> anyhow::Result<()> {
             next = model.forward(&next, &seqs, &mut cache)?.argmax(1)?.to_vec1()?;
         }
         let decode_s = t.elapsed().as_secs_f64();
-        println!(
-            "| {:?} | {batch} | {} | {:.0} | {:.1} | {:.1} |",
-            args.shape,
-            args.prompt_len,
-            (batch * args.prompt_len) as f64 / prefill_s,
-            decode_s * 1e3 / args.decode_steps as f64,
-            (batch * args.decode_steps) as f64 / decode_s,
-        );
+        let comm_s = (model.comm().collective_time() - comm_before).as_secs_f64();
+        if report {
+            println!(
+                "| {:?} | {} | {batch} | {} | {:.0} | {:.1} | {:.1} | {:.0} % |",
+                args.shape,
+                args.tp,
+                args.prompt_len,
+                (batch * args.prompt_len) as f64 / prefill_s,
+                decode_s * 1e3 / args.decode_steps as f64,
+                (batch * args.decode_steps) as f64 / decode_s,
+                100.0 * comm_s / decode_s,
+            );
+        }
     }
     Ok(())
 }

@@ -54,6 +54,14 @@ impl Comm {
         }
     }
 
+    /// Time this rank has spent inside collectives (zero alone).
+    pub fn collective_time(&self) -> Duration {
+        match self {
+            Comm::Single => Duration::ZERO,
+            Comm::Tcp(c) => c.collective_time(),
+        }
+    }
+
     /// How long a collective waits on a peer before failing.
     pub fn timeout(&self) -> Duration {
         match self {

@@ -23,6 +23,8 @@ pub struct TcpComm {
     timeout: Duration,
     /// Rank 0: the streams of ranks 1.., in rank order. Other ranks: the stream to rank 0.
     peers: Vec<TcpStream>,
+    /// Nanoseconds spent inside collectives (waiting included), for benchmarks.
+    spent_ns: std::sync::atomic::AtomicU64,
 }
 
 const HELLO: u32 = 0x5157_454e; // "QWEN"
@@ -66,7 +68,7 @@ impl TcpComm {
             }
         }
         let peers = slots.into_iter().map(|s| s.expect("all joined")).collect();
-        Ok(TcpComm { rank: 0, world_size: cfg.world_size, timeout: cfg.timeout, peers })
+        Ok(TcpComm { rank: 0, world_size: cfg.world_size, timeout: cfg.timeout, peers, spent_ns: Default::default() })
     }
 
     /// Rank `cfg.rank > 0`: connects to rank 0 at `root`, retrying until the timeout.
@@ -89,7 +91,13 @@ impl TcpComm {
             hello.extend_from_slice(&v.to_le_bytes());
         }
         (&stream).write_all(&hello).map_err(|e| io(cfg.rank, 0, e))?;
-        Ok(TcpComm { rank: cfg.rank, world_size: cfg.world_size, timeout: cfg.timeout, peers: vec![stream] })
+        Ok(TcpComm {
+            rank: cfg.rank,
+            world_size: cfg.world_size,
+            timeout: cfg.timeout,
+            peers: vec![stream],
+            spent_ns: Default::default(),
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -102,6 +110,18 @@ impl TcpComm {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Total time spent in collectives so far.
+    pub fn collective_time(&self) -> Duration {
+        Duration::from_nanos(self.spent_ns.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let start = Instant::now();
+        let out = f();
+        self.spent_ns.fetch_add(start.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        out
     }
 
     /// Rank 0's stream to `peer`, or a non-root rank's stream to rank 0.
@@ -139,6 +159,10 @@ impl TcpComm {
     }
 
     pub fn all_reduce_sum_f32(&self, data: &[f32]) -> Result<Vec<f32>> {
+        self.timed(|| self.all_reduce_inner(data))
+    }
+
+    fn all_reduce_inner(&self, data: &[f32]) -> Result<Vec<f32>> {
         if self.rank != 0 {
             self.send(0, &f32_bytes(data))?;
             return self.recv_f32(0, data.len());
@@ -157,6 +181,10 @@ impl TcpComm {
     }
 
     pub fn all_gather_f32(&self, data: &[f32]) -> Result<Vec<Vec<f32>>> {
+        self.timed(|| self.all_gather_inner(data))
+    }
+
+    fn all_gather_inner(&self, data: &[f32]) -> Result<Vec<Vec<f32>>> {
         let n = data.len();
         let all = if self.rank != 0 {
             self.send(0, &f32_bytes(data))?;
@@ -176,6 +204,10 @@ impl TcpComm {
     }
 
     pub fn broadcast(&self, root: usize, data: Vec<u8>) -> Result<Vec<u8>> {
+        self.timed(|| self.broadcast_inner(root, data))
+    }
+
+    fn broadcast_inner(&self, root: usize, data: Vec<u8>) -> Result<Vec<u8>> {
         if root >= self.world_size {
             return Err(CommError::Config(format!("broadcast root {root} outside 0..{}", self.world_size)));
         }
