@@ -40,15 +40,16 @@ pub trait Attention {
     /// `q`: `[T, Hq, D]`, `k` and `v`: `[T, Hkv, D]` for the batch's new tokens (rotary already
     /// applied). Returns `[T, Hq, D]`: causal attention of each token over its own sequence's
     /// cached tokens plus the new ones up to itself, with scores scaled by `scale`.
-    fn forward(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        meta: &BatchMeta,
-        scale: f64,
-    ) -> Result<Tensor>;
+    fn forward(&mut self, input: LayerQkv<'_>, meta: &BatchMeta) -> Result<Tensor>;
+}
+
+/// One layer's new queries, keys and values for the whole batch, and the score scale.
+pub struct LayerQkv<'a> {
+    pub layer: usize,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub scale: f64,
 }
 
 /// One sequence's keys and values for one layer, `[Hkv, capacity, D]`, filled up to `len`.
@@ -116,15 +117,8 @@ impl ContiguousKvCache {
 }
 
 impl Attention for ContiguousKvCache {
-    fn forward(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        meta: &BatchMeta,
-        scale: f64,
-    ) -> Result<Tensor> {
+    fn forward(&mut self, input: LayerQkv<'_>, meta: &BatchMeta) -> Result<Tensor> {
+        let LayerQkv { layer, q, k, v, scale } = input;
         // Check every sequence before appending any, so a bad batch leaves the cache untouched.
         for seq in &meta.seqs {
             let have = self.layer_len(seq.seq_id, layer);
@@ -252,12 +246,13 @@ mod tests {
         let good = SeqChunk { seq_id: 1, context_len: 0, len: 1, rope_alpha: 1.0 };
         let bad = SeqChunk { seq_id: 2, context_len: 3, len: 1, rope_alpha: 1.0 };
         let meta = BatchMeta::new(&[good, bad], &dev)?;
-        let err = cache.forward(0, &t, &t, &t, &meta, 1.0).unwrap_err();
+        let qkv = |t| LayerQkv { layer: 0, q: t, k: t, v: t, scale: 1.0 };
+        let err = cache.forward(qkv(&t), &meta).unwrap_err();
         assert!(err.to_string().contains("sequence 2 claims 3 cached tokens but the cache holds 0"), "{err}");
         assert_eq!(cache.seq_len(1), 0, "the good sequence was not appended");
         // The same good sequence then runs normally.
         let one = Tensor::zeros((1, 2, 4), DType::F32, &dev)?;
-        cache.forward(0, &one, &one, &one, &BatchMeta::new(&[good], &dev)?, 1.0)?;
+        cache.forward(qkv(&one), &BatchMeta::new(&[good], &dev)?)?;
         assert_eq!(cache.seq_len(1), 1);
         Ok(())
     }

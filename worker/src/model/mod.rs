@@ -14,7 +14,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use attention::{Attention, BatchMeta, ContiguousKvCache};
+pub use attention::{Attention, BatchMeta, ContiguousKvCache, LayerQkv};
 use layers::{DecoderStack, Rotary, StepContext};
 use parallel::Shard;
 

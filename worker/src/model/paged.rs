@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{causal_attention, Attention, BatchMeta};
+use super::attention::{causal_attention, Attention, BatchMeta, LayerQkv};
 use super::SeqChunk;
 use crate::error::{Error, Result};
 
@@ -121,15 +121,8 @@ pub struct PagedStep<'a> {
 }
 
 impl Attention for PagedStep<'_> {
-    fn forward(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        meta: &BatchMeta,
-        scale: f64,
-    ) -> Result<Tensor> {
+    fn forward(&mut self, input: LayerQkv<'_>, meta: &BatchMeta) -> Result<Tensor> {
+        let LayerQkv { layer, q, k, v, scale } = input;
         let (keys, values) = (&self.store.keys[layer], &self.store.values[layer]);
         for (runs, &off) in self.writes.iter().zip(&meta.offsets) {
             for r in runs {

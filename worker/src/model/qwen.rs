@@ -5,7 +5,7 @@
 
 use candle_core::Tensor;
 
-use super::attention::Attention;
+use super::attention::{Attention, LayerQkv};
 use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
 use super::parallel::{self, column, row, rows, Shard};
 use crate::config::ModelConfig;
@@ -63,7 +63,7 @@ impl SelfAttention for QWenAttention {
             None => q,
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attn.forward(layer, &q, &k, &v, ctx.meta, scale)?;
+        let out = attn.forward(LayerQkv { layer, q: &q, k: &k, v: &v, scale }, ctx.meta)?;
         self.c_proj.forward(&out.reshape((t, self.heads * self.head_dim))?)
     }
 }

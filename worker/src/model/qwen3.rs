@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::attention::Attention;
+use super::attention::{Attention, LayerQkv};
 use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, RmsNorm, SelfAttention, StepContext};
 use super::parallel::{self, column, row, rows, Shard};
 use super::qwen2::NAMES;
@@ -52,7 +52,7 @@ impl SelfAttention for Qwen3Attention {
         let q = apply_rotary(&self.q_norm.forward(&q)?, &ctx.cos, &ctx.sin)?;
         let k = apply_rotary(&self.k_norm.forward(&k)?, &ctx.cos, &ctx.sin)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attn.forward(layer, &q, &k, &v, ctx.meta, scale)?;
+        let out = attn.forward(LayerQkv { layer, q: &q, k: &k, v: &v, scale }, ctx.meta)?;
         self.o.forward(&out.reshape((t, self.heads * self.head_dim))?)
     }
 }
