@@ -1,7 +1,9 @@
 //! The engine thread end to end (no network): concurrent staggered requests, preemption,
 //! chunked prefill, the prefix cache, cancellation — each checked against the goldens.
 
-use std::path::PathBuf;
+mod common;
+use common::{fixture, ids};
+
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -13,14 +15,6 @@ use qwen_worker::model::Model;
 use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
 
 /// (prompt, greedy continuation) pairs of a fixture.
 fn goldens(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {

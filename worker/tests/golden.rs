@@ -1,7 +1,8 @@
 //! Numerics against independent references: every committed fixture's last-position logits
 //! (within 1e-4 in f32) and 32-token greedy continuations, plus varlen batching.
 
-use std::path::PathBuf;
+mod common;
+use common::{fixture, ids};
 
 use candle_core::{DType, Device, Tensor};
 use qwen_worker::generate::{generate, GenerateParams};
@@ -10,10 +11,6 @@ use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
 
 const FIXTURES: [&str; 5] = ["qwen2-gqa", "qwen2-tied-bf16-sharded", "qwen3", "qwen1-ntk-logn", "qwen1-partial-rotary"];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
 
 struct Case {
     prompt: Vec<u32>,
@@ -24,7 +21,6 @@ struct Case {
 fn golden(name: &str) -> (Value, Vec<Case>) {
     let text = std::fs::read_to_string(fixture(name).join("golden.json")).unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
-    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
     let cases = json["cases"]
         .as_array()
         .unwrap()

@@ -1,7 +1,10 @@
 //! Bad checkpoints and bad input give errors that name the file, tensor or value and what was
 //! expected; nothing panics.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::fixture;
+
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use qwen_worker::generate::{generate, GenerateParams};
@@ -9,10 +12,6 @@ use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
 use qwen_worker::sampling::SamplingParams;
 use qwen_worker::{Error, ErrorKind};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
 
 /// A scratch copy of a fixture that a test may break.
 fn copy_fixture(name: &str) -> tempfile::TempDir {

@@ -1,20 +1,13 @@
 //! Attention over the paged KV store gives the reference results: scattered block tables, small
 //! blocks, prompts prefilled in chunks, several sequences batched together.
 
-use std::path::PathBuf;
+mod common;
+use common::{fixture, ids};
 
 use candle_core::{DType, Device};
 use qwen_worker::model::paged::{KvLayout, PagedKvStore};
 use qwen_worker::model::{Model, SeqChunk};
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
 
 struct Seq {
     tokens: Vec<u32>,

@@ -2,8 +2,10 @@
 //! architecture at TP 1, 2, 3 and 4 where its heads allow, including more ranks than KV heads,
 //! gives the unsharded goldens; a size that cannot shard is refused by name.
 
+mod common;
+use common::{fixture, ids};
+
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -12,14 +14,6 @@ use qwen_worker::generate::{generate, GenerateParams};
 use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
 use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
 
 type Case = (Vec<u32>, Vec<f32>, Vec<u32>);
 

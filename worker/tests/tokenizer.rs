@@ -2,14 +2,13 @@
 //! Python's `tiktoken` produced (fixtures/tokenizer), and `tokenizer.json` against Python's
 //! `tokenizers` (the fixtures' golden.json). Also round trips and streaming detokenization.
 
+mod common;
+use common::{ids, root};
+
 use std::path::PathBuf;
 
 use qwen_worker::tokenizer::Tokenizer;
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The real `qwen.tiktoken`: `$QWEN_TIKTOKEN`, else `.cache/qwen.tiktoken` as fetched by
 /// `scripts/fetch_qwen_tiktoken.sh` (which `.ci/run` runs).
@@ -20,10 +19,6 @@ fn qwen_tiktoken() -> Tokenizer {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(&path, dir.path().join("qwen.tiktoken")).unwrap();
     Tokenizer::from_dir(dir.path()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! follower rank runs the same forwards on its shard. Outputs equal the unsharded goldens; a
 //! follower that dies breaks the group loudly instead of hanging.
 
+mod common;
+use common::{fixture, ids};
+
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -17,14 +19,6 @@ use qwen_worker::model::Model;
 use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
 
 const BLOCKS: usize = 128;
 const BLOCK_SIZE: usize = 4;

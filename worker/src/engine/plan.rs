@@ -23,6 +23,23 @@ pub struct StepPlan {
     pub tables: Vec<Vec<u32>>,
 }
 
+impl StepPlan {
+    /// The bytes of `Message::Step(self)`, without giving the plan up.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![STEP];
+        put_u32s(&mut out, &self.tokens);
+        put(&mut out, self.chunks.len() as u64);
+        for (c, table) in self.chunks.iter().zip(&self.tables) {
+            put(&mut out, c.seq_id);
+            put(&mut out, c.context_len as u64);
+            put(&mut out, c.len as u64);
+            put(&mut out, c.rope_alpha.to_bits());
+            put_u32s(&mut out, table);
+        }
+        out
+    }
+}
+
 const STEP: u8 = 1;
 const HEARTBEAT: u8 = 2;
 const STOP: u8 = 3;
@@ -33,18 +50,7 @@ impl Message {
         match self {
             Message::Heartbeat => out.push(HEARTBEAT),
             Message::Stop => out.push(STOP),
-            Message::Step(p) => {
-                out.push(STEP);
-                put_u32s(&mut out, &p.tokens);
-                put(&mut out, p.chunks.len() as u64);
-                for (c, table) in p.chunks.iter().zip(&p.tables) {
-                    put(&mut out, c.seq_id);
-                    put(&mut out, c.context_len as u64);
-                    put(&mut out, c.len as u64);
-                    put(&mut out, c.rope_alpha.to_bits());
-                    put_u32s(&mut out, table);
-                }
-            }
+            Message::Step(p) => return p.encode(),
         }
         out
     }

@@ -89,12 +89,12 @@ impl EngineHandle {
                 ),
             });
         }
-        self.commands.send(Command::Submit(Box::new(request))).map_err(|_| engine_stopped())
+        self.commands.send(Command::Submit(Box::new(request))).map_err(|_| Error::EngineStopped)
     }
 
     /// Cancels a request by id; unknown ids are ignored (it may have just finished).
     pub fn cancel(&self, request_id: &str) -> Result<()> {
-        self.commands.send(Command::Cancel(request_id.to_string())).map_err(|_| engine_stopped())
+        self.commands.send(Command::Cancel(request_id.to_string())).map_err(|_| Error::EngineStopped)
     }
 
     pub fn stats(&self) -> Stats {
@@ -105,10 +105,6 @@ impl EngineHandle {
     pub fn is_alive(&self) -> bool {
         !self.commands.is_closed()
     }
-}
-
-fn engine_stopped() -> Error {
-    Error::EngineStopped
 }
 
 /// Starts the engine thread; it runs until every handle is dropped.
@@ -345,7 +341,7 @@ impl Engine {
 
     fn forward_and_sample(&mut self, plan: &[Planned]) -> Result<usize> {
         let running = &self.scheduler.running;
-        let mut tokens = Vec::with_capacity(plan.iter().map(|p| p.len).sum());
+        let mut tokens = Vec::with_capacity(plan.iter().map(|p| p.len).sum::<usize>());
         let mut chunks = Vec::with_capacity(plan.len());
         let mut tables = Vec::with_capacity(plan.len());
         for p in plan {
@@ -354,16 +350,14 @@ impl Engine {
             chunks.push(SeqChunk { seq_id: s.id, context_len: s.computed, len: p.len, rope_alpha: s.rope_alpha });
             tables.push(s.blocks.iter().map(|b| b.id()).collect::<Vec<u32>>());
         }
+        let step_plan = StepPlan { tokens, chunks, tables };
         if self.model.comm().world_size() > 1 {
             // Followers run the same forward on their shards; the plan travels first.
-            let msg = Message::Step(StepPlan { tokens, chunks, tables });
-            self.model.comm().broadcast_bytes(0, msg.encode())?;
-            let Message::Step(StepPlan { tokens: t, chunks: c, tables: b }) = msg else { unreachable!("built above") };
-            (tokens, chunks, tables) = (t, c, b);
+            self.model.comm().broadcast_bytes(0, step_plan.encode())?;
         }
         let logits = {
-            let mut step = self.store.step(&chunks, &tables)?;
-            self.model.forward(&tokens, &chunks, &mut step)?
+            let mut step = self.store.step(&step_plan.chunks, &step_plan.tables)?;
+            self.model.forward(&step_plan.tokens, &step_plan.chunks, &mut step)?
         };
         // Rows whose chunk completes the sequence's known tokens produce a token.
         let sampled: Vec<usize> = (0..plan.len())
