@@ -44,9 +44,10 @@ impl EtcdServer {
             .map_err(|e| format!("cannot start etcd (apt-get install etcd-server): {e}"))?;
         let server = EtcdServer { child, _dir: tempfile_dir::TempDir(dir), endpoint };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        // An open port is not a ready server: wait for /health to say so.
+        while !healthy(client) {
             if Instant::now() > deadline {
-                return Err("etcd did not start listening within 20 s".into());
+                return Err("etcd did not report healthy within 20 s".into());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -56,6 +57,19 @@ impl EtcdServer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// etcd's `GET /health` answers `{"health":"true"}` once it serves requests.
+fn healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
 }
 
 impl Drop for EtcdServer {

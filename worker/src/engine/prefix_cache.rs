@@ -35,6 +35,9 @@ struct Entry {
     /// Cached blocks whose parent this is. Only leaves are evicted: dropping an inner block
     /// would strand its descendants, unreachable by lookups yet still holding memory.
     children: u32,
+    /// Whether this entry is counted in its parent's `children`: not when the parent was
+    /// absent at insert time (evicted while a sequence still held its own copy of that block).
+    in_parent: bool,
 }
 
 #[derive(Default)]
@@ -91,13 +94,22 @@ impl PrefixCache {
         }
         self.tick += 1;
         self.lru.insert(self.tick, h);
-        if let Some(p) = self.entries.get_mut(&parent) {
-            p.children += 1;
-        }
-        self.entries.insert(
-            h,
-            Entry { block: block.clone(), parent, tokens: tokens.to_vec(), last_used: self.tick, children: 0 },
-        );
+        let in_parent = match self.entries.get_mut(&parent) {
+            Some(p) => {
+                p.children += 1;
+                true
+            }
+            None => false,
+        };
+        let entry = Entry {
+            block: block.clone(),
+            parent,
+            tokens: tokens.to_vec(),
+            last_used: self.tick,
+            children: 0,
+            in_parent,
+        };
+        self.entries.insert(h, entry);
         h
     }
 
@@ -122,7 +134,7 @@ impl PrefixCache {
             .map(|(&t, &h)| (t, h));
         let Some((tick, h)) = victim else { return false };
         self.lru.remove(&tick);
-        if let Some(e) = self.entries.remove(&h) {
+        if let Some(e) = self.entries.remove(&h).filter(|e| e.in_parent) {
             if let Some(p) = self.entries.get_mut(&e.parent) {
                 p.children -= 1;
             }
@@ -188,5 +200,26 @@ mod tests {
         assert_eq!(pool.free_count(), 4);
         cache.record(10, 4);
         assert_eq!(cache.hit_rate(), 0.4);
+    }
+
+    /// A block whose parent entry was evicted (and later cached again) while a sequence still
+    /// held its own copy: evicting it must not touch the new parent's child count.
+    #[test]
+    fn a_child_inserted_under_an_absent_parent_evicts_cleanly() {
+        let pool = BlockPool::new(4);
+        let mut cache = PrefixCache::default();
+        let root = root_hash(1, 1.0);
+        let a = pool.allocate().unwrap();
+        let ha = cache.insert(root, &[1, 2], &a);
+        drop(a);
+        assert!(cache.evict_one(), "the parent goes while its sequence's copy lives on");
+        let b = pool.allocate().unwrap();
+        cache.insert(ha, &[3, 4], &b);
+        let c = pool.allocate().unwrap();
+        cache.insert(root, &[1, 2], &c);
+        drop((b, c));
+        while cache.evict_one() {}
+        assert!(cache.is_empty());
+        assert_eq!(pool.free_count(), 4);
     }
 }
