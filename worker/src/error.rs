@@ -65,10 +65,8 @@ pub enum Error {
     TensorShape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: tensor `{name}` has dtype {found}, expected one of f32, f16, bf16")]
     TensorDtype { path: PathBuf, name: String, found: String },
-    #[error("{path}: {message}")]
-    Tokenizer { path: PathBuf, message: String },
-    #[error("{dir}: no tokenizer found: expected tokenizer.json or qwen.tiktoken")]
-    NoTokenizer { dir: PathBuf },
+    #[error(transparent)]
+    Tokenizer(#[from] qwen_tokenizer::Error),
     #[error("token id {token} in {field} is out of range: the vocabulary has {vocab} ids (0..{vocab})")]
     TokenOutOfRange { field: &'static str, token: u32, vocab: usize },
     #[error("invalid input: {field}: {message}")]
@@ -91,7 +89,10 @@ impl Error {
             | Error::MissingTensor { .. }
             | Error::TensorShape { .. }
             | Error::TensorDtype { .. } => ErrorKind::Weights,
-            Error::Tokenizer { .. } | Error::NoTokenizer { .. } => ErrorKind::Tokenizer,
+            Error::Tokenizer(e) => match e.kind() {
+                qwen_tokenizer::ErrorKind::Load => ErrorKind::Tokenizer,
+                qwen_tokenizer::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
+            },
             Error::TokenOutOfRange { .. } | Error::InvalidInput { .. } => ErrorKind::InvalidInput,
             Error::EngineStopped | Error::Comm(_) => ErrorKind::Unavailable,
             Error::Candle(_) => ErrorKind::Internal,

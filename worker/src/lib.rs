@@ -9,7 +9,7 @@ pub mod model;
 pub mod request;
 pub mod sampling;
 pub mod server;
-pub mod tokenizer;
+pub use qwen_tokenizer as tokenizer;
 pub mod weights;
 
 pub use error::{Error, ErrorKind, Result};

@@ -136,7 +136,7 @@ pub(crate) fn emit(text: &str) {
 fn optional_tokenizer(dir: &Path) -> anyhow::Result<Option<Tokenizer>> {
     match Tokenizer::from_dir(dir) {
         Ok(t) => Ok(Some(t)),
-        Err(qwen_worker::Error::NoTokenizer { .. }) => Ok(None),
+        Err(qwen_worker::tokenizer::Error::NoTokenizer { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -1,14 +1,18 @@
 //! Collectives between the ranks of a tensor-parallel group. [`Comm`] is an enum so model code
 //! calls one API whatever the backend: `Single` (world size 1, every collective a no-op), `Tcp`
-//! (CPU ranks over loopback or a network) and, later, NCCL on GPUs. Every collective has a
-//! timeout: a dead or stopped peer turns into an error, never a hang.
+//! (CPU ranks over loopback or a network) and `Nccl` (GPU ranks, feature `nccl`). Every collective
+//! has a timeout: a dead or stopped peer turns into an error, never a hang.
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclComm, NcclConfig};
 pub use tcp::{TcpComm, TcpConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,8 @@ pub enum CommError {
     Protocol { rank: usize, peer: usize, got: usize, expected: usize },
     #[error("invalid group: {0}")]
     Config(String),
+    #[error("NCCL: {0}")]
+    Nccl(String),
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -37,6 +43,9 @@ pub enum Comm {
     /// World size 1: nothing to exchange.
     Single,
     Tcp(TcpComm),
+    /// GPU ranks: tensors over NCCL, step plans over the TCP control connection.
+    #[cfg(feature = "nccl")]
+    Nccl(NcclComm),
 }
 
 impl Comm {
@@ -44,6 +53,8 @@ impl Comm {
         match self {
             Comm::Single => 0,
             Comm::Tcp(c) => c.rank(),
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.rank(),
         }
     }
 
@@ -51,6 +62,8 @@ impl Comm {
         match self {
             Comm::Single => 1,
             Comm::Tcp(c) => c.world_size(),
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.world_size(),
         }
     }
 
@@ -59,6 +72,8 @@ impl Comm {
         match self {
             Comm::Single => Duration::ZERO,
             Comm::Tcp(c) => c.collective_time(),
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.collective_time(),
         }
     }
 
@@ -67,6 +82,8 @@ impl Comm {
         match self {
             Comm::Single => Duration::MAX,
             Comm::Tcp(c) => c.timeout(),
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.timeout(),
         }
     }
 
@@ -80,6 +97,8 @@ impl Comm {
                 let summed = c.all_reduce_sum_f32(&data)?;
                 Ok(Tensor::from_vec(summed, t.shape(), t.device())?.to_dtype(dtype)?)
             }
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.all_reduce_sum(t),
         }
     }
 
@@ -97,6 +116,8 @@ impl Comm {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&parts, dim)?)
             }
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.all_gather(t, dim),
         }
     }
 
@@ -105,6 +126,8 @@ impl Comm {
         match self {
             Comm::Single => Ok(data),
             Comm::Tcp(c) => c.broadcast(root, data),
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.control().broadcast(root, data),
         }
     }
 
@@ -113,6 +136,8 @@ impl Comm {
         match self {
             Comm::Single => Ok(()),
             Comm::Tcp(c) => c.barrier(),
+            #[cfg(feature = "nccl")]
+            Comm::Nccl(c) => c.control().barrier(),
         }
     }
 }

@@ -2,11 +2,12 @@
 //! `qwen.tiktoken` (the original Qwen). [`StreamDecoder`] turns generated ids into text pieces
 //! that never split a UTF-8 character.
 
+mod error;
 pub mod tiktoken;
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use tiktoken::QwenTiktoken;
 
 pub enum Tokenizer {
@@ -30,7 +31,7 @@ impl Tokenizer {
 
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let tok = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| Error::Malformed { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(Tokenizer::Hf(Box::new(tok)))
     }
 

@@ -31,7 +31,7 @@ pub struct QwenTiktoken {
 impl QwenTiktoken {
     pub fn from_file(path: &Path) -> Result<Self> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let bad = |line: usize, message: String| Error::Tokenizer {
+        let bad = |line: usize, message: String| Error::Malformed {
             path: path.to_path_buf(),
             message: format!("line {line}: {message}"),
         };
@@ -71,7 +71,7 @@ impl QwenTiktoken {
             special_tokens().into_iter().enumerate().map(|(i, s)| (s, (n + i) as u32)).collect();
         let vocab_size = n + specials.len();
         let bpe = CoreBPE::new(ranks, specials.clone(), PATTERN)
-            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| Error::Malformed { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(QwenTiktoken { bpe, specials, vocab_size })
     }
 

@@ -2,13 +2,18 @@
 //! Python's `tiktoken` produced (fixtures/tokenizer), and `tokenizer.json` against Python's
 //! `tokenizers` (the fixtures' golden.json). Also round trips and streaming detokenization.
 
-mod common;
-use common::{ids, root};
-
 use std::path::PathBuf;
 
-use qwen_worker::tokenizer::Tokenizer;
+use qwen_tokenizer::Tokenizer;
 use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
 
 /// The real `qwen.tiktoken`: `$QWEN_TIKTOKEN`, else `.cache/qwen.tiktoken` as fetched by
 /// `scripts/fetch_qwen_tiktoken.sh` (which `.ci/run` runs).
