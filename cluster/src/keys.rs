@@ -37,6 +37,23 @@ pub fn rendezvous(group: &GroupName) -> String {
     format!("{}rendezvous", group_prefix(group))
 }
 
+/// Every serving group's registration: the router discovers workers by listing and watching this.
+pub fn workers_prefix() -> String {
+    format!("{PREFIX}/workers/")
+}
+
+/// Where a group registers itself for routing. One key per group, so a group's registration
+/// is a single leased record that vanishes with rank 0.
+pub fn worker(group: &GroupName) -> String {
+    format!("{}{}", workers_prefix(), group.as_str())
+}
+
+/// The group whose registration `key` is: `None` for anything else under (or outside) the
+/// workers prefix, e.g. a nested key or an invalid name someone wrote by hand.
+pub fn worker_group(key: &str) -> Option<GroupName> {
+    GroupName::new(key.strip_prefix(&workers_prefix())?).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +66,19 @@ mod tests {
         for bad in ["", "A", "a/b", "a b", &"x".repeat(129)] {
             assert!(GroupName::new(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn worker_keys() {
+        let g = GroupName::new("qwen-72b.g0").unwrap();
+        assert_eq!(workers_prefix(), "/qwen-serve/v1/workers/");
+        assert_eq!(worker(&g), "/qwen-serve/v1/workers/qwen-72b.g0");
+        assert_eq!(worker_group(&worker(&g)), Some(g.clone()));
+        for other in ["/qwen-serve/v1/workers/", "/qwen-serve/v1/workers/a/b", "/elsewhere/g", &rendezvous(&g)] {
+            assert_eq!(worker_group(other), None, "{other:?}");
+        }
+        // A prefix watch on the workers must not see a group's other keys, nor they its.
+        assert!(!group_prefix(&g).starts_with(&workers_prefix()));
+        assert!(!worker(&g).starts_with(&group_prefix(&g)));
     }
 }

@@ -1,7 +1,9 @@
 //! Everything qwen-serve keeps in etcd. Only this crate knows key paths (`keys`); leases are
 //! bound to a cancellation token (`lease`); tensor-parallel ranks meet through a leased
-//! rendezvous record (`rendezvous`).
+//! rendezvous record (`rendezvous`); serving groups register for the router, which follows
+//! them (`discovery`).
 
+pub mod discovery;
 pub mod keys;
 pub mod lease;
 pub mod rendezvous;

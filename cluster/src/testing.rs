@@ -1,13 +1,17 @@
 //! A real etcd server for tests: Debian's `etcd` binary on free loopback ports with a temporary
-//! data directory, stopped (by PID) when dropped.
+//! data directory, stopped (by PID) when dropped. It can be stopped and restarted on the same
+//! ports to test what clients do while etcd is away.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct EtcdServer {
-    child: Child,
-    _dir: tempfile_dir::TempDir,
+    /// `None` while stopped.
+    child: Option<Child>,
+    dir: tempfile_dir::TempDir,
+    client_port: u16,
+    peer_port: u16,
     pub endpoint: String,
 }
 
@@ -28,34 +32,69 @@ fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd and waits until it answers; `Err` says what is missing.
     pub fn start() -> Result<EtcdServer, String> {
-        let (client, peer) = (free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?);
-        let dir = std::env::temp_dir().join(format!("qwen-etcd-{}-{client}", std::process::id()));
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let (client_port, peer_port) =
+            (free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?);
+        let dir = std::env::temp_dir().join(format!("qwen-etcd-{}-{client_port}", std::process::id()));
+        let endpoint = format!("http://127.0.0.1:{client_port}");
+        let mut server = EtcdServer { child: None, dir: tempfile_dir::TempDir(dir), client_port, peer_port, endpoint };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new("etcd")
             .args(["--name", "test", "--data-dir"])
-            .arg(&dir)
-            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("test=http://127.0.0.1:{peer}")])
+            .arg(&self.dir.0)
+            .args(["--listen-client-urls", &self.endpoint, "--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start etcd (apt-get install etcd-server): {e}"))?;
-        let server = EtcdServer { child, _dir: tempfile_dir::TempDir(dir), endpoint };
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         // An open port is not a ready server: wait for /health to say so.
-        while !healthy(client) {
+        while !healthy(self.client_port) {
+            // E.g. a port taken meanwhile by someone else (restarts reuse them): fail now.
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("etcd exited: {status}"));
+            }
             if Instant::now() > deadline {
                 return Err("etcd did not report healthy within 20 s".into());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(server)
+        Ok(())
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The running etcd's process id; `None` while stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills etcd (SIGKILL, like a crash) and waits for it to exit; the data directory stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports with the same data: keys and leases survive (etcd
+    /// renews every lease's TTL when it comes back).
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Starts etcd again on the same ports with an empty data directory: every key and lease is
+    /// gone and revisions start over, as after losing the etcd cluster.
+    pub fn restart_empty(&mut self) -> Result<(), String> {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir.0);
+        self.spawn()
     }
 }
 
@@ -74,7 +113,6 @@ fn healthy(port: u16) -> bool {
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

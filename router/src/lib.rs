@@ -1,2 +1,21 @@
-//! The front door of qwen-serve: public gRPC and OpenAI-compatible HTTP, tokenization, chat
-//! templates, routing policies. Filled by the router work.
+//! The front door of qwen-serve: public gRPC and OpenAI-compatible HTTP over a pool of worker
+//! groups. A request's walk: `grpc`/`http` → `validate` (tokenize, chat template, checks) →
+//! `generate` (admission, `policy` picks a group from the `pool`, retries before the first
+//! token, detokenization, `stop` strings) → back to the client as it streams.
+
+pub mod admission;
+pub mod breaker;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod grpc;
+pub mod http;
+pub mod models;
+pub mod policy;
+pub mod pool;
+pub mod server;
+pub mod stop;
+pub mod template;
+pub mod validate;
+
+pub use error::{ErrorKind, Result, RouterError};

@@ -136,3 +136,58 @@ pub fn rank_pid(group: &str, rank: usize) -> Option<u32> {
         parts.windows(2).any(|w| w[0] == b"--rank" && w[1] == r.as_bytes())
     })
 }
+
+/// A `qwen-router` process on free loopback ports, stopped (by PID) when dropped.
+pub struct RouterProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:port` of the public gRPC API.
+    pub grpc: String,
+    /// `http://127.0.0.1:port` of the OpenAI-compatible API.
+    pub http: String,
+}
+
+impl RouterProcess {
+    /// Starts `qwen-router --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 <extra>` and waits
+    /// for both "listening on" lines.
+    pub fn start(extra: &[&str]) -> RouterProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("qwen-router"))
+            .args(["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--health-interval-ms", "200"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn qwen-router");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut addr = |prefix: &str| -> String {
+            let line = lines.next().and_then(Result::ok).unwrap_or_default();
+            match line.trim().strip_prefix(prefix) {
+                Some(a) => format!("http://{a}"),
+                None => panic!("qwen-router did not start: {line:?}"),
+            }
+        };
+        let grpc = addr("grpc listening on ");
+        let http = addr("http listening on ");
+        RouterProcess { child, grpc, http }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        signal(self.child.id(), "TERM");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

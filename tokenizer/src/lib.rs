@@ -29,6 +29,18 @@ impl Tokenizer {
         Err(Error::NoTokenizer { dir: dir.to_path_buf() })
     }
 
+    /// A `tokenizer.json` held in memory (e.g. received from a worker); `origin` names it in errors.
+    pub fn from_hf_bytes(bytes: &[u8], origin: &Path) -> Result<Self> {
+        let tok = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| Error::Malformed { path: origin.to_path_buf(), message: e.to_string() })?;
+        Ok(Tokenizer::Hf(Box::new(tok)))
+    }
+
+    /// `qwen.tiktoken` ranks held in memory; `origin` names them in errors.
+    pub fn from_tiktoken_bytes(bytes: &[u8], origin: &Path) -> Result<Self> {
+        Ok(Tokenizer::Tiktoken(Box::new(QwenTiktoken::from_bytes(bytes, origin)?)))
+    }
+
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let tok = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Malformed { path: path.to_path_buf(), message: e.to_string() })?;
@@ -221,5 +233,51 @@ mod tests {
         assert_eq!(out, "你😀");
         let mut bad = vec![b'a', 0xff, b'b'];
         assert_eq!(take_complete_utf8(&mut bad).as_deref(), Some("a\u{FFFD}b"));
+    }
+}
+
+/// The `chat_template` of a model directory's `tokenizer_config.json`: a string, or (some
+/// checkpoints) a list of named templates of which `default` serves plain chat. `None` when the
+/// file or the field is absent.
+pub fn chat_template_from_dir(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let bad = |message: String| Error::Malformed { path: path.clone(), message };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    match value.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Array(list)) => Ok(list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .map(str::to_string)),
+        Some(_) => Err(bad("field `chat_template`: must be a string or a list of named templates".into())),
+    }
+}
+
+#[cfg(test)]
+mod chat_template_tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(chat_template_from_dir(dir.path()).unwrap(), None);
+        let write = |v: serde_json::Value| {
+            std::fs::write(dir.path().join("tokenizer_config.json"), v.to_string()).unwrap();
+        };
+        write(serde_json::json!({"chat_template": "{{ x }}"}));
+        assert_eq!(chat_template_from_dir(dir.path()).unwrap().as_deref(), Some("{{ x }}"));
+        write(serde_json::json!({"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]}));
+        assert_eq!(chat_template_from_dir(dir.path()).unwrap().as_deref(), Some("d"));
+        write(serde_json::json!({"model_max_length": 8}));
+        assert_eq!(chat_template_from_dir(dir.path()).unwrap(), None);
+        write(serde_json::json!({"chat_template": 3}));
+        let err = chat_template_from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("chat_template") && err.contains("tokenizer_config.json"), "{err}");
     }
 }

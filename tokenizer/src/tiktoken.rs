@@ -31,6 +31,12 @@ pub struct QwenTiktoken {
 impl QwenTiktoken {
     pub fn from_file(path: &Path) -> Result<Self> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&data, path)
+    }
+
+    /// Parses the ranks in `data`; `origin` names them in errors (a file, or where they came from).
+    pub fn from_bytes(data: &[u8], origin: &Path) -> Result<Self> {
+        let path = origin;
         let bad = |line: usize, message: String| Error::Malformed {
             path: path.to_path_buf(),
             message: format!("line {line}: {message}"),

@@ -8,7 +8,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
 
+use qwen_cluster::discovery::{Registration, RegistrationConfig, WorkerRecord};
 use qwen_cluster::keys::GroupName;
+use tokio_util::sync::CancellationToken;
 use qwen_worker::comm::Comm;
 use qwen_worker::config::GenerationConfig;
 use qwen_worker::engine::follower;
@@ -16,7 +18,8 @@ use qwen_worker::engine::runner::{spawn, EngineConfig};
 use qwen_worker::engine::scheduler::SchedulerConfig;
 use qwen_worker::model::paged::KvLayout;
 use qwen_worker::model::Model;
-use qwen_worker::server::{serve, WorkerService};
+use qwen_worker::info::{model_info, InfoSource};
+use qwen_worker::server::{serve, DrainConfig, ServiceConfig, Stop, WorkerService};
 
 use crate::cli_tp::RankConfig;
 use crate::ComputeDtype;
@@ -69,6 +72,24 @@ pub struct ServeArgs {
     /// Longest any collective waits for a rank before the group is declared broken.
     #[arg(long, env = "QWEN_COLLECTIVE_TIMEOUT_MS", default_value_t = 10_000)]
     collective_timeout_ms: u64,
+    /// The address routers use to reach this worker (default: the bound --listen address; set it
+    /// when listening on 0.0.0.0, e.g. to the pod IP).
+    #[arg(long, env = "QWEN_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+    /// TTL of the etcd lease under which the group is registered for routers.
+    #[arg(long, env = "QWEN_REGISTRATION_TTL_SECS", default_value_t = 5)]
+    registration_ttl_secs: u64,
+    /// On SIGTERM, longest wait for running requests to finish after leaving routing.
+    #[arg(long, env = "QWEN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
+}
+
+/// Where and how rank 0 registers the group for routers (when --etcd is given).
+struct Registry {
+    endpoints: Vec<String>,
+    group: GroupName,
+    advertise_addr: Option<String>,
+    ttl: std::time::Duration,
 }
 
 /// How this process takes part.
@@ -87,6 +108,8 @@ pub struct ServeConfig {
     dtype: DType,
     kv_cache_bytes: u64,
     scheduler: SchedulerConfig,
+    registry: Option<Registry>,
+    drain_timeout: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -117,6 +140,18 @@ impl ServeArgs {
         let group = |g: Option<String>| -> anyhow::Result<GroupName> {
             let name = g.unwrap_or_else(|| format!("g-{}", std::process::id()));
             GroupName::new(&name).map_err(|e| anyhow::anyhow!("--group: {e}"))
+        };
+        if self.registration_ttl_secs == 0 {
+            bail!("--registration-ttl-secs: must be at least 1");
+        }
+        let registry = match self.etcd.is_empty() {
+            true => None,
+            false => Some(Registry {
+                endpoints: self.etcd.clone(),
+                group: group(self.group.clone())?,
+                advertise_addr: self.advertise_addr.clone(),
+                ttl: std::time::Duration::from_secs(self.registration_ttl_secs),
+            }),
         };
         let mode = match (self.rank, self.world_size) {
             (Some(rank), Some(world_size)) => {
@@ -160,7 +195,19 @@ impl ServeArgs {
                 max_batch_tokens: self.max_batch_tokens,
                 max_seqs: self.max_seqs,
             },
+            registry,
+            drain_timeout: std::time::Duration::from_secs(self.drain_timeout_secs),
         })
+    }
+}
+
+impl ServeConfig {
+    fn tp_size(&self) -> usize {
+        match &self.mode {
+            Mode::Single => 1,
+            Mode::Supervisor { tp, .. } => *tp,
+            Mode::Rank(r) => r.world_size,
+        }
     }
 }
 
@@ -225,24 +272,50 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
         follower::run(model, cfg.scheduler.block_size, num_blocks, &Device::Cpu)?;
         return Ok(());
     }
+    let info = model_info(&InfoSource {
+        dir: &cfg.model,
+        model_name: &cfg.model_name,
+        config: model.config(),
+        generation: &defaults,
+        tp: model.comm().world_size(),
+    })?;
     let (engine, engine_thread) =
         spawn(model, EngineConfig { scheduler: cfg.scheduler, num_blocks, model_name: cfg.model_name.clone() })?;
     let watch = engine.clone();
     let alive = engine.clone();
-    let service = WorkerService::new(engine, defaults, cfg.scheduler.block_size);
+    let service =
+        WorkerService::new(engine, ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info });
     let listen = cfg.listen;
     let model_name = cfg.model_name.clone();
+    let tp = cfg.tp_size();
     runtime.block_on(async move {
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}: cannot bind"))?;
         let addr = listener.local_addr()?;
         crate::emit(&format!("listening on {addr}\n"));
         tracing::info!(%addr, model = %model_name, num_blocks, "serving");
+        let registration = cfg.registry.as_ref().map(|r| {
+            let record = WorkerRecord {
+                group: r.group.as_str().to_string(),
+                grpc_addr: r.advertise_addr.clone().unwrap_or_else(|| addr.to_string()),
+                model: model_name.clone(),
+                tp: tp as u32,
+            };
+            tracing::info!(group = %record.group, addr = %record.grpc_addr, "registering for routers");
+            Registration::spawn(
+                RegistrationConfig { endpoints: r.endpoints.clone(), record, ttl: r.ttl },
+                CancellationToken::new(),
+            )
+        });
+        let deregister: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match registration {
+            Some(r) => Box::pin(r.stop()),
+            None => Box::pin(async {}),
+        };
         let (engine_died_tx, mut engine_died) = tokio::sync::oneshot::channel::<()>();
         let stop = async move {
             tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = &mut engine_died => {}
+                _ = shutdown_signal() => Stop::Drain,
+                _ = &mut engine_died => Stop::Now,
             }
         };
         // An engine thread that is gone takes the worker down with an error, so a supervisor
@@ -253,7 +326,7 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
             }
             let _ = engine_died_tx.send(());
         });
-        serve(service, listener, stop).await?;
+        serve(service, listener, stop, DrainConfig { timeout: cfg.drain_timeout, deregister }).await?;
         watcher.abort();
         if !alive.is_alive() {
             bail!("the engine thread stopped");

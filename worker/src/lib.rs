@@ -5,6 +5,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod info;
 pub mod model;
 pub mod request;
 pub mod sampling;

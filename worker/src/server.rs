@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use qwen_proto::worker::worker_server::{Worker, WorkerServer};
 use qwen_proto::worker::{
-    CancelRequest, CancelResponse, FinishReason as PbFinish, GenerateRequest, GenerateResponse, StatsRequest,
-    StatsResponse, TopLogprob,
+    CancelRequest, CancelResponse, FinishReason as PbFinish, GenerateRequest, GenerateResponse, InfoRequest,
+    InfoResponse, StatsRequest, StatsResponse, TopLogprob,
 };
 use tokio::sync::mpsc::unbounded_channel;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -26,12 +26,26 @@ pub struct WorkerService {
     engine: EngineHandle,
     defaults: GenerationConfig,
     block_size: usize,
+    info: InfoResponse,
     next_id: AtomicU64,
 }
 
+pub struct ServiceConfig {
+    pub defaults: GenerationConfig,
+    pub block_size: usize,
+    /// What `Info` answers (see `info::model_info`).
+    pub info: InfoResponse,
+}
+
 impl WorkerService {
-    pub fn new(engine: EngineHandle, defaults: GenerationConfig, block_size: usize) -> Self {
-        WorkerService { engine, defaults, block_size, next_id: AtomicU64::new(0) }
+    pub fn new(engine: EngineHandle, cfg: ServiceConfig) -> Self {
+        WorkerService {
+            engine,
+            defaults: cfg.defaults,
+            block_size: cfg.block_size,
+            info: cfg.info,
+            next_id: AtomicU64::new(0),
+        }
     }
 }
 
@@ -112,6 +126,10 @@ impl Worker for WorkerService {
         Ok(Response::new(CancelResponse {}))
     }
 
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let s = self.engine.stats();
         Ok(Response::new(StatsResponse {
@@ -130,14 +148,49 @@ impl Worker for WorkerService {
     }
 }
 
-/// Serves the worker and health services on `listener` until `shutdown` resolves.
+/// How serving ends: `Drain` (SIGTERM, Kubernetes preStop) first tells routers to stop sending
+/// work, then lets what is running finish; `Now` (the engine is gone) stops at once.
+pub enum Stop {
+    Drain,
+    Now,
+}
+
+pub struct DrainConfig {
+    /// Longest wait for running requests to finish once draining.
+    pub timeout: std::time::Duration,
+    /// Runs first when draining, e.g. removing the group's record from etcd.
+    pub deregister: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+/// Serves the worker and health services on `listener` until `stop` resolves.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    stop: impl std::future::Future<Output = Stop> + Send + 'static,
+    drain: DrainConfig,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
+    let engine = service.engine.clone();
+    let shutdown = async move {
+        if let Stop::Drain = stop.await {
+            tracing::info!("draining: leaving routing, then finishing running requests");
+            health.set_not_serving::<WorkerServer<WorkerService>>().await;
+            drain.deregister.await;
+            let deadline = tokio::time::Instant::now() + drain.timeout;
+            loop {
+                let s = engine.stats();
+                if s.running + s.waiting == 0 || !engine.is_alive() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(running = s.running, waiting = s.waiting, "drain timeout: stopping anyway");
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(health_service)

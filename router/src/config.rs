@@ -1,0 +1,169 @@
+//! Router flags (clap, each with an environment variable), validated once into [`RouterConfig`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::admission::AdmissionConfig;
+use crate::breaker::BreakerConfig;
+use crate::generate::GenerateConfig;
+use crate::policy::{CacheAwareConfig, PolicyConfig, PolicyKind};
+use crate::pool::{Member, PoolConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "qwen-router", about = "qwen-serve router: public gRPC and OpenAI-compatible HTTP")]
+pub struct RouterArgs {
+    /// Public gRPC address (port 0: pick a free port; the bound address is printed).
+    #[arg(long, env = "QWEN_ROUTER_GRPC_LISTEN", default_value = "127.0.0.1:50050")]
+    pub grpc_listen: SocketAddr,
+    /// OpenAI-compatible HTTP address.
+    #[arg(long, env = "QWEN_ROUTER_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
+    pub http_listen: SocketAddr,
+    /// A worker group's gRPC address (repeatable); static membership without etcd.
+    #[arg(long = "worker", env = "QWEN_ROUTER_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// etcd endpoints (comma-separated) to discover worker groups.
+    #[arg(long, env = "QWEN_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Re-list the membership this often even when the watch is healthy.
+    #[arg(long, env = "QWEN_ROUTER_RELIST_SECS", default_value_t = 30)]
+    pub relist_secs: u64,
+    #[arg(long, env = "QWEN_ROUTER_POLICY", value_enum, default_value = "cache-aware")]
+    pub policy: PolicyKind,
+    /// Cache-aware: route to the longest prefix match when it covers at least this share of the prompt.
+    #[arg(long, env = "QWEN_ROUTER_CACHE_THRESHOLD", default_value_t = 0.5)]
+    pub cache_threshold: f64,
+    /// Cache-aware: load is imbalanced when max - min exceeds this ...
+    #[arg(long, env = "QWEN_ROUTER_BALANCE_ABS", default_value_t = 32)]
+    pub balance_abs_threshold: usize,
+    /// ... and max exceeds min times this.
+    #[arg(long, env = "QWEN_ROUTER_BALANCE_REL", default_value_t = 1.5)]
+    pub balance_rel_threshold: f64,
+    /// Cache-aware: hard memory bound of the prefix tree, in bytes.
+    #[arg(long, env = "QWEN_ROUTER_CACHE_TREE_BYTES", default_value_t = 64 << 20)]
+    pub cache_tree_bytes: usize,
+    /// Session affinity: a group takes a key while its load is at most this times the average.
+    #[arg(long, env = "QWEN_ROUTER_SESSION_LOAD_FACTOR", default_value_t = 1.25)]
+    pub session_load_factor: f64,
+    /// Groups tried for a request that has not produced a token yet.
+    #[arg(long, env = "QWEN_ROUTER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: usize,
+    /// Requests running at once through this router.
+    #[arg(long, env = "QWEN_ROUTER_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED / 429.
+    #[arg(long, env = "QWEN_ROUTER_MAX_QUEUED", default_value_t = 1024)]
+    pub max_queued: usize,
+    #[arg(long, env = "QWEN_ROUTER_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    /// Failed probes in a row before a group leaves routing.
+    #[arg(long, env = "QWEN_ROUTER_UNHEALTHY_AFTER", default_value_t = 2)]
+    pub unhealthy_after: u32,
+    /// Failed requests in a row that open a group's circuit breaker.
+    #[arg(long, env = "QWEN_ROUTER_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    #[arg(long, env = "QWEN_ROUTER_BREAKER_COOLDOWN_MS", default_value_t = 10_000)]
+    pub breaker_cooldown_ms: u64,
+    /// Largest HTTP request body accepted.
+    #[arg(long, env = "QWEN_ROUTER_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+}
+
+pub enum Discovery {
+    Static(Vec<Member>),
+    Etcd { endpoints: Vec<String>, relist_every: Duration },
+}
+
+pub struct RouterConfig {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub discovery: Discovery,
+    pub policy: PolicyConfig,
+    pub pool: PoolConfig,
+    pub generate: GenerateConfig,
+    pub max_body_bytes: usize,
+}
+
+impl RouterArgs {
+    pub fn validate(self) -> Result<RouterConfig, String> {
+        let discovery = match (self.workers.is_empty(), self.etcd.is_empty()) {
+            (true, true) => return Err("give --worker ADDR (repeatable) or --etcd ENDPOINTS to find worker groups".into()),
+            (false, false) => return Err("--worker and --etcd exclude each other: pick static or etcd membership".into()),
+            (false, true) => {
+                let mut members = Vec::new();
+                for addr in &self.workers {
+                    if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
+                        return Err(format!("--worker {addr:?}: expected host:port"));
+                    }
+                    members.push(Member { group: addr.clone(), addr: addr.clone() });
+                }
+                Discovery::Static(members)
+            }
+            (true, false) => {
+                if self.relist_secs == 0 {
+                    return Err("--relist-secs: must be at least 1".into());
+                }
+                Discovery::Etcd { endpoints: self.etcd, relist_every: Duration::from_secs(self.relist_secs) }
+            }
+        };
+        if !(0.0..=1.0).contains(&self.cache_threshold) {
+            return Err(format!("--cache-threshold {}: must be in [0, 1]", self.cache_threshold));
+        }
+        if self.balance_rel_threshold < 1.0 {
+            return Err(format!("--balance-rel-threshold {}: must be at least 1", self.balance_rel_threshold));
+        }
+        if self.session_load_factor < 1.0 {
+            return Err(format!("--session-load-factor {}: must be at least 1", self.session_load_factor));
+        }
+        if self.cache_tree_bytes < 4096 {
+            return Err(format!("--cache-tree-bytes {}: must be at least 4096", self.cache_tree_bytes));
+        }
+        for (flag, v) in [
+            ("--max-attempts", self.max_attempts as u64),
+            ("--max-in-flight", self.max_in_flight as u64),
+            ("--health-interval-ms", self.health_interval_ms),
+            ("--unhealthy-after", self.unhealthy_after as u64),
+            ("--breaker-failures", self.breaker_failures as u64),
+            ("--max-body-bytes", self.max_body_bytes as u64),
+        ] {
+            if v == 0 {
+                return Err(format!("{flag}: must be at least 1"));
+            }
+        }
+        let health_interval = Duration::from_millis(self.health_interval_ms);
+        Ok(RouterConfig {
+            grpc_listen: self.grpc_listen,
+            http_listen: self.http_listen,
+            discovery,
+            policy: PolicyConfig {
+                kind: self.policy,
+                cache: CacheAwareConfig {
+                    cache_threshold: self.cache_threshold,
+                    balance_abs_threshold: self.balance_abs_threshold,
+                    balance_rel_threshold: self.balance_rel_threshold,
+                    max_tree_bytes: self.cache_tree_bytes,
+                },
+                session_load_factor: self.session_load_factor,
+            },
+            pool: PoolConfig {
+                health_interval,
+                health_timeout: health_interval.clamp(Duration::from_millis(200), Duration::from_secs(2)),
+                unhealthy_after: self.unhealthy_after,
+                breaker: BreakerConfig {
+                    failures: self.breaker_failures,
+                    cooldown: Duration::from_millis(self.breaker_cooldown_ms),
+                },
+            },
+            generate: GenerateConfig {
+                max_attempts: self.max_attempts,
+                admission: AdmissionConfig {
+                    max_in_flight: self.max_in_flight,
+                    max_queued: self.max_queued,
+                    retry_after: Duration::from_secs(1),
+                },
+            },
+            max_body_bytes: self.max_body_bytes,
+        })
+    }
+}

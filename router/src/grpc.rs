@@ -1,0 +1,256 @@
+//! The public gRPC API (`qwen.serve.v1.Generation`) over [`Router`]; request checks live in
+//! `validate`, this file maps messages.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qwen_proto::serve::generation_server::Generation as GenerationApi;
+use qwen_proto::serve::{
+    generate_request, ChatRequest, FinishReason as PbFinish, GenerateRequest, GenerateResponse,
+    GenerateStreamResponse, GenerationOptions, ListModelsRequest, ListModelsResponse, Model, TokenLogprob as PbLogprob,
+    TokenizeRequest, TokenizeResponse, TopLogprob, Usage as PbUsage,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::RouterError;
+use crate::generate::{Chunk, Finish, Generation, Router, TokenLogprob, Usage};
+use crate::template::Message;
+use crate::validate::{prepare, Options, Prompt};
+
+pub struct PublicService {
+    router: Arc<Router>,
+}
+
+impl PublicService {
+    pub fn new(router: Arc<Router>) -> Self {
+        PublicService { router }
+    }
+
+    async fn start(&self, model: &str, prompt: Prompt, opts: Option<GenerationOptions>, deadline: Option<Instant>) -> Result<Generation, Status> {
+        let info = self.router.pool.model(model).map_err(|e| e.to_status())?;
+        let prepared = prepare(info, prompt, options(opts.unwrap_or_default())).map_err(|e| e.to_status())?;
+        self.router.generate(prepared, deadline).await.map_err(|e| e.to_status())
+    }
+}
+
+fn options(o: GenerationOptions) -> Options {
+    let s = o.sampling.unwrap_or_default();
+    Options {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+        max_tokens: o.max_tokens,
+        stop: o.stop,
+        stop_token_ids: o.stop_token_ids,
+        ignore_eos: o.ignore_eos,
+        logprobs: o.logprobs,
+        top_logprobs: o.top_logprobs,
+        session_key: Some(o.session_key),
+    }
+}
+
+fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, Status> {
+    match p {
+        Some(generate_request::Prompt::Text(t)) => Ok(Prompt::Text(t)),
+        Some(generate_request::Prompt::TokenIds(ids)) => Ok(Prompt::Ids(ids.ids)),
+        None => Err(RouterError::invalid("prompt", "give text or token_ids").to_status()),
+    }
+}
+
+fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Prompt {
+    Prompt::Chat(messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect())
+}
+
+/// The client's `grpc-timeout` header as a deadline (units per the gRPC HTTP/2 spec).
+pub fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
+fn finish(f: Finish) -> i32 {
+    match f {
+        Finish::Length => PbFinish::Length as i32,
+        Finish::Stop => PbFinish::Stop as i32,
+    }
+}
+
+fn usage(u: Usage) -> PbUsage {
+    PbUsage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        cached_prompt_tokens: u.cached_prompt_tokens,
+    }
+}
+
+fn logprobs(l: Vec<TokenLogprob>) -> Vec<PbLogprob> {
+    l.into_iter()
+        .map(|t| PbLogprob {
+            token_id: t.token_id,
+            logprob: t.logprob,
+            top_logprobs: t.top.into_iter().map(|(token_id, logprob)| TopLogprob { token_id, logprob }).collect(),
+        })
+        .collect()
+}
+
+/// Response metadata naming the group that served the request.
+pub const GROUP_HEADER: &str = "x-qwen-serve-group";
+
+fn with_group<T>(mut response: Response<T>, group: &str) -> Response<T> {
+    if let Ok(v) = group.parse() {
+        response.metadata_mut().insert(GROUP_HEADER, v);
+    }
+    response
+}
+
+async fn unary(model: String, generation: Generation) -> Result<Response<GenerateResponse>, Status> {
+    let id = generation.id.clone();
+    let group = generation.group.clone();
+    let prompt_token_ids = generation.prompt.clone();
+    let c = generation.collect().await.map_err(|e| e.to_status())?;
+    let response = Response::new(GenerateResponse {
+        id,
+        model,
+        text: c.text,
+        token_ids: c.token_ids,
+        finish_reason: c.finish.map_or(0, finish),
+        usage: Some(usage(c.usage)),
+        logprobs: logprobs(c.logprobs),
+        prompt_token_ids,
+    });
+    Ok(with_group(response, &group))
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
+
+fn streaming(mut generation: Generation) -> ChunkStream {
+    let id = generation.id.clone();
+    Box::pin(async_stream(move |tx| async move {
+        while let Some(chunk) = generation.next().await {
+            let msg = match chunk {
+                Ok(Chunk::Delta { text, token_ids, logprobs: l }) => Ok(GenerateStreamResponse {
+                    id: id.clone(),
+                    text,
+                    token_ids,
+                    logprobs: logprobs(l),
+                    ..Default::default()
+                }),
+                Ok(Chunk::Done { finish: f, usage: u }) => Ok(GenerateStreamResponse {
+                    id: id.clone(),
+                    finish_reason: finish(f),
+                    usage: Some(usage(u)),
+                    ..Default::default()
+                }),
+                Err(e) => Err(e.to_status()),
+            };
+            if tx.send(msg).await.is_err() {
+                return; // client gone: dropping `generation` cancels the worker's request
+            }
+        }
+    }))
+}
+
+/// A stream fed by a task; the task stops when the receiver (the client's stream) is dropped.
+fn async_stream<T, F, Fut>(body: F) -> tokio_stream::wrappers::ReceiverStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl GenerationApi for PublicService {
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+        let deadline = deadline(&request);
+        let r = request.into_inner();
+        let generation = self.start(&r.model, generate_prompt(r.prompt)?, r.options, deadline).await?;
+        unary(r.model, generation).await
+    }
+
+    type GenerateStreamStream = ChunkStream;
+
+    async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
+        let deadline = deadline(&request);
+        let r = request.into_inner();
+        let generation = self.start(&r.model, generate_prompt(r.prompt)?, r.options, deadline).await?;
+        let group = generation.group.clone();
+        Ok(with_group(Response::new(streaming(generation)), &group))
+    }
+
+    async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
+        let deadline = deadline(&request);
+        let r = request.into_inner();
+        let generation = self.start(&r.model, chat_prompt(r.messages), r.options, deadline).await?;
+        unary(r.model, generation).await
+    }
+
+    type ChatStreamStream = ChunkStream;
+
+    async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
+        let deadline = deadline(&request);
+        let r = request.into_inner();
+        let generation = self.start(&r.model, chat_prompt(r.messages), r.options, deadline).await?;
+        let group = generation.group.clone();
+        Ok(with_group(Response::new(streaming(generation)), &group))
+    }
+
+    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+        let r = request.into_inner();
+        let model = self.router.pool.model(&r.model).map_err(|e| e.to_status())?;
+        let token_ids = model
+            .tokenizer("model")
+            .and_then(|t| t.encode(&r.text, r.allow_special).map_err(|e| RouterError::invalid("text", e.to_string())))
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(TokenizeResponse { token_ids }))
+    }
+
+    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let models = self
+            .router
+            .pool
+            .models()
+            .into_iter()
+            .map(|(m, groups)| Model { id: m.name.clone(), max_context: m.max_context as u32, groups: groups as u32 })
+            .collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        let mut r = Request::new(());
+        assert!(deadline(&r).is_none());
+        r.metadata_mut().insert("grpc-timeout", "1500m".parse().unwrap());
+        let d = deadline(&r).unwrap().saturating_duration_since(Instant::now());
+        assert!(d > Duration::from_millis(1000) && d <= Duration::from_millis(1500), "{d:?}");
+        r.metadata_mut().insert("grpc-timeout", "5x".parse().unwrap());
+        assert!(deadline(&r).is_none());
+        r.metadata_mut().insert("grpc-timeout", "".parse().unwrap());
+        assert!(deadline(&r).is_none());
+    }
+}

@@ -1,0 +1,37 @@
+use anyhow::Context;
+use clap::Parser;
+use qwen_router::config::RouterArgs;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = RouterArgs::parse().validate().map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let cancel = CancellationToken::new();
+        let running = qwen_router::server::start(cfg, cancel.clone()).await.context("starting the router")?;
+        // Tests and scripts read the bound addresses from stdout.
+        println!("grpc listening on {}", running.grpc_addr);
+        println!("http listening on {}", running.http_addr);
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        running.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

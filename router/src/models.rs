@@ -1,0 +1,55 @@
+//! What the router knows about each model it serves, learnt from a worker group's `Info`: the
+//! tokenizer, the chat template, the context length and the eos ids.
+
+use std::path::Path;
+
+use qwen_proto::worker::{InfoResponse, TokenizerKind};
+use qwen_tokenizer::Tokenizer;
+
+use crate::error::{Result, RouterError};
+use crate::template::{ChatTemplate, CHATML};
+
+pub struct ModelInfo {
+    pub name: String,
+    pub max_context: usize,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+    /// `None`: the checkpoint ships no tokenizer; only token-id prompts work.
+    pub tokenizer: Option<Tokenizer>,
+    /// `None` when there is no tokenizer to encode a rendered chat with.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl ModelInfo {
+    pub fn from_info(info: &InfoResponse) -> Result<Self> {
+        let origin = Path::new("<worker Info>");
+        let load = |r: qwen_tokenizer::Result<Tokenizer>| {
+            r.map(Some).map_err(|e| RouterError::Internal(format!("model `{}`: tokenizer: {e}", info.model_name)))
+        };
+        let tokenizer = match TokenizerKind::try_from(info.tokenizer_kind).unwrap_or(TokenizerKind::Unspecified) {
+            TokenizerKind::HfJson => load(Tokenizer::from_hf_bytes(&info.tokenizer, origin))?,
+            TokenizerKind::QwenTiktoken => load(Tokenizer::from_tiktoken_bytes(&info.tokenizer, origin))?,
+            TokenizerKind::Unspecified => None,
+        };
+        let chat_template = match (&tokenizer, info.chat_template.is_empty()) {
+            (None, _) => None,
+            (Some(_), false) => Some(ChatTemplate::new(&info.chat_template)?),
+            // The original Qwen-Chat and other template-less checkpoints speak ChatML.
+            (Some(_), true) => Some(ChatTemplate::new(CHATML)?),
+        };
+        Ok(ModelInfo {
+            name: info.model_name.clone(),
+            max_context: info.max_context as usize,
+            vocab_size: info.vocab_size as usize,
+            eos_token_ids: info.eos_token_ids.clone(),
+            tokenizer,
+            chat_template,
+        })
+    }
+
+    pub fn tokenizer(&self, field: &str) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            RouterError::invalid(field, format!("model `{}` has no tokenizer: send token ids", self.name))
+        })
+    }
+}

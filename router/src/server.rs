@@ -1,0 +1,125 @@
+//! Starting a router: the pool and its health loop, membership (static or etcd), the public gRPC
+//! server (with health and reflection) and the OpenAI HTTP server; all stop on one token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Discovery, RouterConfig};
+use crate::error::{Result, RouterError};
+use crate::generate::Router;
+use crate::grpc::PublicService;
+use crate::pool::{Member, Pool};
+
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub router: Arc<Router>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish, and returns when every task ended.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Running> {
+    let pool = Arc::new(Pool::new(cfg.pool, crate::policy::build(&cfg.policy)));
+    let router = Arc::new(Router::new(pool.clone(), cfg.generate));
+    let mut tasks = vec![pool.spawn_health(cancel.clone())];
+    tasks.push(membership(&cfg.discovery, pool.clone(), cancel.clone()));
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.map_err(|e| RouterError::Internal(format!("{what} {addr}: cannot bind: {e}")))
+    };
+    let grpc_listener = bind(cfg.grpc_listen, "--grpc-listen").await?;
+    let http_listener = bind(cfg.http_listen, "--http-listen").await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| RouterError::Internal(e.to_string()))?;
+    let http_addr = http_listener.local_addr().map_err(|e| RouterError::Internal(e.to_string()))?;
+
+    tasks.push(tokio::spawn(serve_grpc(grpc_listener, router.clone(), cancel.clone())));
+    tasks.push(tokio::spawn(crate::http::serve(
+        http_listener,
+        crate::http::HttpConfig { router: router.clone(), max_body_bytes: cfg.max_body_bytes },
+        cancel.clone(),
+    )));
+    Ok(Running { grpc_addr, http_addr, router, tasks, cancel })
+}
+
+async fn serve_grpc(listener: TcpListener, router: Arc<Router>, cancel: CancellationToken) {
+    use qwen_proto::serve::generation_server::GenerationServer;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GenerationServer<PublicService>>().await;
+    // Both reflection versions: grpcurl and Python's reflection client still speak v1alpha.
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(qwen_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1();
+    let v1alpha = reflection(tonic_reflection::server::Builder::configure()).build_v1alpha();
+    let (v1, v1alpha) = match (v1, v1alpha) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "reflection descriptors are broken");
+            return;
+        }
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(GenerationServer::new(PublicService::new(router)))
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// Keeps the pool's membership current; joiners are probed at once so they serve without waiting
+/// for the next health round.
+fn membership(discovery: &Discovery, pool: Arc<Pool>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    match discovery {
+        Discovery::Static(members) => {
+            let members = members.clone();
+            tokio::spawn(async move {
+                for g in pool.sync(&members) {
+                    let pool = pool.clone();
+                    tokio::spawn(async move { pool.probe(&g).await });
+                }
+                cancel.cancelled().await;
+            })
+        }
+        Discovery::Etcd { endpoints, relist_every } => {
+            let cfg = qwen_cluster::discovery::MembershipConfig { endpoints: endpoints.clone(), relist_every: *relist_every };
+            tokio::spawn(async move {
+                let membership = qwen_cluster::discovery::Membership::start(cfg, cancel.clone());
+                let mut updates = membership.subscribe();
+                loop {
+                    let members: Vec<Member> = updates
+                        .borrow_and_update()
+                        .values()
+                        .map(|r| Member { group: r.group.clone(), addr: r.grpc_addr.clone() })
+                        .collect();
+                    for g in pool.sync(&members) {
+                        let pool = pool.clone();
+                        tokio::spawn(async move { pool.probe(&g).await });
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        changed = updates.changed() => if changed.is_err() { return },
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The one place a client request (gRPC or OpenAI HTTP, both first turned into [`Options`] and a
+//! [`Prompt`]) is checked and becomes the worker's request. Every error names the field.
+
+use std::sync::Arc;
+
+use qwen_proto::worker::{GenerateRequest as WorkerRequest, SamplingParams as WorkerSampling};
+
+use crate::error::{Result, RouterError};
+use crate::models::ModelInfo;
+use crate::template::Message;
+
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+#[derive(Clone)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Chat(Vec<Message>),
+}
+
+/// Generation options under neutral names; each API maps its own spelling onto these.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub temperature: Option<f32>,
+    pub top_k: Option<i32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub logprobs: bool,
+    pub top_logprobs: u32,
+    pub session_key: Option<String>,
+}
+
+/// A checked request, ready to route.
+pub struct Prepared {
+    pub model: Arc<ModelInfo>,
+    pub prompt: Vec<u32>,
+    pub worker: WorkerRequest,
+    pub stop: Vec<String>,
+    pub session_key: Option<String>,
+}
+
+pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, opts: Options) -> Result<Prepared> {
+    let prompt = encode_prompt(&model, prompt)?;
+    if prompt.is_empty() {
+        return Err(RouterError::invalid("prompt", "must not be empty"));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.vocab_size) {
+        return Err(RouterError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary (0..{})", model.vocab_size),
+        ));
+    }
+    if prompt.len() >= model.max_context {
+        return Err(RouterError::invalid(
+            "prompt",
+            format!("{} tokens; model `{}` has a context of {} tokens", prompt.len(), model.name, model.max_context),
+        ));
+    }
+    let room = model.max_context - prompt.len();
+    let max_tokens = match opts.max_tokens {
+        Some(0) => return Err(RouterError::invalid("max_tokens", "must be at least 1")),
+        Some(n) if n as usize > room => {
+            return Err(RouterError::invalid(
+                "max_tokens",
+                format!(
+                    "{n} plus the prompt's {} tokens exceeds the model's context of {} tokens",
+                    prompt.len(),
+                    model.max_context
+                ),
+            ))
+        }
+        Some(n) => n,
+        None => room as u32,
+    };
+    let sampling = sampling(&opts)?;
+    if opts.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(RouterError::invalid("top_logprobs", format!("must be at most {MAX_TOP_LOGPROBS}")));
+    }
+    if opts.top_logprobs > 0 && !opts.logprobs {
+        return Err(RouterError::invalid("top_logprobs", "needs logprobs"));
+    }
+    if opts.stop.len() > MAX_STOP_STRINGS {
+        return Err(RouterError::invalid("stop", format!("at most {MAX_STOP_STRINGS} strings")));
+    }
+    if opts.stop.iter().any(String::is_empty) {
+        return Err(RouterError::invalid("stop", "stop strings must not be empty"));
+    }
+    if !opts.stop.is_empty() {
+        model.tokenizer("stop")?;
+    }
+    if let Some(&bad) = opts.stop_token_ids.iter().find(|&&t| t as usize >= model.vocab_size) {
+        return Err(RouterError::invalid("stop_token_ids", format!("token id {bad} is outside the vocabulary")));
+    }
+    let worker = WorkerRequest {
+        request_id: String::new(),
+        prompt_token_ids: prompt.clone(),
+        sampling: Some(sampling),
+        max_new_tokens: max_tokens,
+        stop_token_ids: opts.stop_token_ids,
+        ignore_eos: opts.ignore_eos,
+        logprobs: opts.logprobs,
+        top_logprobs: opts.top_logprobs,
+    };
+    let session_key = opts.session_key.filter(|k| !k.is_empty());
+    Ok(Prepared { model, prompt, worker, stop: opts.stop, session_key })
+}
+
+fn encode_prompt(model: &ModelInfo, prompt: Prompt) -> Result<Vec<u32>> {
+    match prompt {
+        Prompt::Ids(ids) => Ok(ids),
+        Prompt::Text(text) => {
+            if text.is_empty() {
+                return Err(RouterError::invalid("prompt", "must not be empty"));
+            }
+            // Client text is text: a literal "<|im_start|>" in it is not the special token.
+            encode(model, "prompt", &text, false)
+        }
+        Prompt::Chat(messages) => {
+            if messages.is_empty() {
+                return Err(RouterError::invalid("messages", "must not be empty"));
+            }
+            if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
+                return Err(RouterError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("{:?} is not one of {}", m.role, ROLES.join(", ")),
+                ));
+            }
+            let template = model.chat_template.as_ref().ok_or_else(|| {
+                RouterError::invalid("messages", format!("model `{}` has no tokenizer for chat", model.name))
+            })?;
+            let text = template.render(&messages)?;
+            // The template's own markup (<|im_start|> ...) is special tokens by design.
+            encode(model, "messages", &text, true)
+        }
+    }
+}
+
+fn encode(model: &ModelInfo, field: &str, text: &str, allow_special: bool) -> Result<Vec<u32>> {
+    model.tokenizer(field)?.encode(text, allow_special).map_err(|e| RouterError::invalid(field, e.to_string()))
+}
+
+fn sampling(o: &Options) -> Result<WorkerSampling> {
+    let check = |field: &str, v: Option<f32>, ok: fn(f32) -> bool, rule: &str| -> Result<Option<f32>> {
+        match v {
+            Some(x) if !x.is_finite() || !ok(x) => Err(RouterError::invalid(field, format!("{x} {rule}"))),
+            v => Ok(v),
+        }
+    };
+    let top_k = match o.top_k {
+        // -1 (vLLM, OpenAI-style clients) and 0 both mean off.
+        Some(-1) => Some(0),
+        Some(k) if k < -1 => return Err(RouterError::invalid("top_k", format!("{k}: must be -1, 0 (off) or positive"))),
+        k => k,
+    };
+    Ok(WorkerSampling {
+        temperature: check("temperature", o.temperature, |x| (0.0..=100.0).contains(&x), "must be in [0, 100]")?,
+        top_k,
+        top_p: check("top_p", o.top_p, |x| x > 0.0 && x <= 1.0, "must be in (0, 1]")?,
+        min_p: check("min_p", o.min_p, |x| (0.0..=1.0).contains(&x), "must be in [0, 1]")?,
+        repetition_penalty: check("repetition_penalty", o.repetition_penalty, |x| x > 0.0, "must be > 0")?,
+        presence_penalty: check("presence_penalty", o.presence_penalty, |x| (-2.0..=2.0).contains(&x), "must be in [-2, 2]")?,
+        frequency_penalty: check("frequency_penalty", o.frequency_penalty, |x| (-2.0..=2.0).contains(&x), "must be in [-2, 2]")?,
+        seed: o.seed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> Arc<ModelInfo> {
+        Arc::new(ModelInfo {
+            name: "m".into(),
+            max_context: 16,
+            vocab_size: 100,
+            eos_token_ids: vec![1],
+            tokenizer: None,
+            chat_template: None,
+        })
+    }
+
+    fn field_of(r: Result<Prepared>) -> String {
+        match r {
+            Err(RouterError::Invalid { field, .. }) => field,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn ids_prompt_defaults_and_limits() {
+        let p = prepare(model(), Prompt::Ids(vec![5, 6]), Options::default()).unwrap();
+        assert_eq!(p.worker.max_new_tokens, 14);
+        assert_eq!(p.worker.prompt_token_ids, vec![5, 6]);
+        let opts = |o: Options| o;
+        assert_eq!(field_of(prepare(model(), Prompt::Ids(vec![]), Options::default())), "prompt");
+        assert_eq!(field_of(prepare(model(), Prompt::Ids(vec![100]), Options::default())), "prompt");
+        assert_eq!(field_of(prepare(model(), Prompt::Ids(vec![1; 16]), Options::default())), "prompt");
+        let too_many = opts(Options { max_tokens: Some(15), ..Default::default() });
+        assert_eq!(field_of(prepare(model(), Prompt::Ids(vec![1, 2]), too_many)), "max_tokens");
+        let zero = Options { max_tokens: Some(0), ..Default::default() };
+        assert_eq!(field_of(prepare(model(), Prompt::Ids(vec![1]), zero)), "max_tokens");
+    }
+
+    #[test]
+    fn every_bad_option_names_its_field() {
+        let cases: Vec<(Options, &str)> = vec![
+            (Options { temperature: Some(-1.0), ..Default::default() }, "temperature"),
+            (Options { temperature: Some(f32::NAN), ..Default::default() }, "temperature"),
+            (Options { top_p: Some(0.0), ..Default::default() }, "top_p"),
+            (Options { top_k: Some(-2), ..Default::default() }, "top_k"),
+            (Options { min_p: Some(1.5), ..Default::default() }, "min_p"),
+            (Options { repetition_penalty: Some(0.0), ..Default::default() }, "repetition_penalty"),
+            (Options { presence_penalty: Some(3.0), ..Default::default() }, "presence_penalty"),
+            (Options { frequency_penalty: Some(-3.0), ..Default::default() }, "frequency_penalty"),
+            (Options { top_logprobs: 21, logprobs: true, ..Default::default() }, "top_logprobs"),
+            (Options { top_logprobs: 2, ..Default::default() }, "top_logprobs"),
+            (Options { stop: vec![String::new()], ..Default::default() }, "stop"),
+            (Options { stop: vec!["x".into(); 17], ..Default::default() }, "stop"),
+            // No tokenizer: stop strings cannot be matched.
+            (Options { stop: vec!["x".into()], ..Default::default() }, "stop"),
+            (Options { stop_token_ids: vec![100], ..Default::default() }, "stop_token_ids"),
+        ];
+        for (o, field) in cases {
+            assert_eq!(field_of(prepare(model(), Prompt::Ids(vec![1]), o)), field);
+        }
+        let p = prepare(model(), Prompt::Ids(vec![1]), Options { top_k: Some(-1), ..Default::default() }).unwrap();
+        assert_eq!(p.worker.sampling.unwrap().top_k, Some(0));
+    }
+
+    #[test]
+    fn text_and_chat_need_a_tokenizer_and_valid_roles() {
+        assert_eq!(field_of(prepare(model(), Prompt::Text("hi".into()), Options::default())), "prompt");
+        assert_eq!(field_of(prepare(model(), Prompt::Text(String::new()), Options::default())), "prompt");
+        assert_eq!(field_of(prepare(model(), Prompt::Chat(vec![]), Options::default())), "messages");
+        let bad_role = vec![Message { role: "wizard".into(), content: "x".into() }];
+        assert_eq!(field_of(prepare(model(), Prompt::Chat(bad_role), Options::default())), "messages[0].role");
+    }
+}
