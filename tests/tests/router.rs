@@ -344,30 +344,50 @@ async fn a_killed_group_fails_only_its_streams_and_leaves_routing() {
     let r = RouterProcess::start(&["--worker", bare(&a.addr), "--worker", bare(&b.addr), "--policy", "round-robin"]);
     wait_for_groups(&r, 2).await;
     let c = grpc(&r).await;
-    // Long streams on both groups.
-    let mut streams = Vec::new();
-    for _ in 0..4 {
-        let resp = c.clone().generate_stream(ids_request(&[5, 6, 7], greedy_options(200))).await.unwrap();
-        let group = resp.metadata().get("x-qwen-serve-group").unwrap().to_str().unwrap().to_string();
-        let mut s = resp.into_inner();
-        s.next().await.unwrap().unwrap();
-        streams.push((group, s));
+    let open = |c: &GenerationClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let resp = c.generate_stream(ids_request(&[5, 6, 7], greedy_options(240))).await.unwrap();
+            let group = resp.metadata().get("x-qwen-serve-group").unwrap().to_str().unwrap().to_string();
+            let mut s = resp.into_inner();
+            s.next().await.unwrap().unwrap();
+            (group, s)
+        }
+    };
+    // A stream on each group; A is frozen right after its stream's first token, so that stream
+    // is certainly mid-flight when A dies.
+    let (mut on_a, mut on_b) = (None, None);
+    while on_a.is_none() || on_b.is_none() {
+        let (group, s) = open(&c).await;
+        if group == bare(&a.addr) && on_a.is_none() {
+            signal(a.pid(), "STOP");
+            on_a = Some(s);
+        } else if group == bare(&b.addr) && on_b.is_none() {
+            on_b = Some(s);
+        }
     }
-    assert!(streams.iter().any(|(g, _)| g == bare(&a.addr)) && streams.iter().any(|(g, _)| g == bare(&b.addr)));
+    // Requests sent while A is frozen: some are routed to A and wait for a first token there.
+    let pending: Vec<_> = (0..6)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.generate(ids_request(&[1, 2, i], greedy_options(4))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     signal(a.pid(), "KILL");
-    for (group, mut s) in streams {
-        let mut outcome = Ok(());
+    let finish = |mut s: tonic::Streaming<qwen_proto::serve::GenerateStreamResponse>| async move {
         while let Some(msg) = s.next().await {
             if let Err(e) = msg {
-                outcome = Err(e.code());
-                break;
+                return Err(e.code());
             }
         }
-        if group == bare(&a.addr) {
-            assert_eq!(outcome, Err(Code::Unavailable), "a stream on the killed group");
-        } else {
-            assert_eq!(outcome, Ok(()), "a stream on the live group");
-        }
+        Ok(())
+    };
+    assert_eq!(finish(on_a.unwrap()).await, Err(Code::Unavailable), "the stream on the killed group");
+    assert_eq!(finish(on_b.unwrap()).await, Ok(()), "the stream on the live group");
+    for p in pending {
+        let resp = p.await.unwrap().expect("a request that had not started is retried, not lost");
+        assert_eq!(resp.metadata().get("x-qwen-serve-group").unwrap().to_str().unwrap(), bare(&b.addr));
     }
     // Requests that had not started are not lost: they go to the live group.
     let results = futures::future::join_all((0..12).map(|i| {
