@@ -88,8 +88,12 @@ pub struct RouterConfig {
 impl RouterArgs {
     pub fn validate(self) -> Result<RouterConfig, String> {
         let discovery = match (self.workers.is_empty(), self.etcd.is_empty()) {
-            (true, true) => return Err("give --worker ADDR (repeatable) or --etcd ENDPOINTS to find worker groups".into()),
-            (false, false) => return Err("--worker and --etcd exclude each other: pick static or etcd membership".into()),
+            (true, true) => {
+                return Err("give --worker ADDR (repeatable) or --etcd ENDPOINTS to find worker groups".into())
+            }
+            (false, false) => {
+                return Err("--worker and --etcd exclude each other: pick static or etcd membership".into())
+            }
             (false, true) => {
                 let mut members = Vec::new();
                 for addr in &self.workers {

@@ -50,8 +50,15 @@ pub struct TokenLogprob {
 pub enum Chunk {
     /// New text (possibly empty while a character or a possible stop string is incomplete) and
     /// the tokens that produced it.
-    Delta { text: String, token_ids: Vec<u32>, logprobs: Vec<TokenLogprob> },
-    Done { finish: Finish, usage: Usage },
+    Delta {
+        text: String,
+        token_ids: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Done {
+        finish: Finish,
+        usage: Usage,
+    },
 }
 
 /// A whole response, for the unary APIs.
@@ -190,7 +197,8 @@ enum Attempt {
 }
 
 fn classify(group: &Group, status: tonic::Status) -> Attempt {
-    let e = RouterError::Worker { group: group.name.to_string(), code: status.code(), message: status.message().into() };
+    let e =
+        RouterError::Worker { group: group.name.to_string(), code: status.code(), message: status.message().into() };
     match status.code() {
         tonic::Code::InvalidArgument | tonic::Code::OutOfRange | tonic::Code::DeadlineExceeded => Attempt::Fatal(e),
         _ => Attempt::Retry(e),
@@ -252,11 +260,8 @@ async fn forward(
         silent.extend(&model.eos_token_ids);
     }
     let mut usage = Usage { prompt_tokens: req.prompt.len() as u32, ..Default::default() };
-    let group_error = |message: String| RouterError::Worker {
-        group: group.to_string(),
-        code: tonic::Code::Unavailable,
-        message,
-    };
+    let group_error =
+        |message: String| RouterError::Worker { group: group.to_string(), code: tonic::Code::Unavailable, message };
     let mut msg = first;
     loop {
         usage.cached_prompt_tokens = usage.cached_prompt_tokens.max(msg.cached_prompt_tokens);

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use qwen_proto::serve::generation_server::Generation as GenerationApi;
 use qwen_proto::serve::{
-    generate_request, ChatRequest, FinishReason as PbFinish, GenerateRequest, GenerateResponse,
-    GenerateStreamResponse, GenerationOptions, ListModelsRequest, ListModelsResponse, Model, TokenLogprob as PbLogprob,
-    TokenizeRequest, TokenizeResponse, TopLogprob, Usage as PbUsage,
+    generate_request, ChatRequest, FinishReason as PbFinish, GenerateRequest, GenerateResponse, GenerateStreamResponse,
+    GenerationOptions, ListModelsRequest, ListModelsResponse, Model, TokenLogprob as PbLogprob, TokenizeRequest,
+    TokenizeResponse, TopLogprob, Usage as PbUsage,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -28,7 +28,13 @@ impl PublicService {
         PublicService { router }
     }
 
-    async fn start(&self, model: &str, prompt: Prompt, opts: Option<GenerationOptions>, deadline: Option<Instant>) -> Result<Generation, Status> {
+    async fn start(
+        &self,
+        model: &str,
+        prompt: Prompt,
+        opts: Option<GenerationOptions>,
+        deadline: Option<Instant>,
+    ) -> Result<Generation, Status> {
         let info = self.router.pool.model(model).map_err(|e| e.to_status())?;
         let prepared = prepare(info, prompt, options(opts.unwrap_or_default())).map_err(|e| e.to_status())?;
         self.router.generate(prepared, deadline).await.map_err(|e| e.to_status())

@@ -100,7 +100,8 @@ fn membership(discovery: &Discovery, pool: Arc<Pool>, cancel: CancellationToken)
             })
         }
         Discovery::Etcd { endpoints, relist_every } => {
-            let cfg = qwen_cluster::discovery::MembershipConfig { endpoints: endpoints.clone(), relist_every: *relist_every };
+            let cfg =
+                qwen_cluster::discovery::MembershipConfig { endpoints: endpoints.clone(), relist_every: *relist_every };
             tokio::spawn(async move {
                 let membership = qwen_cluster::discovery::Membership::start(cfg, cancel.clone());
                 let mut updates = membership.subscribe();

@@ -159,7 +159,9 @@ fn sampling(o: &Options) -> Result<WorkerSampling> {
     let top_k = match o.top_k {
         // -1 (vLLM, OpenAI-style clients) and 0 both mean off.
         Some(-1) => Some(0),
-        Some(k) if k < -1 => return Err(RouterError::invalid("top_k", format!("{k}: must be -1, 0 (off) or positive"))),
+        Some(k) if k < -1 => {
+            return Err(RouterError::invalid("top_k", format!("{k}: must be -1, 0 (off) or positive")))
+        }
         k => k,
     };
     Ok(WorkerSampling {
@@ -168,8 +170,18 @@ fn sampling(o: &Options) -> Result<WorkerSampling> {
         top_p: check("top_p", o.top_p, |x| x > 0.0 && x <= 1.0, "must be in (0, 1]")?,
         min_p: check("min_p", o.min_p, |x| (0.0..=1.0).contains(&x), "must be in [0, 1]")?,
         repetition_penalty: check("repetition_penalty", o.repetition_penalty, |x| x > 0.0, "must be > 0")?,
-        presence_penalty: check("presence_penalty", o.presence_penalty, |x| (-2.0..=2.0).contains(&x), "must be in [-2, 2]")?,
-        frequency_penalty: check("frequency_penalty", o.frequency_penalty, |x| (-2.0..=2.0).contains(&x), "must be in [-2, 2]")?,
+        presence_penalty: check(
+            "presence_penalty",
+            o.presence_penalty,
+            |x| (-2.0..=2.0).contains(&x),
+            "must be in [-2, 2]",
+        )?,
+        frequency_penalty: check(
+            "frequency_penalty",
+            o.frequency_penalty,
+            |x| (-2.0..=2.0).contains(&x),
+            "must be in [-2, 2]",
+        )?,
         seed: o.seed,
     })
 }

@@ -146,7 +146,8 @@ async fn grpc_and_http_return_the_workers_tokens() {
     assert_eq!(resp.token_ids, greedy);
     // Tokenize agrees with the reference tokenizer (Python's `tokenizers`, specials recognised).
     for case in golden(MODEL)["tokenizer_cases"].as_array().unwrap() {
-        let req = TokenizeRequest { model: MODEL.into(), text: case["text"].as_str().unwrap().into(), allow_special: true };
+        let req =
+            TokenizeRequest { model: MODEL.into(), text: case["text"].as_str().unwrap().into(), allow_special: true };
         assert_eq!(c.tokenize(req).await.unwrap().into_inner().token_ids, ids(&case["ids"]));
     }
 }
@@ -182,7 +183,12 @@ async fn chat_over_grpc_and_http_agree_and_streams_end_in_done() {
     assert_eq!(v["object"], json!("chat.completion"));
     assert_eq!(ids(&v["choices"][0]["token_ids"]), resp.token_ids);
     assert_eq!(v["choices"][0]["message"]["content"], json!(resp.text));
-    let events = post_stream(&r, "/v1/chat/completions", merge(body, json!({"stream": true, "stream_options": {"include_usage": true}}))).await;
+    let events = post_stream(
+        &r,
+        "/v1/chat/completions",
+        merge(body, json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], json!("assistant"));
@@ -192,7 +198,8 @@ async fn chat_over_grpc_and_http_agree_and_streams_end_in_done() {
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], json!(12), "{usage}");
     // n = 3 sampled choices, each complete.
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 5, "seed": 7});
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 5, "seed": 7});
     let (status, v) = post(&r, "/v1/chat/completions", body).await;
     assert_eq!(status, 200, "{v}");
     let choices = v["choices"].as_array().unwrap();
@@ -266,12 +273,18 @@ async fn bad_input_gets_4xx_or_invalid_argument_naming_the_field() {
     assert_eq!(status, 400);
     assert!(v["error"]["message"].as_str().unwrap().contains("JSON"), "{v}");
     assert_eq!(v["error"]["type"], json!("invalid_request_error"));
-    let (status, _) = raw("/v1/completions", format!("{{\"model\": \"{MODEL}\", \"prompt\": \"{}\"}}", "x".repeat(3000))).await;
+    let (status, _) =
+        raw("/v1/completions", format!("{{\"model\": \"{MODEL}\", \"prompt\": \"{}\"}}", "x".repeat(3000))).await;
     assert_eq!(status, 413);
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         ("/v1/completions", json!({"model": "nope", "prompt": "hi"}), 404, "model"),
         ("/v1/chat/completions", json!({"model": MODEL, "messages": []}), 400, "messages"),
-        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "bard", "content": "x"}]}), 400, "messages[0].role"),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "bard", "content": "x"}]}),
+            400,
+            "messages[0].role",
+        ),
         ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "temperature": -1}), 400, "temperature"),
         ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "top_p": 2}), 400, "top_p"),
         ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "n": 0}), 400, "n"),
@@ -294,7 +307,8 @@ async fn bad_input_gets_4xx_or_invalid_argument_naming_the_field() {
     let e = c.generate(no_prompt).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("prompt"), "{}", e.message());
-    let e = c.generate(GenerateRequest { model: "nope".into(), ..ids_request(&[1], greedy_options(1)) }).await.unwrap_err();
+    let e =
+        c.generate(GenerateRequest { model: "nope".into(), ..ids_request(&[1], greedy_options(1)) }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let mut bad = greedy_options(1);
     bad.sampling.as_mut().unwrap().top_p = Some(0.0);

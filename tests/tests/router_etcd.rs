@@ -8,7 +8,9 @@ use futures::StreamExt;
 use qwen_cluster::keys::{self, GroupName};
 use qwen_cluster::testing::EtcdServer;
 use qwen_proto::serve::generation_client::GenerationClient;
-use qwen_proto::serve::{generate_request, GenerateRequest, GenerationOptions, ListModelsRequest, SamplingParams, TokenIds};
+use qwen_proto::serve::{
+    generate_request, GenerateRequest, GenerationOptions, ListModelsRequest, SamplingParams, TokenIds,
+};
 use qwen_tests::{signal, RouterProcess, WorkerProcess};
 use tonic::transport::Channel;
 

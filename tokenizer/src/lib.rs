@@ -272,7 +272,9 @@ mod chat_template_tests {
         };
         write(serde_json::json!({"chat_template": "{{ x }}"}));
         assert_eq!(chat_template_from_dir(dir.path()).unwrap().as_deref(), Some("{{ x }}"));
-        write(serde_json::json!({"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]}));
+        write(
+            serde_json::json!({"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]}),
+        );
         assert_eq!(chat_template_from_dir(dir.path()).unwrap().as_deref(), Some("d"));
         write(serde_json::json!({"model_max_length": 8}));
         assert_eq!(chat_template_from_dir(dir.path()).unwrap(), None);

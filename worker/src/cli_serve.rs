@@ -10,16 +10,16 @@ use clap::Args;
 
 use qwen_cluster::discovery::{Registration, RegistrationConfig, WorkerRecord};
 use qwen_cluster::keys::GroupName;
-use tokio_util::sync::CancellationToken;
 use qwen_worker::comm::Comm;
 use qwen_worker::config::GenerationConfig;
 use qwen_worker::engine::follower;
 use qwen_worker::engine::runner::{spawn, EngineConfig};
 use qwen_worker::engine::scheduler::SchedulerConfig;
+use qwen_worker::info::{model_info, InfoSource};
 use qwen_worker::model::paged::KvLayout;
 use qwen_worker::model::Model;
-use qwen_worker::info::{model_info, InfoSource};
 use qwen_worker::server::{serve, DrainConfig, ServiceConfig, Stop, WorkerService};
+use tokio_util::sync::CancellationToken;
 
 use crate::cli_tp::RankConfig;
 use crate::ComputeDtype;
@@ -283,8 +283,7 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
         spawn(model, EngineConfig { scheduler: cfg.scheduler, num_blocks, model_name: cfg.model_name.clone() })?;
     let watch = engine.clone();
     let alive = engine.clone();
-    let service =
-        WorkerService::new(engine, ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info });
+    let service = WorkerService::new(engine, ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info });
     let listen = cfg.listen;
     let model_name = cfg.model_name.clone();
     let tp = cfg.tp_size();

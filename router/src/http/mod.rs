@@ -98,7 +98,9 @@ impl IntoResponse for ApiError {
 }
 
 /// The body as JSON, with OpenAI-shaped errors for oversized and malformed bodies.
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<T, ApiError> {
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| ApiError::new(r.status(), "invalid_request_error", r.body_text(), None))?;
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid JSON body: {e}"), None)
@@ -114,11 +116,8 @@ fn now() -> u64 {
 }
 
 fn options(s: &Sampling, headers: &HeaderMap) -> Options {
-    let session_key = headers
-        .get("x-session-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| s.user.clone());
+    let session_key =
+        headers.get("x-session-key").and_then(|v| v.to_str().ok()).map(str::to_string).or_else(|| s.user.clone());
     Options {
         temperature: s.temperature,
         top_k: s.top_k,
@@ -208,8 +207,12 @@ fn chat_logprobs(model: &ModelInfo, l: &[TokenLogprob]) -> Value {
 #[derive(Clone, Copy, PartialEq)]
 enum Api {
     /// `logprobs`: Some(top-N) when the client asked for logprobs.
-    Completions { logprobs: Option<u32> },
-    Chat { logprobs: bool },
+    Completions {
+        logprobs: Option<u32>,
+    },
+    Chat {
+        logprobs: bool,
+    },
 }
 
 async fn completions(

