@@ -26,6 +26,11 @@ pub struct RouterArgs {
     /// etcd endpoints (comma-separated) to discover worker groups.
     #[arg(long, env = "QWEN_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
+    /// A model's tokenizer and chat template from a local directory instead of from its workers
+    /// (`NAME=DIR`, repeatable; DIR holds tokenizer.json or qwen.tiktoken, and optionally
+    /// tokenizer_config.json).
+    #[arg(long = "tokenizer", env = "QWEN_ROUTER_TOKENIZERS", value_delimiter = ',')]
+    pub tokenizers: Vec<String>,
     /// Re-list the membership this often even when the watch is healthy.
     #[arg(long, env = "QWEN_ROUTER_RELIST_SECS", default_value_t = 30)]
     pub relist_secs: u64,
@@ -76,6 +81,7 @@ pub enum Discovery {
 }
 
 pub struct RouterConfig {
+    pub local_tokenizers: std::collections::HashMap<String, std::path::PathBuf>,
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub discovery: Discovery,
@@ -135,8 +141,19 @@ impl RouterArgs {
                 return Err(format!("{flag}: must be at least 1"));
             }
         }
+        let mut local_tokenizers = std::collections::HashMap::new();
+        for spec in &self.tokenizers {
+            let Some((name, dir)) = spec.split_once('=') else {
+                return Err(format!("--tokenizer {spec:?}: expected NAME=DIR"));
+            };
+            // Loaded once here so a bad directory stops the router at start, naming the file.
+            crate::models::LocalTokenizer::from_dir(std::path::Path::new(dir))
+                .map_err(|e| format!("--tokenizer {spec}: {e}"))?;
+            local_tokenizers.insert(name.to_string(), std::path::PathBuf::from(dir));
+        }
         let health_interval = Duration::from_millis(self.health_interval_ms);
         Ok(RouterConfig {
+            local_tokenizers,
             grpc_listen: self.grpc_listen,
             http_listen: self.http_listen,
             discovery,

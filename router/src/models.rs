@@ -20,20 +20,45 @@ pub struct ModelInfo {
     pub chat_template: Option<ChatTemplate>,
 }
 
+/// A model's tokenizer and chat template from a local directory (`--tokenizer NAME=DIR`),
+/// instead of what the workers send.
+pub struct LocalTokenizer {
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+}
+
+impl LocalTokenizer {
+    pub fn from_dir(dir: &Path) -> qwen_tokenizer::Result<Self> {
+        Ok(LocalTokenizer {
+            tokenizer: Tokenizer::from_dir(dir)?,
+            chat_template: qwen_tokenizer::chat_template_from_dir(dir)?,
+        })
+    }
+}
+
 impl ModelInfo {
-    pub fn from_info(info: &InfoResponse) -> Result<Self> {
+    /// From a worker's `Info`; `local` (loaded from `--tokenizer`) replaces its tokenizer and
+    /// template.
+    pub fn from_info(info: &InfoResponse, local: Option<LocalTokenizer>) -> Result<Self> {
         let origin = Path::new("<worker Info>");
         let load = |r: qwen_tokenizer::Result<Tokenizer>| {
             r.map(Some).map_err(|e| RouterError::Internal(format!("model `{}`: tokenizer: {e}", info.model_name)))
         };
-        let tokenizer = match TokenizerKind::try_from(info.tokenizer_kind).unwrap_or(TokenizerKind::Unspecified) {
-            TokenizerKind::HfJson => load(Tokenizer::from_hf_bytes(&info.tokenizer, origin))?,
-            TokenizerKind::QwenTiktoken => load(Tokenizer::from_tiktoken_bytes(&info.tokenizer, origin))?,
-            TokenizerKind::Unspecified => None,
+        let (tokenizer, template) = match local {
+            Some(l) => (Some(l.tokenizer), l.chat_template.unwrap_or_default()),
+            None => {
+                let kind = TokenizerKind::try_from(info.tokenizer_kind).unwrap_or(TokenizerKind::Unspecified);
+                let tokenizer = match kind {
+                    TokenizerKind::HfJson => load(Tokenizer::from_hf_bytes(&info.tokenizer, origin))?,
+                    TokenizerKind::QwenTiktoken => load(Tokenizer::from_tiktoken_bytes(&info.tokenizer, origin))?,
+                    TokenizerKind::Unspecified => None,
+                };
+                (tokenizer, info.chat_template.clone())
+            }
         };
-        let chat_template = match (&tokenizer, info.chat_template.is_empty()) {
+        let chat_template = match (&tokenizer, template.is_empty()) {
             (None, _) => None,
-            (Some(_), false) => Some(ChatTemplate::new(&info.chat_template)?),
+            (Some(_), false) => Some(ChatTemplate::new(&template)?),
             // The original Qwen-Chat and other template-less checkpoints speak ChatML.
             (Some(_), true) => Some(ChatTemplate::new(CHATML)?),
         };

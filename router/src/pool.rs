@@ -3,6 +3,7 @@
 //! per model) so routing sees which groups are up, how loaded they are and what they serve.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::error::{Result, RouterError};
-use crate::models::ModelInfo;
+use crate::models::{LocalTokenizer, ModelInfo};
 use crate::policy::{Candidate, Load, Policy, RouteRequest};
 
 /// The gRPC health service name the worker reports on; NOT_SERVING while it drains.
@@ -117,14 +118,16 @@ impl Group {
 
 pub struct Pool {
     cfg: PoolConfig,
+    /// `--tokenizer NAME=DIR`: models whose tokenizer and template come from a local directory.
+    local_tokenizers: HashMap<String, PathBuf>,
     groups: RwLock<BTreeMap<Arc<str>, Arc<Group>>>,
     models: RwLock<HashMap<String, Arc<ModelInfo>>>,
     policy: Box<dyn Policy>,
 }
 
 impl Pool {
-    pub fn new(cfg: PoolConfig, policy: Box<dyn Policy>) -> Self {
-        Pool { cfg, groups: RwLock::default(), models: RwLock::default(), policy }
+    pub fn new(cfg: PoolConfig, policy: Box<dyn Policy>, local_tokenizers: HashMap<String, PathBuf>) -> Self {
+        Pool { cfg, local_tokenizers, groups: RwLock::default(), models: RwLock::default(), policy }
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -282,7 +285,11 @@ impl Pool {
                 .map_err(|_| "info timed out".to_string())?
                 .map_err(|s| format!("info: {}", s.message()))?
                 .into_inner();
-            let model = ModelInfo::from_info(&info).map_err(|e| e.to_string())?;
+            let local = match self.local_tokenizers.get(&info.model_name) {
+                Some(dir) => Some(LocalTokenizer::from_dir(dir).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let model = ModelInfo::from_info(&info, local).map_err(|e| e.to_string())?;
             tracing::info!(group = %g.name, model = %model.name, "learnt model");
             self.models.write().unwrap_or_else(|p| p.into_inner()).insert(model.name.clone(), Arc::new(model));
         }

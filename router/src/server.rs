@@ -32,7 +32,7 @@ impl Running {
 }
 
 pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Running> {
-    let pool = Arc::new(Pool::new(cfg.pool, crate::policy::build(&cfg.policy)));
+    let pool = Arc::new(Pool::new(cfg.pool, crate::policy::build(&cfg.policy), cfg.local_tokenizers));
     let router = Arc::new(Router::new(pool.clone(), cfg.generate));
     let mut tasks = vec![pool.spawn_health(cancel.clone())];
     tasks.push(membership(&cfg.discovery, pool.clone(), cancel.clone()));

@@ -416,3 +416,85 @@ async fn a_killed_group_fails_only_its_streams_and_leaves_routing() {
     wait_for_groups(&r, 1).await;
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_aware_keeps_a_shared_prefix_on_one_group() {
+    let a = WorkerProcess::start(MODEL, &[]);
+    let b = WorkerProcess::start(MODEL, &[]);
+    let r = RouterProcess::start(&["--worker", bare(&a.addr), "--worker", bare(&b.addr), "--policy", "cache-aware"]);
+    wait_for_groups(&r, 2).await;
+    let mut c = grpc(&r).await;
+    // Four "documents" of 48 tokens, each asked about 8 times with a different 4-token question.
+    let mut hits = 0;
+    let mut total = 0;
+    let mut first_group = std::collections::HashMap::new();
+    let mut used = std::collections::HashSet::new();
+    for round in 0..8u32 {
+        for doc in 0..4u32 {
+            let mut prompt: Vec<u32> = (0..48).map(|i| (doc * 97 + i * 13) % 400 + 1).collect();
+            prompt.extend([round + 1, round + 2, doc + 3, 7]);
+            let resp = c.generate(ids_request(&prompt, greedy_options(2))).await.unwrap();
+            let group = resp.metadata().get("x-qwen-serve-group").unwrap().to_str().unwrap().to_string();
+            used.insert(group.clone());
+            match first_group.get(&doc) {
+                None => {
+                    first_group.insert(doc, group);
+                }
+                Some(g) => {
+                    total += 1;
+                    hits += usize::from(*g == group);
+                }
+            }
+        }
+    }
+    let rate = hits as f64 / total as f64;
+    eprintln!("cache-aware: {hits}/{total} repeats on their prefix's group ({:.0}%)", rate * 100.0);
+    assert!(rate >= 0.9, "hit rate {rate}");
+    assert_eq!(used.len(), 2, "distinct prefixes spread over both groups");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_tokenizer_serves_text_for_a_model_whose_workers_have_none() {
+    // The original-Qwen fixture ships no tokenizer: text is refused, token ids work.
+    let w = WorkerProcess::start("qwen1-ntk-logn", &[]);
+    let plain = RouterProcess::start(&["--worker", bare(&w.addr)]);
+    let text_request = |model: &str| GenerateRequest {
+        model: model.into(),
+        prompt: Some(generate_request::Prompt::Text("Hello, world!".into())),
+        options: Some(greedy_options(3)),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let e = loop {
+        match grpc(&plain).await.generate(text_request("qwen1-ntk-logn")).await {
+            Err(e) if e.code() == Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => break other.unwrap_err(),
+        }
+    };
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("no tokenizer"), "{}", e.message());
+    // With --tokenizer NAME=DIR the router encodes text itself.
+    let dir = qwen_tests::fixture(MODEL);
+    let spec = format!("qwen1-ntk-logn={}", dir.display());
+    let local = RouterProcess::start(&["--worker", bare(&w.addr), "--tokenizer", &spec]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let resp = loop {
+        match grpc(&local).await.generate(text_request("qwen1-ntk-logn")).await {
+            Err(e) if e.code() == Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => break other.expect("text through the local tokenizer").into_inner(),
+        }
+    };
+    assert_eq!(resp.prompt_token_ids, ids(&golden(MODEL)["tokenizer_cases"][0]["ids"]));
+    assert_eq!(resp.token_ids.len(), 3);
+    // A directory without a tokenizer stops the router at start, naming it.
+    let out = std::process::Command::new(qwen_tests::bin("qwen-router"))
+        .args(["--worker", "127.0.0.1:1", "--tokenizer", "m=/nonexistent-dir"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tokenizer m=/nonexistent-dir") && err.contains("/nonexistent-dir"), "{err}");
+}

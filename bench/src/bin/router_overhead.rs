@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use qwen_proto::serve::generation_client::GenerationClient;
-use qwen_proto::serve::{generate_request, GenerateRequest as PublicRequest, GenerationOptions, SamplingParams, TokenIds};
+use qwen_proto::serve::{
+    generate_request, GenerateRequest as PublicRequest, GenerationOptions, SamplingParams, TokenIds,
+};
 use qwen_proto::worker::worker_client::WorkerClient;
 use qwen_proto::worker::worker_server::{Worker, WorkerServer};
 use qwen_proto::worker::{
@@ -173,7 +175,8 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let tokenizer = std::fs::read(&args.tokenizer).with_context(|| format!("--tokenizer {}", args.tokenizer.display()))?;
+    let tokenizer =
+        std::fs::read(&args.tokenizer).with_context(|| format!("--tokenizer {}", args.tokenizer.display()))?;
     let info = InfoResponse {
         model_name: "instant".into(),
         architecture: "Qwen2ForCausalLM".into(),
