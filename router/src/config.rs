@@ -70,6 +70,12 @@ pub struct RouterArgs {
     pub breaker_failures: u32,
     #[arg(long, env = "QWEN_ROUTER_BREAKER_COOLDOWN_MS", default_value_t = 10_000)]
     pub breaker_cooldown_ms: u64,
+    /// Log lines as text or JSON (one object per line) on stderr.
+    #[arg(long, env = "QWEN_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: qwen_telemetry::LogFormat,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317).
+    #[arg(long, env = "QWEN_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Largest HTTP request body accepted.
     #[arg(long, env = "QWEN_ROUTER_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,

@@ -12,8 +12,12 @@ use qwen_proto::worker::{FinishReason as WorkerFinish, GenerateResponse as Worke
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
+use qwen_telemetry::TraceContext;
+use tracing::Instrument;
+
 use crate::admission::{Admission, AdmissionConfig};
 use crate::error::{Result, RouterError};
+use crate::metrics::{Api, RequestTimers, RouterMetrics};
 use crate::policy::RouteRequest;
 use crate::pool::{Group, Pool};
 use crate::stop::StopMatcher;
@@ -74,8 +78,25 @@ pub struct Collected {
 pub struct Router {
     pub pool: Arc<Pool>,
     pub admission: Admission,
+    pub metrics: Arc<RouterMetrics>,
     cfg: GenerateConfig,
     next_id: AtomicU64,
+}
+
+/// Where a request came from and what travels with it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMeta {
+    pub api: Api,
+    pub deadline: Option<Instant>,
+    /// The client's trace context, or a new root.
+    pub trace: TraceContext,
+    pub arrived: Instant,
+}
+
+impl RequestMeta {
+    pub fn new(api: Api, trace: Option<TraceContext>, deadline: Option<Instant>) -> Self {
+        RequestMeta { api, deadline, trace: trace.unwrap_or_else(TraceContext::new_root), arrived: Instant::now() }
+    }
 }
 
 /// A running request: its chunks in order, then `Done` (or an error).
@@ -118,12 +139,18 @@ impl Generation {
 
 impl Router {
     pub fn new(pool: Arc<Pool>, cfg: GenerateConfig) -> Self {
-        Router { pool, admission: Admission::new(cfg.admission), cfg, next_id: AtomicU64::new(0) }
+        Router {
+            pool,
+            admission: Admission::new(cfg.admission),
+            metrics: RouterMetrics::new(),
+            cfg,
+            next_id: AtomicU64::new(0),
+        }
     }
 
     /// Starts `req` and waits for its first chunk, so that a request that cannot start at all
     /// (overloaded, no group, refused by the worker) fails as a status, not inside a stream.
-    pub async fn generate(self: &Arc<Self>, req: Prepared, deadline: Option<Instant>) -> Result<Generation> {
+    pub async fn generate(self: &Arc<Self>, req: Prepared, meta: RequestMeta) -> Result<Generation> {
         let id = format!("cmpl-{:x}-{}", std::process::id(), self.next_id.fetch_add(1, Ordering::Relaxed));
         let prompt = req.prompt.clone();
         // Small: a slow client applies backpressure to its own worker stream only.
@@ -131,16 +158,22 @@ impl Router {
         let (group_tx, mut group_rx) = tokio::sync::oneshot::channel();
         let router = self.clone();
         let request_id = id.clone();
-        tokio::spawn(async move {
-            let run = router.run(req, request_id, deadline, &tx, group_tx);
-            let result = match deadline {
+        let span = tracing::info_span!("request", request_id = %id, trace_id = %meta.trace.trace_id_hex(), api = meta.api.as_str());
+        qwen_telemetry::logging::set_remote_parent(&span, &meta.trace);
+        let task = async move {
+            let model = req.model.name.clone();
+            let run = router.run(req, request_id, meta, &tx, group_tx);
+            let result = match meta.deadline {
                 Some(d) => tokio::time::timeout_at(d.into(), run).await.unwrap_or(Err(RouterError::Deadline)),
                 None => run.await,
             };
+            router.metrics.request(&model, meta.api, result.as_ref().copied());
             if let Err(e) = result {
+                tracing::info!(error = %e, "request failed");
                 let _ = tx.send(Err(e)).await;
             }
-        });
+        };
+        tokio::spawn(task.instrument(span));
         match rx.recv().await {
             Some(Err(e)) => Err(e),
             Some(first) => {
@@ -156,11 +189,16 @@ impl Router {
         &self,
         req: Prepared,
         request_id: String,
-        deadline: Option<Instant>,
+        meta: RequestMeta,
         tx: &mpsc::Sender<Result<Chunk>>,
         group_tx: tokio::sync::oneshot::Sender<Arc<str>>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let _slot = self.admission.admit().await?;
+        self.metrics.queued_for(meta.arrived.elapsed().as_secs_f64());
+        // The worker's spans hang under this process's span when traces are exported.
+        let span_id = qwen_telemetry::logging::exported_span_id(&tracing::Span::current())
+            .unwrap_or_else(qwen_telemetry::trace::new_span_id);
+        let outgoing = meta.trace.with_parent(span_id);
         let route = RouteRequest { tokens: &req.prompt, session_key: req.session_key.as_deref() };
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut last_error: Option<RouterError> = None;
@@ -170,15 +208,29 @@ impl Router {
                 Err(e) => return Err(last_error.unwrap_or(e)),
             };
             tried.push(group.name.clone());
+            self.metrics.routed(&group.name);
             let _in_flight = group.begin();
-            match start(&group, &req, format!("{request_id}-{attempt}"), deadline).await {
+            let call = Call { request_id: format!("{request_id}-{attempt}"), deadline: meta.deadline, trace: outgoing };
+            match start(&group, &req, call).await {
                 Ok((first, stream)) => {
                     group.breaker.success();
                     let _ = group_tx.send(group.name.clone());
-                    return forward(&req, &group.name, first, stream, tx).await;
+                    let timers = self.metrics.timers(&req.model.name);
+                    let relay = Relay { group: &group.name, timers: &timers, arrived: meta.arrived };
+                    let (completed, usage) = forward(&req, relay, first, stream, tx).await?;
+                    self.metrics.tokens(
+                        &req.model.name,
+                        u64::from(usage.prompt_tokens),
+                        u64::from(usage.completion_tokens),
+                    );
+                    if completed {
+                        timers.e2e.observe(meta.arrived.elapsed().as_secs_f64());
+                    }
+                    return Ok(completed);
                 }
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry(e)) => {
+                    self.metrics.retried();
                     group.breaker.failure(Instant::now());
                     tracing::warn!(group = %group.name, attempt, error = %e, "attempt failed before the first token");
                     last_error = Some(e);
@@ -205,20 +257,27 @@ fn classify(group: &Group, status: tonic::Status) -> Attempt {
     }
 }
 
+/// One attempt's wire details.
+struct Call {
+    request_id: String,
+    deadline: Option<Instant>,
+    trace: TraceContext,
+}
+
 /// Opens the worker stream and waits for its first message.
 async fn start(
     group: &Group,
     req: &Prepared,
-    request_id: String,
-    deadline: Option<Instant>,
+    call: Call,
 ) -> std::result::Result<(WorkerResponse, Streaming<WorkerResponse>), Attempt> {
     let mut wire = req.worker.clone();
-    wire.request_id = request_id;
+    wire.request_id = call.request_id;
     let mut request = tonic::Request::new(wire);
-    if let Some(d) = deadline {
+    if let Some(d) = call.deadline {
         // The worker gets what is left, so it drops work nobody will read.
         request.set_timeout(d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
     }
+    call.trace.to_metadata(request.metadata_mut());
     let mut stream = group.client().generate(request).await.map_err(|s| classify(group, s))?.into_inner();
     match stream.message().await {
         Ok(Some(first)) if failed_finish(&first) => Err(Attempt::Retry(RouterError::Worker {
@@ -241,15 +300,23 @@ fn failed_finish(m: &WorkerResponse) -> bool {
         && matches!(WorkerFinish::try_from(m.finish_reason), Ok(WorkerFinish::Error | WorkerFinish::Cancelled))
 }
 
+struct Relay<'a> {
+    group: &'a str,
+    timers: &'a RequestTimers,
+    arrived: Instant,
+}
+
 /// Relays the worker's stream as text chunks until it finishes, a stop string matches, or the
-/// client goes away.
+/// client goes away; returns whether the client got the whole response, and the usage.
 async fn forward(
     req: &Prepared,
-    group: &str,
+    relay: Relay<'_>,
     first: WorkerResponse,
     mut stream: Streaming<WorkerResponse>,
     tx: &mpsc::Sender<Result<Chunk>>,
-) -> Result<()> {
+) -> Result<(bool, Usage)> {
+    let group = relay.group;
+    let mut last_token = relay.arrived;
     let model = &req.model;
     let mut decoder = model.tokenizer.as_ref().map(|t| t.stream_decoder());
     let mut stops = StopMatcher::new(req.stop.clone());
@@ -266,6 +333,13 @@ async fn forward(
     loop {
         usage.cached_prompt_tokens = usage.cached_prompt_tokens.max(msg.cached_prompt_tokens);
         if let Some(token) = msg.token_id {
+            let now = Instant::now();
+            if usage.completion_tokens == 0 {
+                relay.timers.ttft.observe((now - relay.arrived).as_secs_f64());
+            } else {
+                relay.timers.itl.observe((now - last_token).as_secs_f64());
+            }
+            last_token = now;
             usage.completion_tokens += 1;
             let piece = match decoder.as_mut() {
                 Some(d) if !silent.contains(&token) => {
@@ -284,11 +358,11 @@ async fn forward(
             };
             let delta = Chunk::Delta { text: step.release, token_ids: vec![token], logprobs };
             if tx.send(Ok(delta)).await.is_err() {
-                return Ok(()); // client gone: dropping `stream` cancels the worker's request
+                return Ok((false, usage)); // client gone: dropping `stream` cancels the worker's request
             }
             if step.stopped {
-                let _ = tx.send(Ok(Chunk::Done { finish: Finish::Stop, usage })).await;
-                return Ok(());
+                let sent = tx.send(Ok(Chunk::Done { finish: Finish::Stop, usage })).await.is_ok();
+                return Ok((sent, usage));
             }
         }
         let finish = match WorkerFinish::try_from(msg.finish_reason).unwrap_or(WorkerFinish::Unspecified) {
@@ -314,8 +388,8 @@ async fn forward(
             if !tail.0.is_empty() {
                 let _ = tx.send(Ok(Chunk::Delta { text: tail.0, token_ids: vec![], logprobs: vec![] })).await;
             }
-            let _ = tx.send(Ok(Chunk::Done { finish, usage })).await;
-            return Ok(());
+            let sent = tx.send(Ok(Chunk::Done { finish, usage })).await.is_ok();
+            return Ok((sent, usage));
         }
         msg = match stream.message().await {
             Ok(Some(m)) => m,

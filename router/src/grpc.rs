@@ -15,9 +15,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
-use crate::generate::{Chunk, Finish, Generation, Router, TokenLogprob, Usage};
+use crate::generate::{Chunk, Finish, Generation, RequestMeta, Router, TokenLogprob, Usage};
+use crate::metrics::Api;
 use crate::template::Message;
 use crate::validate::{prepare, Options, Prompt};
+use qwen_telemetry::TraceContext;
 
 pub struct PublicService {
     router: Arc<Router>,
@@ -28,17 +30,24 @@ impl PublicService {
         PublicService { router }
     }
 
-    async fn start(
-        &self,
-        model: &str,
-        prompt: Prompt,
-        opts: Option<GenerationOptions>,
-        deadline: Option<Instant>,
-    ) -> Result<Generation, Status> {
-        let info = self.router.pool.model(model).map_err(|e| e.to_status())?;
-        let prepared = prepare(info, prompt, options(opts.unwrap_or_default())).map_err(|e| e.to_status())?;
-        self.router.generate(prepared, deadline).await.map_err(|e| e.to_status())
+    async fn start<T>(&self, request: &Request<T>, api: Api, job: Job<'_>) -> Result<Generation, Status> {
+        let meta = RequestMeta::new(api, TraceContext::from_metadata(request.metadata()), deadline(request));
+        let prepared = self
+            .router
+            .pool
+            .model(job.model)
+            .and_then(|info| prepare(info, job.prompt?, options(job.options.unwrap_or_default())))
+            .inspect_err(|e| self.router.metrics.request(job.model, api, Err(e)))
+            .map_err(|e| e.to_status())?;
+        self.router.generate(prepared, meta).await.map_err(|e| e.to_status())
     }
+}
+
+/// What to generate, as the request said it.
+struct Job<'a> {
+    model: &'a str,
+    prompt: Result<Prompt, RouterError>,
+    options: Option<GenerationOptions>,
 }
 
 fn options(o: GenerationOptions) -> Options {
@@ -62,11 +71,11 @@ fn options(o: GenerationOptions) -> Options {
     }
 }
 
-fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, Status> {
+fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, RouterError> {
     match p {
         Some(generate_request::Prompt::Text(t)) => Ok(Prompt::Text(t)),
         Some(generate_request::Prompt::TokenIds(ids)) => Ok(Prompt::Ids(ids.ids)),
-        None => Err(RouterError::invalid("prompt", "give text or token_ids").to_status()),
+        None => Err(RouterError::invalid("prompt", "give text or token_ids")),
     }
 }
 
@@ -188,35 +197,35 @@ where
 #[tonic::async_trait]
 impl GenerationApi for PublicService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let deadline = deadline(&request);
-        let r = request.into_inner();
-        let generation = self.start(&r.model, generate_prompt(r.prompt)?, r.options, deadline).await?;
+        let r = request.get_ref().clone();
+        let job = Job { model: &r.model, prompt: generate_prompt(r.prompt), options: r.options };
+        let generation = self.start(&request, Api::GrpcGenerate, job).await?;
         unary(r.model, generation).await
     }
 
     type GenerateStreamStream = ChunkStream;
 
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
-        let deadline = deadline(&request);
-        let r = request.into_inner();
-        let generation = self.start(&r.model, generate_prompt(r.prompt)?, r.options, deadline).await?;
+        let r = request.get_ref().clone();
+        let job = Job { model: &r.model, prompt: generate_prompt(r.prompt), options: r.options };
+        let generation = self.start(&request, Api::GrpcGenerate, job).await?;
         let group = generation.group.clone();
         Ok(with_group(Response::new(streaming(generation)), &group))
     }
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let deadline = deadline(&request);
-        let r = request.into_inner();
-        let generation = self.start(&r.model, chat_prompt(r.messages), r.options, deadline).await?;
+        let r = request.get_ref().clone();
+        let job = Job { model: &r.model, prompt: Ok(chat_prompt(r.messages)), options: r.options };
+        let generation = self.start(&request, Api::GrpcChat, job).await?;
         unary(r.model, generation).await
     }
 
     type ChatStreamStream = ChunkStream;
 
     async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
-        let deadline = deadline(&request);
-        let r = request.into_inner();
-        let generation = self.start(&r.model, chat_prompt(r.messages), r.options, deadline).await?;
+        let r = request.get_ref().clone();
+        let job = Job { model: &r.model, prompt: Ok(chat_prompt(r.messages)), options: r.options };
+        let generation = self.start(&request, Api::GrpcChat, job).await?;
         let group = generation.group.clone();
         Ok(with_group(Response::new(streaming(generation)), &group))
     }

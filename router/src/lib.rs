@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod models;
 pub mod policy;
 pub mod pool;

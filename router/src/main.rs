@@ -1,14 +1,14 @@
 use anyhow::Context;
 use clap::Parser;
 use qwen_router::config::RouterArgs;
+use qwen_telemetry::LogConfig;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    let cfg = RouterArgs::parse().validate().map_err(anyhow::Error::msg)?;
+    let args = RouterArgs::parse();
+    let log = LogConfig { format: args.log_format, otlp_endpoint: args.otlp_endpoint.clone(), service: "qwen-router" };
+    let _telemetry = qwen_telemetry::logging::init(&log)?;
+    let cfg = args.validate().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let cancel = CancellationToken::new();

@@ -35,7 +35,7 @@ pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Runni
     let pool = Arc::new(Pool::new(cfg.pool, crate::policy::build(&cfg.policy), cfg.local_tokenizers));
     let router = Arc::new(Router::new(pool.clone(), cfg.generate));
     let mut tasks = vec![pool.spawn_health(cancel.clone())];
-    tasks.push(membership(&cfg.discovery, pool.clone(), cancel.clone()));
+    tasks.push(membership(&cfg.discovery, router.clone(), cancel.clone()));
 
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.map_err(|e| RouterError::Internal(format!("{what} {addr}: cannot bind: {e}")))
@@ -87,7 +87,8 @@ async fn serve_grpc(listener: TcpListener, router: Arc<Router>, cancel: Cancella
 
 /// Keeps the pool's membership current; joiners are probed at once so they serve without waiting
 /// for the next health round.
-fn membership(discovery: &Discovery, pool: Arc<Pool>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+fn membership(discovery: &Discovery, router: Arc<Router>, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let pool = router.pool.clone();
     match discovery {
         Discovery::Static(members) => {
             let members = members.clone();
@@ -104,6 +105,16 @@ fn membership(discovery: &Discovery, pool: Arc<Pool>, cancel: CancellationToken)
                 qwen_cluster::discovery::MembershipConfig { endpoints: endpoints.clone(), relist_every: *relist_every };
             tokio::spawn(async move {
                 let membership = qwen_cluster::discovery::Membership::start(cfg, cancel.clone());
+                let mut connection = membership.connection();
+                let metrics = router.metrics.clone();
+                tokio::spawn(async move {
+                    loop {
+                        metrics.set_etcd_connected(*connection.borrow_and_update());
+                        if connection.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
                 let mut updates = membership.subscribe();
                 loop {
                     let members: Vec<Member> = updates

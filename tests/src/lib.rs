@@ -47,6 +47,8 @@ pub fn golden(name: &str) -> serde_json::Value {
 pub struct WorkerProcess {
     child: std::process::Child,
     pub addr: String,
+    /// `host:port` of `/metrics` when started with `--metrics-listen`.
+    pub metrics: Option<String>,
 }
 
 impl WorkerProcess {
@@ -63,14 +65,20 @@ impl WorkerProcess {
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("spawn qwen-worker serve");
-        let stdout = child.stdout.take().expect("stdout");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).expect("read listening line");
+        stdout.read_line(&mut line).expect("read listening line");
         let Some(addr) = line.trim().strip_prefix("listening on ") else {
             let _ = child.kill();
             panic!("qwen-worker serve did not start: {line:?}");
         };
-        WorkerProcess { addr: format!("http://{addr}"), child }
+        let addr = format!("http://{addr}");
+        let metrics = extra.contains(&"--metrics-listen").then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read metrics line");
+            line.trim().strip_prefix("metrics on ").expect("metrics on ADDR").to_string()
+        });
+        WorkerProcess { addr, metrics, child }
     }
 
     pub fn pid(&self) -> u32 {

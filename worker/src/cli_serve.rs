@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
 
-use qwen_cluster::discovery::{Registration, RegistrationConfig, WorkerRecord};
+use qwen_cluster::discovery::{Registration, RegistrationConfig, SessionState, WorkerRecord};
 use qwen_cluster::keys::GroupName;
 use qwen_worker::comm::Comm;
 use qwen_worker::config::GenerationConfig;
@@ -16,6 +16,7 @@ use qwen_worker::engine::follower;
 use qwen_worker::engine::runner::{spawn, EngineConfig};
 use qwen_worker::engine::scheduler::SchedulerConfig;
 use qwen_worker::info::{model_info, InfoSource};
+use qwen_worker::metrics::WorkerMetrics;
 use qwen_worker::model::paged::KvLayout;
 use qwen_worker::model::Model;
 use qwen_worker::server::{serve, DrainConfig, ServiceConfig, Stop, WorkerService};
@@ -69,6 +70,10 @@ pub struct ServeArgs {
     /// Where rank 0 listens for the other ranks' collectives.
     #[arg(long, env = "QWEN_COMM_LISTEN", default_value = "127.0.0.1:0")]
     comm_listen: SocketAddr,
+    /// The address rank 0 publishes for the other ranks: `host` (the bound port is added) or
+    /// `host:port`; needed when --comm-listen is 0.0.0.0 (e.g. the pod IP).
+    #[arg(long, env = "QWEN_COMM_ADVERTISE")]
+    comm_advertise: Option<String>,
     /// Longest any collective waits for a rank before the group is declared broken.
     #[arg(long, env = "QWEN_COLLECTIVE_TIMEOUT_MS", default_value_t = 10_000)]
     collective_timeout_ms: u64,
@@ -79,6 +84,10 @@ pub struct ServeArgs {
     /// TTL of the etcd lease under which the group is registered for routers.
     #[arg(long, env = "QWEN_REGISTRATION_TTL_SECS", default_value_t = 5)]
     registration_ttl_secs: u64,
+    /// Serve Prometheus metrics over HTTP at /metrics on this address (port 0: a free port,
+    /// printed on stdout as `metrics on ADDR`).
+    #[arg(long, env = "QWEN_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// On SIGTERM, longest wait for running requests to finish after leaving routing.
     #[arg(long, env = "QWEN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
@@ -110,6 +119,7 @@ pub struct ServeConfig {
     scheduler: SchedulerConfig,
     registry: Option<Registry>,
     drain_timeout: std::time::Duration,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -167,6 +177,7 @@ impl ServeArgs {
                     group: group(self.group)?,
                     etcd: self.etcd,
                     comm_listen: self.comm_listen,
+                    comm_advertise: self.comm_advertise.clone(),
                     timeout,
                 })
             }
@@ -197,6 +208,7 @@ impl ServeArgs {
             },
             registry,
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout_secs),
+            metrics_listen: self.metrics_listen,
         })
     }
 }
@@ -226,7 +238,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.validate()?;
     if let Mode::Supervisor { tp, group } = &cfg.mode {
         let argv: Vec<String> = std::env::args().collect();
-        return crate::cli_tp::supervise(&argv, *tp, group);
+        return crate::cli_tp::supervise(&argv, *tp, group, cfg.drain_timeout);
     }
     crate::cli_tp::exit_with_supervisor();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -279,11 +291,23 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
         generation: &defaults,
         tp: model.comm().world_size(),
     })?;
-    let (engine, engine_thread) =
-        spawn(model, EngineConfig { scheduler: cfg.scheduler, num_blocks, model_name: cfg.model_name.clone() })?;
+    let metrics = WorkerMetrics::new(&cfg.model_name);
+    let (engine, engine_thread) = spawn(
+        model,
+        EngineConfig {
+            scheduler: cfg.scheduler,
+            num_blocks,
+            model_name: cfg.model_name.clone(),
+            metrics: Some(metrics.clone()),
+        },
+    )?;
+    metrics.attach(engine.clone());
     let watch = engine.clone();
     let alive = engine.clone();
-    let service = WorkerService::new(engine, ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info });
+    let service = WorkerService::new(
+        engine,
+        ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info, metrics: metrics.clone() },
+    );
     let listen = cfg.listen;
     let model_name = cfg.model_name.clone();
     let tp = cfg.tp_size();
@@ -293,6 +317,15 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
         let addr = listener.local_addr()?;
         crate::emit(&format!("listening on {addr}\n"));
         tracing::info!(%addr, model = %model_name, num_blocks, "serving");
+        let stop_metrics = CancellationToken::new();
+        if let Some(listen) = cfg.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("--metrics-listen {listen}: cannot bind"))?;
+            crate::emit(&format!("metrics on {}\n", listener.local_addr()?));
+            let source: std::sync::Arc<dyn qwen_telemetry::exposition::Scrape> = metrics.clone();
+            tokio::spawn(qwen_telemetry::exposition::serve(listener, source, stop_metrics.clone()));
+        }
         let registration = cfg.registry.as_ref().map(|r| {
             let record = WorkerRecord {
                 group: r.group.as_str().to_string(),
@@ -306,6 +339,19 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
                 CancellationToken::new(),
             )
         });
+        if let Some(r) = &registration {
+            let mut state = r.state();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                loop {
+                    metrics.set_registered(*state.borrow_and_update() == SessionState::Registered);
+                    if state.changed().await.is_err() {
+                        metrics.set_registered(false);
+                        return;
+                    }
+                }
+            });
+        }
         let deregister: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match registration {
             Some(r) => Box::pin(r.stop()),
             None => Box::pin(async {}),
@@ -326,6 +372,9 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
             let _ = engine_died_tx.send(());
         });
         serve(service, listener, stop, DrainConfig { timeout: cfg.drain_timeout, deregister }).await?;
+        stop_metrics.cancel();
+        // The engine stops once no handle is left; the metrics hold one.
+        metrics.detach();
         watcher.abort();
         if !alive.is_alive() {
             bail!("the engine thread stopped");

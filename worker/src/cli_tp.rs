@@ -22,6 +22,8 @@ pub struct RankConfig {
     pub group: GroupName,
     pub etcd: Vec<String>,
     pub comm_listen: std::net::SocketAddr,
+    /// What rank 0 publishes for the other ranks (default: the bound --comm-listen address).
+    pub comm_advertise: Option<String>,
     pub timeout: Duration,
 }
 
@@ -52,7 +54,12 @@ pub fn join_group(rt: &tokio::runtime::Runtime, r: &RankConfig) -> anyhow::Resul
     let tcp = TcpConfig { rank: r.rank, world_size: r.world_size, timeout: r.timeout };
     if r.rank == 0 {
         let listener = TcpListener::bind(r.comm_listen).with_context(|| format!("--comm-listen {}", r.comm_listen))?;
-        let addr = listener.local_addr()?.to_string();
+        let addr = match &r.comm_advertise {
+            // Bound to 0.0.0.0 in a pod: the others need the pod's address, with the bound port.
+            Some(host) if !host.contains(':') => format!("{host}:{}", listener.local_addr()?.port()),
+            Some(addr) => addr.clone(),
+            None => listener.local_addr()?.to_string(),
+        };
         let lease = rt.block_on(async {
             let lease = Lease::grant(&client, LEASE_TTL, CancellationToken::new()).await?;
             rendezvous::publish(&client, &r.group, &Record { addr, world_size: r.world_size as u32 }, &lease).await?;
@@ -72,9 +79,10 @@ pub fn join_group(rt: &tokio::runtime::Runtime, r: &RankConfig) -> anyhow::Resul
 }
 
 /// `serve --tp N`: runs N copies of this command as ranks 0..N of one group and forwards rank
-/// 0's "listening on" line. If any rank exits, the others are stopped and this fails, so the
-/// group never limps on with a missing shard.
-pub fn supervise(argv: &[String], tp: usize, group: &GroupName) -> anyhow::Result<()> {
+/// 0's stdout ("listening on", "metrics on"). If any rank exits, the others are stopped and this
+/// fails, so the group never limps on with a missing shard. SIGTERM drains: rank 0 first (it
+/// leaves routing and finishes its requests, up to `drain`), then the rest.
+pub fn supervise(argv: &[String], tp: usize, group: &GroupName, drain: Duration) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let base = strip_flags(&argv[1..], &["--tp", "--group", "--rank", "--world-size"]);
     let mut children: Vec<Child> = Vec::with_capacity(tp);
@@ -96,12 +104,12 @@ pub fn supervise(argv: &[String], tp: usize, group: &GroupName) -> anyhow::Resul
         children.push(cmd.spawn().with_context(|| format!("starting rank {rank}"))?);
     }
     let stdout = children[0].stdout.take().context("rank 0 stdout")?;
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    if line.starts_with("listening on ") {
-        crate::emit(&line);
-    }
-    let result = watch(&mut children);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            crate::emit(&format!("{line}\n"));
+        }
+    });
+    let result = watch(&mut children, drain);
     for c in children.iter_mut() {
         let _ = c.kill();
         let _ = c.wait();
@@ -110,7 +118,7 @@ pub fn supervise(argv: &[String], tp: usize, group: &GroupName) -> anyhow::Resul
 }
 
 /// Waits until a rank exits (an error) or a termination signal arrives (a clean stop).
-fn watch(children: &mut [Child]) -> anyhow::Result<()> {
+fn watch(children: &mut [Child], drain: Duration) -> anyhow::Result<()> {
     let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = term.clone();
     // Signals arrive through a small runtime so the watch loop itself stays synchronous.
@@ -125,17 +133,32 @@ fn watch(children: &mut [Child]) -> anyhow::Result<()> {
     });
     loop {
         if term.load(std::sync::atomic::Ordering::SeqCst) {
-            // Let rank 0 stop cleanly (it revokes the rendezvous lease), then the rest.
-            for c in children.iter() {
+            // Rank 0 drains while the others keep serving its forwards; when its engine stops it
+            // tells them to stop too. Whatever is left after that gets TERM, then KILL.
+            let term = |c: &Child| {
                 let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).stderr(Stdio::null()).status();
-            }
-            std::thread::sleep(Duration::from_millis(500));
+            };
+            term(&children[0]);
+            wait_exit(&mut children[..1], drain + Duration::from_secs(5));
+            children[1..].iter().for_each(term);
+            wait_exit(children, Duration::from_secs(2));
             return Ok(());
         }
         for (rank, c) in children.iter_mut().enumerate() {
             if let Some(status) = c.try_wait()? {
                 bail!("rank {rank} exited ({status}); stopping the group");
             }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until every child has exited, or `limit`.
+fn wait_exit(children: &mut [Child], limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_)) | Err(_))) {
+            return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use qwen_telemetry::{LogConfig, LogFormat};
 
 use qwen_worker::config::GenerationConfig;
 use qwen_worker::generate::{generate, GenerateParams};
@@ -21,6 +22,12 @@ mod cli_tp;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or JSON (one object per line) on stderr.
+    #[arg(long, global = true, env = "QWEN_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317).
+    #[arg(long, global = true, env = "QWEN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -30,7 +37,7 @@ enum Command {
     /// Print the token ids of a text.
     Tokenize(TokenizeArgs),
     /// Serve the model over gRPC with continuous batching.
-    Serve(cli_serve::ServeArgs),
+    Serve(Box<cli_serve::ServeArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,18 +110,20 @@ struct TokenizeArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        // Info by default, so `serve` reports its KV-cache size; RUST_LOG overrides.
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    // Info by default, so `serve` reports its KV-cache size; RUST_LOG overrides.
+    let log = LogConfig { format: cli.log_format, otlp_endpoint: cli.otlp_endpoint.clone(), service: "qwen-worker" };
+    let _telemetry = match qwen_telemetry::logging::init(&log) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Tokenize(args) => run_tokenize(args),
-        Command::Serve(args) => cli_serve::run(args),
+        Command::Serve(args) => cli_serve::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,13 +20,17 @@ use crate::config::GenerationConfig;
 use crate::engine::runner::{EngineHandle, NewRequest};
 use crate::engine::sequence::{Event, FinishReason};
 use crate::error::{Error, ErrorKind};
+use crate::metrics::WorkerMetrics;
 use crate::request::to_generate_params;
+use qwen_telemetry::TraceContext;
+use std::time::Instant;
 
 pub struct WorkerService {
     engine: EngineHandle,
     defaults: GenerationConfig,
     block_size: usize,
     info: InfoResponse,
+    metrics: Arc<WorkerMetrics>,
     next_id: AtomicU64,
 }
 
@@ -35,6 +39,7 @@ pub struct ServiceConfig {
     pub block_size: usize,
     /// What `Info` answers (see `info::model_info`).
     pub info: InfoResponse,
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 impl WorkerService {
@@ -44,6 +49,7 @@ impl WorkerService {
             defaults: cfg.defaults,
             block_size: cfg.block_size,
             info: cfg.info,
+            metrics: cfg.metrics,
             next_id: AtomicU64::new(0),
         }
     }
@@ -74,6 +80,9 @@ impl Worker for WorkerService {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let arrived = Instant::now();
+        // The router's trace context, so this request's log lines (and exported spans) join its trace.
+        let trace = TraceContext::from_metadata(request.metadata()).unwrap_or_else(TraceContext::new_root);
         let req = request.into_inner();
         let params = to_generate_params(&req, &self.defaults).map_err(|e| status(&e))?;
         let request_id = if req.request_id.is_empty() {
@@ -90,10 +99,21 @@ impl Worker for WorkerService {
         // channel and frees the request's blocks within one step.
         let finished = Arc::new(AtomicBool::new(false));
         let seen_finish = finished.clone();
+        let span = tracing::info_span!("generate", request_id = %request_id, trace_id = %trace.trace_id_hex());
+        qwen_telemetry::logging::set_remote_parent(&span, &trace);
+        let metrics = self.metrics.clone();
+        let (mut last, mut generated) = (arrived, 0u64);
         let stream = UnboundedReceiverStream::new(rx).map(move |event| {
             let mut msg = GenerateResponse { request_id: request_id.clone(), prompt_tokens, ..Default::default() };
             match event {
                 Event::Token { token, logprob, top } => {
+                    let now = Instant::now();
+                    if generated == 0 {
+                        metrics.first_token((now - arrived).as_secs_f64());
+                    } else {
+                        metrics.next_token((now - last).as_secs_f64());
+                    }
+                    (last, generated) = (now, generated + 1);
                     msg.token_id = Some(token);
                     if !logprob.is_nan() {
                         msg.logprob = Some(logprob);
@@ -103,6 +123,18 @@ impl Worker for WorkerService {
                 }
                 Event::Finished { reason, cached_prompt_tokens, message } => {
                     seen_finish.store(true, Ordering::Relaxed);
+                    let secs = arrived.elapsed().as_secs_f64();
+                    metrics.finished(reason, secs, u64::from(prompt_tokens), generated);
+                    span.in_scope(|| {
+                        tracing::info!(
+                            ?reason,
+                            prompt_tokens,
+                            generated,
+                            cached_prompt_tokens,
+                            secs,
+                            "request finished"
+                        )
+                    });
                     msg.finish_reason = finish_reason(reason) as i32;
                     msg.cached_prompt_tokens = cached_prompt_tokens as u32;
                     msg.error = message.unwrap_or_default();

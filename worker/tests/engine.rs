@@ -28,6 +28,7 @@ fn engine(name: &str, blocks: usize, block_size: usize, max_batch_tokens: usize)
         scheduler: SchedulerConfig { block_size, max_batch_tokens, max_seqs: 64 },
         num_blocks: blocks,
         model_name: name.to_string(),
+        metrics: None,
     };
     spawn(model, config).unwrap().0
 }

@@ -46,6 +46,7 @@ fn group(name: &'static str, tp: usize, timeout: Duration) -> (EngineHandle, Vec
         scheduler: SchedulerConfig { block_size: BLOCK_SIZE, max_batch_tokens: 16, max_seqs: 8 },
         num_blocks: BLOCKS,
         model_name: name.into(),
+        metrics: None,
     };
     (spawn(model, config).unwrap().0, followers)
 }
@@ -111,6 +112,7 @@ fn a_dead_follower_fails_requests_instead_of_hanging() {
         scheduler: SchedulerConfig { block_size: BLOCK_SIZE, max_batch_tokens: 16, max_seqs: 8 },
         num_blocks: BLOCKS,
         model_name: "x".into(),
+        metrics: None,
     };
     let (engine, thread) = spawn(model, config).unwrap();
     let (tokens, reason) = collect(submit(&engine, "a", &[1, 2, 3], 4));

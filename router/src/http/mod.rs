@@ -22,10 +22,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorKind, RouterError};
-use crate::generate::{Chunk, Collected, Finish, Generation, Router, TokenLogprob};
+use crate::generate::{Chunk, Collected, Finish, Generation, RequestMeta, Router, TokenLogprob};
+use crate::metrics::{Api as Endpoint, RouterScrape};
 use crate::models::ModelInfo;
 use crate::template::Message;
 use crate::validate::{prepare, Options, Prompt};
+use qwen_telemetry::TraceContext;
 use types::{ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, PromptInput, Sampling, Usage};
 
 pub const MAX_N: u32 = 16;
@@ -48,6 +50,7 @@ pub fn routes(cfg: HttpConfig) -> Routes {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .merge(qwen_telemetry::exposition::route(Arc::new(RouterScrape(cfg.router.clone()))))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route", None) })
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .with_state(cfg.router)
@@ -143,18 +146,21 @@ struct Plan {
     prompt: Prompt,
     opts: Options,
     n: u32,
+    meta: RequestMeta,
 }
 
 async fn start(router: &Arc<Router>, plan: Plan) -> Result<Vec<Generation>, ApiError> {
     if plan.n == 0 || plan.n > MAX_N {
         return Err(invalid("n", format!("{}: must be in 1..={MAX_N}", plan.n)));
     }
+    let meta = plan.meta;
     let starts = (0..plan.n).map(|i| {
         let mut opts = plan.opts.clone();
         // Each choice its own sample, still reproducible for a given seed.
         opts.seed = opts.seed.map(|s| s.wrapping_add(i as u64));
-        let prepared = prepare(plan.model.clone(), plan.prompt.clone(), opts);
-        async move { router.generate(prepared?, None).await }
+        let prepared = prepare(plan.model.clone(), plan.prompt.clone(), opts)
+            .inspect_err(|e| router.metrics.request(&plan.model.name, meta.api, Err(e)));
+        async move { router.generate(prepared?, meta).await }
     });
     let results = futures::future::join_all(starts).await;
     results.into_iter().collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
@@ -237,7 +243,8 @@ async fn completions(
         PromptInput::IdsBatch(mut v) if v.len() == 1 => Prompt::Ids(v.remove(0)),
         _ => return Err(invalid("prompt", "batches of more than one prompt are not supported; send one per request")),
     };
-    let model = router.pool.model(&req.model)?;
+    let meta = RequestMeta::new(Endpoint::HttpCompletions, TraceContext::from_headers(&headers), None);
+    let model = router.pool.model(&req.model).inspect_err(|e| router.metrics.request(&req.model, meta.api, Err(e)))?;
     let mut opts = options(&req.sampling, &headers);
     // OpenAI's completions default is 16 tokens.
     opts.max_tokens = Some(req.sampling.max_tokens.unwrap_or(16));
@@ -250,7 +257,7 @@ async fn completions(
     let stream = req.sampling.stream;
     let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     let n = req.sampling.n.unwrap_or(1);
-    let gens = start(&router, Plan { model: model.clone(), prompt, opts, n }).await?;
+    let gens = start(&router, Plan { model: model.clone(), prompt, opts, n, meta }).await?;
     respond(api, model, req.model, gens, stream, include_usage).await
 }
 
@@ -284,7 +291,8 @@ async fn chat_completions(
         };
         messages.push(Message { role: m.role, content });
     }
-    let model = router.pool.model(&req.model)?;
+    let meta = RequestMeta::new(Endpoint::HttpChat, TraceContext::from_headers(&headers), None);
+    let model = router.pool.model(&req.model).inspect_err(|e| router.metrics.request(&req.model, meta.api, Err(e)))?;
     let mut opts = options(&req.sampling, &headers);
     opts.max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     opts.stop = req.sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
@@ -294,7 +302,8 @@ async fn chat_completions(
     let stream = req.sampling.stream;
     let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     let n = req.sampling.n.unwrap_or(1);
-    let gens = start(&router, Plan { model: model.clone(), prompt: Prompt::Chat(messages), opts, n }).await?;
+    let plan = Plan { model: model.clone(), prompt: Prompt::Chat(messages), opts, n, meta };
+    let gens = start(&router, plan).await?;
     respond(api, model, req.model, gens, stream, include_usage).await
 }
 

@@ -155,6 +155,14 @@ impl PrefixCache {
         self.entries.is_empty()
     }
 
+    pub fn hit_tokens(&self) -> u64 {
+        self.hit_tokens
+    }
+
+    pub fn queried_tokens(&self) -> u64 {
+        self.queried_tokens
+    }
+
     /// Share of looked-up prompt tokens found cached.
     pub fn hit_rate(&self) -> f64 {
         if self.queried_tokens == 0 {

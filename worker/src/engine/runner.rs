@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     pub num_blocks: usize,
     pub model_name: String,
+    /// Step metrics (batch size, step time), when serving.
+    pub metrics: Option<Arc<crate::metrics::WorkerMetrics>>,
 }
 
 /// A request as the engine receives it: already validated by [`EngineHandle::submit`].
@@ -57,6 +59,9 @@ pub struct Stats {
     /// Generated tokens per second over the last few seconds.
     pub tokens_per_s: f64,
     pub preemptions: u64,
+    /// Cumulative prompt tokens found in / looked up in the prefix cache.
+    pub prefix_hit_tokens: u64,
+    pub prefix_query_tokens: u64,
     pub model_name: String,
     pub max_context: usize,
 }
@@ -216,7 +221,11 @@ impl Engine {
             if plan.is_empty() {
                 continue;
             }
+            let started = Instant::now();
             let generated = self.step(&plan);
+            if let Some(m) = &self.config.metrics {
+                m.step(plan.len(), started.elapsed().as_secs_f64());
+            }
             self.publish_stats(generated);
             if self.group_broken {
                 // A rank is gone: this engine can no longer run a forward. Stopping drops the
@@ -441,6 +450,8 @@ impl Engine {
             total_blocks: s.blocks.pool.total(),
             cached_blocks: s.blocks.prefix.len(),
             prefix_cache_hit_rate: s.blocks.prefix.hit_rate(),
+            prefix_hit_tokens: s.blocks.prefix.hit_tokens(),
+            prefix_query_tokens: s.blocks.prefix.queried_tokens(),
             tokens_per_s: if span > 0.0 { tokens as f64 / span } else { 0.0 },
             preemptions: s.preemptions,
             model_name: self.config.model_name.clone(),

@@ -1,0 +1,197 @@
+//! Every metric the router exports, named here and nowhere else (prefix `qwen_serve_router_`).
+//! Per-token histograms are lock-free and looked up once per request, never per token.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use qwen_telemetry::exposition::{render, Scrape};
+use qwen_telemetry::histogram::latency_buckets;
+use qwen_telemetry::AtomicHistogram;
+
+use crate::error::RouterError;
+use crate::generate::Router;
+
+/// Which front-end call a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    GrpcGenerate,
+    GrpcChat,
+    HttpCompletions,
+    HttpChat,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::GrpcGenerate => "grpc_generate",
+            Api::GrpcChat => "grpc_chat",
+            Api::HttpCompletions => "http_completions",
+            Api::HttpChat => "http_chat",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub api: &'static str,
+    /// ok, cancelled (client went away), or the error kind.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+}
+
+type Histograms = Family<ModelLabels, AtomicHistogram, fn() -> AtomicHistogram>;
+
+fn latency() -> AtomicHistogram {
+    AtomicHistogram::new(latency_buckets())
+}
+
+pub struct RouterMetrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    ttft: Histograms,
+    itl: Histograms,
+    e2e: Histograms,
+    queue: AtomicHistogram,
+    prompt_tokens: Family<ModelLabels, Counter>,
+    generation_tokens: Family<ModelLabels, Counter>,
+    retries: Counter,
+    routed: Family<GroupLabels, Counter>,
+    in_flight: Gauge,
+    queued: Gauge,
+    group_healthy: Family<GroupLabels, Gauge>,
+    group_in_flight: Family<GroupLabels, Gauge>,
+    group_breaker_open: Family<GroupLabels, Gauge>,
+    etcd_connected: Gauge<i64, AtomicI64>,
+}
+
+/// One request's latency handles, fetched once.
+pub struct RequestTimers {
+    pub ttft: AtomicHistogram,
+    pub itl: AtomicHistogram,
+    pub e2e: AtomicHistogram,
+}
+
+impl RouterMetrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("qwen_serve_router");
+        let m = RouterMetrics {
+            requests: Family::default(),
+            ttft: Family::new_with_constructor(latency),
+            itl: Family::new_with_constructor(latency),
+            e2e: Family::new_with_constructor(latency),
+            queue: latency(),
+            prompt_tokens: Family::default(),
+            generation_tokens: Family::default(),
+            retries: Counter::default(),
+            routed: Family::default(),
+            in_flight: Gauge::default(),
+            queued: Gauge::default(),
+            group_healthy: Family::default(),
+            group_in_flight: Family::default(),
+            group_breaker_open: Family::default(),
+            etcd_connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests by model, API and outcome", m.requests.clone());
+        registry.register("time_to_first_token_seconds", "Arrival to first token", m.ttft.clone());
+        registry.register("inter_token_latency_seconds", "Time between tokens streamed out", m.itl.clone());
+        registry.register("request_duration_seconds", "Arrival to the end of the response", m.e2e.clone());
+        registry.register("queue_duration_seconds", "Time waiting for an admission slot", m.queue.clone());
+        registry.register("prompt_tokens", "Prompt tokens of routed requests", m.prompt_tokens.clone());
+        registry.register("generation_tokens", "Tokens streamed to clients", m.generation_tokens.clone());
+        registry.register("retries", "Attempts moved to another group before the first token", m.retries.clone());
+        registry.register("group_routed_requests", "Attempts sent to each group", m.routed.clone());
+        registry.register("requests_in_flight", "Requests holding an admission slot", m.in_flight.clone());
+        registry.register("requests_queued", "Requests waiting for an admission slot", m.queued.clone());
+        registry.register("group_healthy", "1 when the group passes health checks", m.group_healthy.clone());
+        registry.register("group_in_flight", "Requests the router has open on the group", m.group_in_flight.clone());
+        registry.register(
+            "group_breaker_open",
+            "1 while the group's circuit breaker is open or half-open",
+            m.group_breaker_open.clone(),
+        );
+        registry.register("etcd_connected", "1 while membership is watched live (static: 0)", m.etcd_connected.clone());
+        Arc::new(RouterMetrics { registry, ..m })
+    }
+
+    pub fn timers(&self, model: &str) -> RequestTimers {
+        let l = ModelLabels { model: model.to_string() };
+        RequestTimers {
+            ttft: self.ttft.get_or_create(&l).clone(),
+            itl: self.itl.get_or_create(&l).clone(),
+            e2e: self.e2e.get_or_create(&l).clone(),
+        }
+    }
+
+    pub fn queued_for(&self, secs: f64) {
+        self.queue.observe(secs);
+    }
+
+    pub fn routed(&self, group: &str) {
+        self.routed.get_or_create(&GroupLabels { group: group.to_string() }).inc();
+    }
+
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+
+    pub fn tokens(&self, model: &str, prompt: u64, generated: u64) {
+        let l = ModelLabels { model: model.to_string() };
+        self.prompt_tokens.get_or_create(&l).inc_by(prompt);
+        self.generation_tokens.get_or_create(&l).inc_by(generated);
+    }
+
+    /// A request ended: `Ok(true)` complete, `Ok(false)` the client left first.
+    pub fn request(&self, model: &str, api: Api, result: Result<bool, &RouterError>) {
+        let outcome = match result {
+            Ok(true) => "ok",
+            Ok(false) => "cancelled",
+            Err(e) => e.kind().as_str(),
+        };
+        self.requests.get_or_create(&RequestLabels { model: model.to_string(), api: api.as_str(), outcome }).inc();
+    }
+
+    pub fn set_etcd_connected(&self, yes: bool) {
+        self.etcd_connected.set(i64::from(yes));
+    }
+
+    fn refresh(&self, router: &Router) {
+        self.in_flight.set(router.admission.in_flight() as i64);
+        self.queued.set(router.admission.queued() as i64);
+        self.group_healthy.clear();
+        self.group_in_flight.clear();
+        self.group_breaker_open.clear();
+        for g in router.pool.snapshot() {
+            let l = GroupLabels { group: g.name.to_string() };
+            self.group_healthy.get_or_create(&l).set(i64::from(g.is_healthy()));
+            self.group_in_flight.get_or_create(&l).set(g.load().in_flight as i64);
+            let open = g.breaker_state() != crate::breaker::BreakerState::Closed;
+            self.group_breaker_open.get_or_create(&l).set(i64::from(open));
+        }
+    }
+}
+
+/// What `/metrics` renders: the metrics after a refresh from the router's live state.
+pub struct RouterScrape(pub Arc<Router>);
+
+impl Scrape for RouterScrape {
+    fn render(&self) -> String {
+        self.0.metrics.refresh(&self.0);
+        render(&self.0.metrics.registry)
+    }
+}

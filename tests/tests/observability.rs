@@ -1,0 +1,203 @@
+//! Metrics and traces of real processes: both `/metrics` pass `promtool check metrics`; a real
+//! Prometheus server scrapes a router and a worker and PromQL returns the request count and a
+//! TTFT quantile; a client's `traceparent` reaches the worker's JSON logs through the router.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qwen_tests::{RouterProcess, WorkerProcess};
+use serde_json::{json, Value};
+
+const MODEL: &str = "qwen2-gqa";
+
+fn bare(addr: &str) -> &str {
+    addr.trim_start_matches("http://")
+}
+
+async fn wait_ready(r: &RouterProcess) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(format!("{}/health", r.http)).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "router never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn complete(r: &RouterProcess, traceparent: Option<&str>) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/v1/completions", r.http))
+        .json(&json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 6, "temperature": 0}));
+    if let Some(t) = traceparent {
+        req = req.header("traceparent", t);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+}
+
+fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus)");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real Prometheus server scraping `targets` every 200 ms; killed (by PID) on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(jobs: &[(&str, &str)]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config =
+            String::from("global:\n  scrape_interval: 200ms\n  evaluation_interval: 200ms\nscrape_configs:\n");
+        for (job, target) in jobs {
+            config.push_str(&format!("  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n"));
+        }
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (apt-get install prometheus)");
+        Prometheus { child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
+    }
+
+    /// The first sample's value of an instant query, once it has one.
+    async fn query(&self, promql: &str, deadline: Instant) -> f64 {
+        loop {
+            let resp = reqwest::Client::new()
+                .get(format!("{}/api/v1/query", self.url))
+                .query(&[("query", promql)])
+                .send()
+                .await;
+            if let Ok(resp) = resp {
+                if let Ok(v) = resp.json::<Value>().await {
+                    let value = v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse::<f64>().ok());
+                    if let Some(x) = value.filter(|x| x.is_finite()) {
+                        return x;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no result for {promql}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_router_and_worker() {
+    let w = WorkerProcess::start(MODEL, &["--metrics-listen", "127.0.0.1:0"]);
+    let worker_metrics = w.metrics.clone().unwrap();
+    let r = RouterProcess::start(&["--worker", bare(&w.addr)]);
+    wait_ready(&r).await;
+    for _ in 0..5 {
+        complete(&r, None).await;
+    }
+    let router_text = reqwest::get(format!("{}/metrics", r.http)).await.unwrap().text().await.unwrap();
+    let worker_text = reqwest::get(format!("http://{worker_metrics}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        router_text
+            .contains(r#"qwen_serve_router_requests_total{model="qwen2-gqa",api="http_completions",outcome="ok"} 5"#),
+        "{router_text}"
+    );
+    assert!(
+        worker_text.contains(r#"qwen_serve_worker_requests_total{model="qwen2-gqa",outcome="length"} 5"#),
+        "{worker_text}"
+    );
+    assert!(
+        worker_text.contains(r#"qwen_serve_worker_generation_tokens_total{model="qwen2-gqa"} 30"#),
+        "{worker_text}"
+    );
+    promtool_check(&router_text);
+    promtool_check(&worker_text);
+
+    let router_target = bare(&r.http).to_string();
+    let prom = Prometheus::start(&[("router", &router_target), ("worker", &worker_metrics)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let count = prom.query(r#"sum(qwen_serve_router_requests_total{outcome="ok"})"#, deadline).await;
+    assert_eq!(count, 5.0);
+    let p50 = prom
+        .query("histogram_quantile(0.5, sum by (le) (qwen_serve_router_time_to_first_token_seconds_bucket))", deadline)
+        .await;
+    assert!(p50 > 0.0 && p50 < 10.0, "TTFT p50 {p50}");
+    let worker_tokens = prom.query("sum(qwen_serve_worker_generation_tokens_total)", deadline).await;
+    assert_eq!(worker_tokens, 30.0);
+    let used = prom.query("qwen_serve_worker_kv_blocks_capacity", deadline).await;
+    assert!(used > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_traceparent_reaches_the_workers_logs() {
+    // The worker logs JSON lines to a file we read afterwards.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut worker = Command::new(qwen_tests::bin("qwen-worker"))
+        .args(["--log-format", "json", "serve", "--model"])
+        .arg(qwen_tests::fixture(MODEL))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = worker.stdout.as_mut().unwrap().read(&mut first).unwrap();
+    let line = String::from_utf8_lossy(&first[..n]).to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let r = RouterProcess::start(&["--worker", &addr, "--log-format", "json"]);
+    wait_ready(&r).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    complete(&r, Some(&format!("00-{trace_id}-00f067aa0ba902b7-01"))).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let hit = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["fields"]["message"] == "request finished" && v["span"]["trace_id"] == trace_id);
+        if let Some(v) = hit {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no worker log line with trace id {trace_id}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(found["fields"]["generated"], json!(6));
+    qwen_tests::signal(worker.id(), "TERM");
+    let _ = worker.wait();
+}
