@@ -72,7 +72,8 @@ async fn serve_grpc(listener: TcpListener, router: Arc<Router>, cancel: Cancella
             return;
         }
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Streamed chunks are small writes: without TCP_NODELAY, Nagle holds them for the peer's ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(v1)

@@ -223,7 +223,8 @@ pub async fn serve(
             }
         }
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Token messages are small writes: without TCP_NODELAY, Nagle holds them for the peer's ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(WorkerServer::new(service))

@@ -199,7 +199,7 @@ fn main() -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
         );
         let (_router, router_addr) = start_router(&worker_addr)?;
         // Wait until the router has learnt the model.
@@ -221,6 +221,9 @@ fn main() -> anyhow::Result<()> {
         println!("| clients | direct req/s | router req/s | direct p50 ms | router p50 ms | direct p99 ms | router p99 ms | added p50 ms | added p99 ms |");
         println!("|---|---|---|---|---|---|---|---|---|");
         for &c in &args.concurrency {
+            // Connections, the router's per-model tables and the allocator warm up first.
+            run(Path::Direct, &format!("http://{worker_addr}"), c, 1, args.tokens).await?;
+            run(Path::Router, &router_addr, c, 1, args.tokens).await?;
             let direct = run(Path::Direct, &format!("http://{worker_addr}"), c, args.seconds, args.tokens).await?;
             let routed = run(Path::Router, &router_addr, c, args.seconds, args.tokens).await?;
             let rate = |v: &[Duration]| v.len() as f64 / args.seconds as f64;
