@@ -75,9 +75,17 @@ pub fn init(cfg: &LogConfig) -> Result<TelemetryGuard, TelemetryError> {
                 .build()
                 .map_err(|e| fail(e.to_string()))?;
             let resource = opentelemetry_sdk::Resource::builder().with_service_name(cfg.service).build();
-            let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+            // The SDK's default batch processor exports from a plain thread, where the tonic
+            // client has no reactor; this one exports from the runtime above.
+            let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                exporter,
+                opentelemetry_sdk::runtime::Tokio,
+            )
+            .build();
+            let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
             let tracer = provider.tracer(cfg.service);
-            let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter());
+            // Exported spans do not depend on how verbose the logs are (RUST_LOG).
+            let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(EnvFilter::new("info"));
             (Some(layer), Some(provider), Some(runtime))
         }
     };

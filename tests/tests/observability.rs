@@ -1,6 +1,8 @@
 //! Metrics and traces of real processes: both `/metrics` pass `promtool check metrics`; a real
 //! Prometheus server scrapes a router and a worker and PromQL returns the request count and a
-//! TTFT quantile; a client's `traceparent` reaches the worker's JSON logs through the router.
+//! TTFT quantile; a client's `traceparent` reaches the worker's JSON logs through the router, and
+//! with `--otlp-endpoint` both export spans of that trace (worker under router under client) to a
+//! real OTLP/gRPC endpoint.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -200,4 +202,75 @@ async fn a_clients_traceparent_reaches_the_workers_logs() {
     assert_eq!(found["fields"]["generated"], json!(6));
     qwen_tests::signal(worker.id(), "TERM");
     let _ = worker.wait();
+}
+
+mod otlp {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use tokio::sync::mpsc::UnboundedSender;
+    use tonic::{Request, Response, Status};
+
+    /// A real OTLP/gRPC endpoint that hands every export to the test.
+    pub struct Collector(pub UnboundedSender<ExportTraceServiceRequest>);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            let _ = self.0.send(request.into_inner());
+            Ok(Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    pub fn server(c: Collector) -> TraceServiceServer<Collector> {
+        TraceServiceServer::new(c)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_with_the_clients_trace() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(otlp::server(otlp::Collector(tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let w = WorkerProcess::start(MODEL, &["--otlp-endpoint", &endpoint]);
+    let r = RouterProcess::start(&["--worker", bare(&w.addr), "--otlp-endpoint", &endpoint]);
+    wait_ready(&r).await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    complete(&r, Some(&format!("00-{trace_id}-b7ad6b7169203331-01"))).await;
+    // (service, span id, parent span id) of every span in the client's trace.
+    let mut spans: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want = u128::from_str_radix(trace_id, 16).unwrap().to_be_bytes().to_vec();
+    while !(spans.iter().any(|s| s.0 == "qwen-router") && spans.iter().any(|s| s.0 == "qwen-worker")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(export)) = tokio::time::timeout(left, rx.recv()).await else {
+            panic!("spans of trace {trace_id} from both processes not exported in time: {spans:?}");
+        };
+        for rs in export.resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            let service = if service.contains("qwen-router") { "qwen-router" } else { "qwen-worker" };
+            for span in rs.scope_spans.iter().flat_map(|s| &s.spans).filter(|s| s.trace_id == want) {
+                spans.push((service.to_string(), span.span_id.clone(), span.parent_span_id.clone()));
+            }
+        }
+    }
+    // The router's span continues the client's; the worker's hangs under the router's.
+    let client_span = u64::from_str_radix("b7ad6b7169203331", 16).unwrap().to_be_bytes().to_vec();
+    assert!(spans.iter().any(|s| s.0 == "qwen-router" && s.2 == client_span), "{spans:?}");
+    let router_ids: Vec<&Vec<u8>> = spans.iter().filter(|s| s.0 == "qwen-router").map(|s| &s.1).collect();
+    assert!(spans.iter().any(|s| s.0 == "qwen-worker" && router_ids.contains(&&s.2)), "{spans:?}");
 }
