@@ -301,7 +301,7 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
             metrics: Some(metrics.clone()),
         },
     )?;
-    metrics.attach(engine.clone());
+    metrics.attach(engine.stats_view());
     let watch = engine.clone();
     let alive = engine.clone();
     let service = WorkerService::new(
@@ -373,8 +373,6 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
         });
         serve(service, listener, stop, DrainConfig { timeout: cfg.drain_timeout, deregister }).await?;
         stop_metrics.cancel();
-        // The engine stops once no handle is left; the metrics hold one.
-        metrics.detach();
         watcher.abort();
         if !alive.is_alive() {
             bail!("the engine thread stopped");

@@ -14,7 +14,7 @@ use qwen_telemetry::exposition::{render, Scrape};
 use qwen_telemetry::histogram::latency_buckets;
 use qwen_telemetry::AtomicHistogram;
 
-use crate::engine::runner::{EngineHandle, Stats};
+use crate::engine::runner::{Stats, StatsView};
 use crate::engine::sequence::FinishReason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,7 +44,7 @@ pub struct WorkerMetrics {
     registered: Gauge<i64, AtomicI64>,
     /// Engine counters already exported, to turn cumulative snapshots into increments.
     exported: Mutex<(u64, u64, u64)>,
-    engine: Mutex<Option<EngineHandle>>,
+    stats: Mutex<Option<StatsView>>,
 }
 
 fn outcome(r: FinishReason) -> &'static str {
@@ -81,7 +81,7 @@ impl WorkerMetrics {
             preemptions: Counter::default(),
             registered: Gauge::default(),
             exported: Mutex::new((0, 0, 0)),
-            engine: Mutex::new(None),
+            stats: Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests finished, by outcome", m.requests.clone());
@@ -113,13 +113,8 @@ impl WorkerMetrics {
     }
 
     /// Scrapes read the engine's stats from here.
-    pub fn attach(&self, engine: EngineHandle) {
-        *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some(engine);
-    }
-
-    /// Lets go of the engine handle so the engine can stop.
-    pub fn detach(&self) {
-        self.engine.lock().unwrap_or_else(|p| p.into_inner()).take();
+    pub fn attach(&self, stats: StatsView) {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     pub fn first_token(&self, secs: f64) {
@@ -170,9 +165,9 @@ impl std::fmt::Debug for WorkerMetrics {
 
 impl Scrape for WorkerMetrics {
     fn render(&self) -> String {
-        let engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(e) = engine {
-            self.refresh(&e.stats());
+        let engine = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(stats) = engine {
+            self.refresh(&stats.get());
         }
         render(&self.registry)
     }

@@ -66,6 +66,17 @@ pub struct Stats {
     pub max_context: usize,
 }
 
+/// Read-only view of the engine's stats snapshot. Unlike an [`EngineHandle`] it does not keep the
+/// engine running (the engine stops when the last handle is dropped).
+#[derive(Clone, Default)]
+pub struct StatsView(Arc<Mutex<Stats>>);
+
+impl StatsView {
+    pub fn get(&self) -> Stats {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
 /// Cheap, cloneable access to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -103,7 +114,11 @@ impl EngineHandle {
     }
 
     pub fn stats(&self) -> Stats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        self.stats_view().get()
+    }
+
+    pub fn stats_view(&self) -> StatsView {
+        StatsView(self.stats.clone())
     }
 
     /// True while the engine thread is running.
