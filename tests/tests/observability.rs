@@ -36,6 +36,18 @@ async fn complete(r: &RouterProcess, traceparent: Option<&str>) {
     assert_eq!(resp.status().as_u16(), 200);
 }
 
+/// `/metrics` at `url` once it contains `needle`, or as it is after 10 s.
+async fn scrape_when(url: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn promtool_check(text: &str) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -125,13 +137,11 @@ async fn prometheus_scrapes_router_and_worker() {
     for _ in 0..5 {
         complete(&r, None).await;
     }
-    let router_text = reqwest::get(format!("{}/metrics", r.http)).await.unwrap().text().await.unwrap();
+    // The router counts a request once its task ends, just after the client has the response.
+    let ok5 = r#"qwen_serve_router_requests_total{model="qwen2-gqa",api="http_completions",outcome="ok"} 5"#;
+    let router_text = scrape_when(&format!("{}/metrics", r.http), ok5).await;
     let worker_text = reqwest::get(format!("http://{worker_metrics}/metrics")).await.unwrap().text().await.unwrap();
-    assert!(
-        router_text
-            .contains(r#"qwen_serve_router_requests_total{model="qwen2-gqa",api="http_completions",outcome="ok"} 5"#),
-        "{router_text}"
-    );
+    assert!(router_text.contains(ok5), "{router_text}");
     assert!(
         worker_text.contains(r#"qwen_serve_worker_requests_total{model="qwen2-gqa",outcome="length"} 5"#),
         "{worker_text}"
