@@ -89,16 +89,7 @@ impl WorkerProcess {
 impl WorkerProcess {
     /// Asks the process to stop (SIGTERM) and waits up to `limit`; SIGKILL after that.
     pub fn stop(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
-        signal(self.child.id(), "TERM");
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        self.child.wait().ok()
+        stop_child(&mut self.child, limit)
     }
 
     /// The exit status if the process has ended.
@@ -112,6 +103,25 @@ impl Drop for WorkerProcess {
         // Graceful first: a `--tp` supervisor stops its ranks on SIGTERM.
         self.stop(std::time::Duration::from_secs(5));
     }
+}
+
+/// SIGTERM, then up to `limit` for the process to exit, then SIGKILL.
+fn stop_child(child: &mut std::process::Child, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+    signal(child.id(), "TERM");
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// `host:port` of an `http://host:port` address (what `--worker` takes).
+pub fn bare(addr: &str) -> &str {
+    addr.trim_start_matches("http://")
 }
 
 /// Sends SIG`name` (e.g. "KILL", "STOP") to `pid` with kill(1).
@@ -187,15 +197,6 @@ impl RouterProcess {
 
 impl Drop for RouterProcess {
     fn drop(&mut self) {
-        signal(self.child.id(), "TERM");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, std::time::Duration::from_secs(5));
     }
 }

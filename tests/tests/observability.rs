@@ -8,14 +8,10 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qwen_tests::{RouterProcess, WorkerProcess};
+use qwen_tests::{bare, RouterProcess, WorkerProcess};
 use serde_json::{json, Value};
 
 const MODEL: &str = "qwen2-gqa";
-
-fn bare(addr: &str) -> &str {
-    addr.trim_start_matches("http://")
-}
 
 async fn wait_ready(r: &RouterProcess) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -12,16 +12,12 @@ use qwen_proto::serve::{
 };
 use qwen_proto::worker::worker_client::WorkerClient;
 use qwen_proto::worker::StatsRequest;
-use qwen_tests::{golden, ids, signal, RouterProcess, WorkerProcess};
+use qwen_tests::{bare, golden, ids, signal, RouterProcess, WorkerProcess};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::Code;
 
 const MODEL: &str = "qwen2-gqa";
-
-fn bare(addr: &str) -> &str {
-    addr.trim_start_matches("http://")
-}
 
 async fn grpc(r: &RouterProcess) -> GenerationClient<Channel> {
     GenerationClient::connect(r.grpc.clone()).await.expect("connect to router")
