@@ -43,6 +43,15 @@ pub struct Usage {
     pub cached_prompt_tokens: u32,
 }
 
+impl Usage {
+    /// Adds one choice of a request with several (`n`): they share the prompt.
+    pub fn add_choice(&mut self, choice: Usage) {
+        self.prompt_tokens = choice.prompt_tokens;
+        self.completion_tokens += choice.completion_tokens;
+        self.cached_prompt_tokens = self.cached_prompt_tokens.max(choice.cached_prompt_tokens);
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
     pub token_id: u32,

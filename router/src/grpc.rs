@@ -30,8 +30,8 @@ impl PublicService {
         PublicService { router }
     }
 
-    async fn start<T>(&self, request: &Request<T>, api: Api, job: Job<'_>) -> Result<Generation, Status> {
-        let meta = RequestMeta::new(api, TraceContext::from_metadata(request.metadata()), deadline(request));
+    async fn start(&self, meta: RequestMeta, job: Job<'_>) -> Result<Generation, Status> {
+        let api = meta.api;
         let prepared = self
             .router
             .pool
@@ -81,6 +81,11 @@ fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, Router
 
 fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Prompt {
     Prompt::Chat(messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect())
+}
+
+/// Trace context and deadline from the request's metadata.
+fn request_meta<T>(request: &Request<T>, api: Api) -> RequestMeta {
+    RequestMeta::new(api, TraceContext::from_metadata(request.metadata()), deadline(request))
 }
 
 /// The client's `grpc-timeout` header as a deadline (units per the gRPC HTTP/2 spec).
@@ -197,35 +202,39 @@ where
 #[tonic::async_trait]
 impl GenerationApi for PublicService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let r = request.get_ref().clone();
+        let meta = request_meta(&request, Api::GrpcGenerate);
+        let r = request.into_inner();
         let job = Job { model: &r.model, prompt: generate_prompt(r.prompt), options: r.options };
-        let generation = self.start(&request, Api::GrpcGenerate, job).await?;
+        let generation = self.start(meta, job).await?;
         unary(r.model, generation).await
     }
 
     type GenerateStreamStream = ChunkStream;
 
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
-        let r = request.get_ref().clone();
+        let meta = request_meta(&request, Api::GrpcGenerate);
+        let r = request.into_inner();
         let job = Job { model: &r.model, prompt: generate_prompt(r.prompt), options: r.options };
-        let generation = self.start(&request, Api::GrpcGenerate, job).await?;
+        let generation = self.start(meta, job).await?;
         let group = generation.group.clone();
         Ok(with_group(Response::new(streaming(generation)), &group))
     }
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
-        let r = request.get_ref().clone();
+        let meta = request_meta(&request, Api::GrpcChat);
+        let r = request.into_inner();
         let job = Job { model: &r.model, prompt: Ok(chat_prompt(r.messages)), options: r.options };
-        let generation = self.start(&request, Api::GrpcChat, job).await?;
+        let generation = self.start(meta, job).await?;
         unary(r.model, generation).await
     }
 
     type ChatStreamStream = ChunkStream;
 
     async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
-        let r = request.get_ref().clone();
+        let meta = request_meta(&request, Api::GrpcChat);
+        let r = request.into_inner();
         let job = Job { model: &r.model, prompt: Ok(chat_prompt(r.messages)), options: r.options };
-        let generation = self.start(&request, Api::GrpcChat, job).await?;
+        let generation = self.start(meta, job).await?;
         let group = generation.group.clone();
         Ok(with_group(Response::new(streaming(generation)), &group))
     }

@@ -335,9 +335,7 @@ async fn respond(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            usage.prompt_tokens = c.usage.prompt_tokens;
-            usage.completion_tokens += c.usage.completion_tokens;
-            usage.cached_prompt_tokens = usage.cached_prompt_tokens.max(c.usage.cached_prompt_tokens);
+            usage.add_choice(c.usage);
             match api {
                 Api::Completions { logprobs } => json!({
                     "index": i,
@@ -413,10 +411,7 @@ fn sse(cfg: SseConfig, gens: Vec<Generation>) -> impl Stream<Item = Result<Event
         let (text, token_ids, logprobs, finish) = match chunk {
             Chunk::Delta { text, token_ids, logprobs } => (text, token_ids, logprobs, None),
             Chunk::Done { finish, usage: u } => {
-                let mut total = body_usage.lock().unwrap_or_else(|p| p.into_inner());
-                total.prompt_tokens = u.prompt_tokens;
-                total.completion_tokens += u.completion_tokens;
-                total.cached_prompt_tokens = total.cached_prompt_tokens.max(u.cached_prompt_tokens);
+                body_usage.lock().unwrap_or_else(|p| p.into_inner()).add_choice(u);
                 (String::new(), Vec::new(), Vec::new(), Some(finish))
             }
         };
