@@ -87,7 +87,8 @@ pub enum Discovery {
 }
 
 pub struct RouterConfig {
-    pub local_tokenizers: std::collections::HashMap<String, std::path::PathBuf>,
+    /// `--tokenizer NAME=DIR`, loaded.
+    pub local_tokenizers: std::collections::HashMap<String, crate::models::LocalTokenizer>,
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub discovery: Discovery,
@@ -152,10 +153,10 @@ impl RouterArgs {
             let Some((name, dir)) = spec.split_once('=') else {
                 return Err(format!("--tokenizer {spec:?}: expected NAME=DIR"));
             };
-            // Loaded once here so a bad directory stops the router at start, naming the file.
-            crate::models::LocalTokenizer::from_dir(std::path::Path::new(dir))
+            // Loaded here, once: a bad directory stops the router at start, naming the file.
+            let local = crate::models::LocalTokenizer::from_dir(std::path::Path::new(dir))
                 .map_err(|e| format!("--tokenizer {spec}: {e}"))?;
-            local_tokenizers.insert(name.to_string(), std::path::PathBuf::from(dir));
+            local_tokenizers.insert(name.to_string(), local);
         }
         let health_interval = Duration::from_millis(self.health_interval_ms);
         Ok(RouterConfig {

@@ -2,6 +2,7 @@
 //! tokenizer, the chat template, the context length and the eos ids.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use qwen_proto::worker::{InfoResponse, TokenizerKind};
 use qwen_tokenizer::Tokenizer;
@@ -15,7 +16,7 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub eos_token_ids: Vec<u32>,
     /// `None`: the checkpoint ships no tokenizer; only token-id prompts work.
-    pub tokenizer: Option<Tokenizer>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
     /// `None` when there is no tokenizer to encode a rendered chat with.
     pub chat_template: Option<ChatTemplate>,
 }
@@ -23,14 +24,15 @@ pub struct ModelInfo {
 /// A model's tokenizer and chat template from a local directory (`--tokenizer NAME=DIR`),
 /// instead of what the workers send.
 pub struct LocalTokenizer {
-    pub tokenizer: Tokenizer,
+    /// Shared with the model's `ModelInfo`: loaded once, at start.
+    pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Option<String>,
 }
 
 impl LocalTokenizer {
     pub fn from_dir(dir: &Path) -> qwen_tokenizer::Result<Self> {
         Ok(LocalTokenizer {
-            tokenizer: Tokenizer::from_dir(dir)?,
+            tokenizer: Arc::new(Tokenizer::from_dir(dir)?),
             chat_template: qwen_tokenizer::chat_template_from_dir(dir)?,
         })
     }
@@ -39,13 +41,14 @@ impl LocalTokenizer {
 impl ModelInfo {
     /// From a worker's `Info`; `local` (loaded from `--tokenizer`) replaces its tokenizer and
     /// template.
-    pub fn from_info(info: &InfoResponse, local: Option<LocalTokenizer>) -> Result<Self> {
+    pub fn from_info(info: &InfoResponse, local: Option<&LocalTokenizer>) -> Result<Self> {
         let origin = Path::new("<worker Info>");
         let load = |r: qwen_tokenizer::Result<Tokenizer>| {
-            r.map(Some).map_err(|e| RouterError::Internal(format!("model `{}`: tokenizer: {e}", info.model_name)))
+            r.map(|t| Some(Arc::new(t)))
+                .map_err(|e| RouterError::Internal(format!("model `{}`: tokenizer: {e}", info.model_name)))
         };
         let (tokenizer, template) = match local {
-            Some(l) => (Some(l.tokenizer), l.chat_template.unwrap_or_default()),
+            Some(l) => (Some(l.tokenizer.clone()), l.chat_template.clone().unwrap_or_default()),
             None => {
                 let kind = TokenizerKind::try_from(info.tokenizer_kind).unwrap_or(TokenizerKind::Unspecified);
                 let tokenizer = match kind {
@@ -73,7 +76,7 @@ impl ModelInfo {
     }
 
     pub fn tokenizer(&self, field: &str) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| {
+        self.tokenizer.as_deref().ok_or_else(|| {
             RouterError::invalid(field, format!("model `{}` has no tokenizer: send token ids", self.name))
         })
     }

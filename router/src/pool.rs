@@ -3,7 +3,6 @@
 //! per model) so routing sees which groups are up, how loaded they are and what they serve.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -119,14 +118,14 @@ impl Group {
 pub struct Pool {
     cfg: PoolConfig,
     /// `--tokenizer NAME=DIR`: models whose tokenizer and template come from a local directory.
-    local_tokenizers: HashMap<String, PathBuf>,
+    local_tokenizers: HashMap<String, LocalTokenizer>,
     groups: RwLock<BTreeMap<Arc<str>, Arc<Group>>>,
     models: RwLock<HashMap<String, Arc<ModelInfo>>>,
     policy: Box<dyn Policy>,
 }
 
 impl Pool {
-    pub fn new(cfg: PoolConfig, policy: Box<dyn Policy>, local_tokenizers: HashMap<String, PathBuf>) -> Self {
+    pub fn new(cfg: PoolConfig, policy: Box<dyn Policy>, local_tokenizers: HashMap<String, LocalTokenizer>) -> Self {
         Pool { cfg, local_tokenizers, groups: RwLock::default(), models: RwLock::default(), policy }
     }
 
@@ -285,10 +284,7 @@ impl Pool {
                 .map_err(|_| "info timed out".to_string())?
                 .map_err(|s| format!("info: {}", s.message()))?
                 .into_inner();
-            let local = match self.local_tokenizers.get(&info.model_name) {
-                Some(dir) => Some(LocalTokenizer::from_dir(dir).map_err(|e| e.to_string())?),
-                None => None,
-            };
+            let local = self.local_tokenizers.get(&info.model_name);
             let model = ModelInfo::from_info(&info, local).map_err(|e| e.to_string())?;
             tracing::info!(group = %g.name, model = %model.name, "learnt model");
             self.models.write().unwrap_or_else(|p| p.into_inner()).insert(model.name.clone(), Arc::new(model));
