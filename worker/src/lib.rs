@@ -6,6 +6,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod info;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod request;

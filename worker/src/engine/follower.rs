@@ -21,6 +21,7 @@ pub fn run(mut model: Model, block_size: usize, num_blocks: usize, device: &Devi
         dtype: model.dtype(),
     };
     let mut store = PagedKvStore::new(layout, num_blocks, device)?;
+    store.set_kernels(model.kernels());
     loop {
         let bytes = model.comm().broadcast_bytes(0, Vec::new())?;
         match Message::decode(&bytes)? {

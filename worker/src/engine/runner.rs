@@ -148,7 +148,8 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
         block_size: config.scheduler.block_size,
         dtype: model.dtype(),
     };
-    let store = PagedKvStore::new(layout, config.num_blocks, model.device())?;
+    let mut store = PagedKvStore::new(layout, config.num_blocks, model.device())?;
+    store.set_kernels(model.kernels());
     tracing::info!(
         blocks = config.num_blocks,
         block_size = layout.block_size,

@@ -9,6 +9,7 @@ use super::attention::{Attention, BatchMeta};
 use super::parallel::{self, Shard};
 use crate::comm::Comm;
 use crate::error::Result;
+use crate::kernels::{self, KernelMode};
 use crate::weights::Weights;
 
 pub struct Linear {
@@ -52,6 +53,11 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
     }
+
+    /// `(x + residual, norm(x + residual))` in one kernel.
+    pub fn add_forward(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        kernels::add_rms_norm(x, residual, &self.weight, self.eps)
+    }
 }
 
 /// `down(silu(gate(x)) * up(x))`. The original Qwen names these `c_proj(w1(x) * silu(w2(x)))`:
@@ -63,9 +69,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+    pub fn forward(&self, x: &Tensor, mode: KernelMode) -> Result<Tensor> {
+        let inner = match mode {
+            KernelMode::Plain => (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?,
+            KernelMode::Fused => kernels::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)?,
+        };
+        self.down.forward(&inner)
     }
 }
 
@@ -147,10 +156,42 @@ pub struct StepContext<'a> {
     pub meta: &'a BatchMeta,
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Per-token query multiplier `[T, 1, 1]` (the original Qwen's LogN attention), if any.
+    /// Per-token query multiplier, f32 `[T]` (the original Qwen's LogN attention), if any.
     pub query_scale: Option<Tensor>,
     /// The tensor-parallel group (`Comm::Single` when unsharded).
     pub comm: &'a Comm,
+    pub kernels: KernelMode,
+}
+
+impl StepContext<'_> {
+    /// Rotary (and LogN scaling) for queries `[T, Hq, D]`. The fused kernel rotates in place, so
+    /// `q` must not be read elsewhere afterwards (a view of a fresh projection is fine).
+    pub fn rotate_queries(&self, q: Tensor) -> Result<Tensor> {
+        match self.kernels {
+            KernelMode::Fused => {
+                kernels::rotary_inplace(&q, &self.cos, &self.sin, self.query_scale.as_ref())?;
+                Ok(q)
+            }
+            KernelMode::Plain => {
+                let q = apply_rotary(&q, &self.cos, &self.sin)?;
+                Ok(match &self.query_scale {
+                    Some(s) => q.broadcast_mul(&s.to_dtype(q.dtype())?.reshape((s.dim(0)?, 1, 1))?)?,
+                    None => q,
+                })
+            }
+        }
+    }
+
+    /// Rotary for keys `[T, Hkv, D]`; in place with the fused kernel, as for queries.
+    pub fn rotate_keys(&self, k: Tensor) -> Result<Tensor> {
+        match self.kernels {
+            KernelMode::Fused => {
+                kernels::rotary_inplace(&k, &self.cos, &self.sin, None)?;
+                Ok(k)
+            }
+            KernelMode::Plain => apply_rotary(&k, &self.cos, &self.sin),
+        }
+    }
 }
 
 /// An architecture's attention block: projections, norms and rotary around [`Attention`].
@@ -181,20 +222,40 @@ impl<A: SelfAttention> DecoderStack<A> {
         let mut x = self.embed.index_select(tokens, 0)?;
         // Row-parallel outputs (o_proj, down) are partial sums: the one place they are summed.
         let reduce = |h: Tensor| -> Result<Tensor> { Ok(ctx.comm.all_reduce_sum(&h)?) };
-        for (i, block) in self.blocks.iter().enumerate() {
-            let h = block.attn.forward(&block.input_norm.forward(&x)?, ctx, i, attn)?;
-            x = (x + reduce(h)?)?;
-            let h = block.mlp.forward(&block.post_attn_norm.forward(&x)?)?;
-            x = (x + reduce(h)?)?;
-        }
         // Only each sequence's last position needs logits: selecting first saves the LM head's
         // vocab-wide matmul on every prompt token.
         let last: Vec<u32> =
             ctx.meta.seqs.iter().zip(&ctx.meta.offsets).map(|(s, &o)| (o + s.len - 1) as u32).collect();
         let last = Tensor::from_vec(last, ctx.meta.seqs.len(), x.device())?;
-        let x = self.final_norm.forward(&x.index_select(&last, 0)?)?;
+        let normed_last = match ctx.kernels {
+            KernelMode::Plain => {
+                for (i, block) in self.blocks.iter().enumerate() {
+                    let h = block.attn.forward(&block.input_norm.forward(&x)?, ctx, i, attn)?;
+                    x = (x + reduce(h)?)?;
+                    let h = block.mlp.forward(&block.post_attn_norm.forward(&x)?, ctx.kernels)?;
+                    x = (x + reduce(h)?)?;
+                }
+                self.final_norm.forward(&x.index_select(&last, 0)?)?
+            }
+            KernelMode::Fused => {
+                // Each residual add is fused with the norm that follows it (the next block's
+                // input norm, or the final norm after the last block).
+                let mut h = match self.blocks.first() {
+                    Some(b) => b.input_norm.forward(&x)?,
+                    None => self.final_norm.forward(&x)?,
+                };
+                for (i, block) in self.blocks.iter().enumerate() {
+                    let a = reduce(block.attn.forward(&h, ctx, i, attn)?)?;
+                    let (x1, h1) = block.post_attn_norm.add_forward(&x, &a)?;
+                    let m = reduce(block.mlp.forward(&h1, ctx.kernels)?)?;
+                    let next = self.blocks.get(i + 1).map_or(&self.final_norm, |b| &b.input_norm);
+                    (x, h) = next.add_forward(&x1, &m)?;
+                }
+                h.index_select(&last, 0)?
+            }
+        };
         // Vocab-parallel head: each rank's slice of the vocabulary, gathered in rank order.
-        Ok(ctx.comm.all_gather(&self.lm_head.forward(&x)?, 1)?)
+        Ok(ctx.comm.all_gather(&self.lm_head.forward(&normed_last)?, 1)?)
     }
 }
 

@@ -21,6 +21,7 @@ use parallel::Shard;
 use crate::comm::Comm;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
+use crate::kernels::KernelMode;
 use crate::weights::Weights;
 
 /// One sequence's part of a flat batch.
@@ -51,6 +52,7 @@ pub struct Model {
     rotary: Rotary,
     device: Device,
     dtype: DType,
+    kernels: KernelMode,
 }
 
 impl Model {
@@ -63,17 +65,35 @@ impl Model {
     /// ranks must run the same forwards in the same order.
     pub fn load_sharded(dir: &Path, dtype: DType, device: &Device, comm: Comm) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
+        let weights = Weights::open(dir, dtype, device)?;
+        Self::from_weights(config, &weights, comm)
+    }
+
+    /// Builds this rank's model from `weights` (a checkpoint, or random values in its shapes),
+    /// on the weights' device and dtype, with the device's default [`KernelMode`].
+    pub fn from_weights(config: ModelConfig, weights: &Weights, comm: Comm) -> Result<Self> {
+        let (dtype, device) = (weights.dtype(), weights.device().clone());
         let shard = Shard { rank: comm.rank(), world: comm.world_size() };
         parallel::check(&config, shard)?;
-        let weights = Weights::open(dir, dtype, device)?;
         let stack = match config.architecture {
-            Architecture::QWen => Stack::QWen(qwen::load(&weights, &config, shard)?),
-            Architecture::Qwen2 => Stack::Qwen2(qwen2::load(&weights, &config, shard)?),
-            Architecture::Qwen3 => Stack::Qwen3(qwen3::load(&weights, &config, shard)?),
+            Architecture::QWen => Stack::QWen(qwen::load(weights, &config, shard)?),
+            Architecture::Qwen2 => Stack::Qwen2(qwen2::load(weights, &config, shard)?),
+            Architecture::Qwen3 => Stack::Qwen3(qwen3::load(weights, &config, shard)?),
         };
         let local_kv_heads = parallel::heads(&config, shard).kv_len();
-        let rotary = Rotary::new(config.rope_theta, config.rotary_dim, dtype, device);
-        Ok(Model { config, stack, comm, local_kv_heads, rotary, device: device.clone(), dtype })
+        let rotary = Rotary::new(config.rope_theta, config.rotary_dim, dtype, &device);
+        let kernels = KernelMode::for_device(&device);
+        Ok(Model { config, stack, comm, local_kv_heads, rotary, device, dtype, kernels })
+    }
+
+    /// Which implementation of the inner ops the forward uses (and the KV store must match).
+    pub fn kernels(&self) -> KernelMode {
+        self.kernels
+    }
+
+    /// Overrides the device's default, e.g. to run the fused path's CPU references.
+    pub fn set_kernels(&mut self, mode: KernelMode) {
+        self.kernels = mode;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -108,7 +128,7 @@ impl Model {
         let query_scale = self.query_scale(seqs)?;
         let positions = Tensor::from_vec(positions, tokens.len(), &self.device)?;
         let (cos, sin) = self.rotary.for_batch(&meta, &positions)?;
-        let ctx = StepContext { meta: &meta, cos, sin, query_scale, comm: &self.comm };
+        let ctx = StepContext { meta: &meta, cos, sin, query_scale, comm: &self.comm, kernels: self.kernels };
         let tokens = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
         let logits = match &self.stack {
             Stack::QWen(s) => s.forward(&tokens, &ctx, attn)?,
@@ -165,7 +185,7 @@ impl Model {
         Ok(())
     }
 
-    /// The original Qwen's LogN attention: `[T, 1, 1]` query multipliers, or `None` when every
+    /// The original Qwen's LogN attention: f32 `[T]` query multipliers, or `None` when every
     /// token of the batch is within the training length (the factor is then 1).
     fn query_scale(&self, seqs: &[SeqChunk]) -> Result<Option<Tensor>> {
         let Some(lc) = self.config.long_context.filter(|lc| lc.logn_attn) else {
@@ -177,6 +197,6 @@ impl Model {
         let scales: Vec<f32> =
             seqs.iter().flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| lc.logn_scale(p) as f32)).collect();
         let n = scales.len();
-        Ok(Some(Tensor::from_vec(scales, (n, 1, 1), &self.device)?.to_dtype(self.dtype)?))
+        Ok(Some(Tensor::from_vec(scales, n, &self.device)?))
     }
 }

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{causal_attention, Attention, BatchMeta, LayerQkv};
 use super::SeqChunk;
 use crate::error::{Error, Result};
+use crate::kernels::{self, AttnBatch, AttnSeq, KernelMode};
 
 /// The KV tensors: per layer, `[num_blocks * block_size, Hkv, D]` for keys and for values.
 pub struct PagedKvStore {
@@ -15,6 +16,9 @@ pub struct PagedKvStore {
     values: Vec<Tensor>,
     block_size: usize,
     num_blocks: usize,
+    /// Plain: gather each sequence's slots and attend with candle's ops. Fused: the paged
+    /// attention and KV-write kernels read and write the blocks in place.
+    kernels: KernelMode,
 }
 
 /// Shape of the store, from the model config and the cache budget.
@@ -44,7 +48,13 @@ impl PagedKvStore {
             keys.push(Tensor::zeros(shape, layout.dtype, device)?);
             values.push(Tensor::zeros(shape, layout.dtype, device)?);
         }
-        Ok(PagedKvStore { keys, values, block_size: layout.block_size, num_blocks })
+        let kernels = KernelMode::for_device(device);
+        Ok(PagedKvStore { keys, values, block_size: layout.block_size, num_blocks, kernels })
+    }
+
+    /// Overrides the device's default way of attending (e.g. to run the kernels' CPU references).
+    pub fn set_kernels(&mut self, mode: KernelMode) {
+        self.kernels = mode;
     }
 
     pub fn block_size(&self) -> usize {
@@ -65,8 +75,6 @@ impl PagedKvStore {
             });
         }
         let device = self.keys.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
-        let mut writes = Vec::with_capacity(tables.len());
-        let mut reads = Vec::with_capacity(tables.len());
         for (seq, table) in seqs.iter().zip(tables) {
             let table = table.as_ref();
             let total = seq.context_len + seq.len;
@@ -87,21 +95,45 @@ impl PagedKvStore {
                     message: format!("block {bad} out of range (0..{})", self.num_blocks),
                 });
             }
-            let slot = |pos: usize| table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
-            // New tokens' positions are contiguous: they fill runs of consecutive slots, one run
-            // per block touched.
-            let mut runs = Vec::new();
-            let mut pos = seq.context_len;
-            while pos < total {
-                let run = (self.block_size - pos % self.block_size).min(total - pos);
-                runs.push(Run { slot: slot(pos), token: pos - seq.context_len, len: run });
-                pos += run;
-            }
-            writes.push(runs);
-            let gather: Vec<u32> = (0..total).map(|p| slot(p) as u32).collect();
-            reads.push(Tensor::from_vec(gather, total, &device)?);
         }
-        Ok(PagedStep { store: self, writes, reads })
+        let access = match self.kernels {
+            KernelMode::Fused => {
+                let mut q_start = 0;
+                let mut attn = Vec::with_capacity(seqs.len());
+                for (seq, table) in seqs.iter().zip(tables) {
+                    let total = seq.context_len + seq.len;
+                    // Only the blocks the context covers travel to the device.
+                    let blocks = table.as_ref()[..total.div_ceil(self.block_size)].to_vec();
+                    attn.push(AttnSeq { q_start, q_len: seq.len, context_len: total, blocks });
+                    q_start += seq.len;
+                }
+                Access::Fused(AttnBatch::new(attn, self.block_size, &device)?)
+            }
+            KernelMode::Plain => {
+                let mut writes = Vec::with_capacity(tables.len());
+                let mut reads = Vec::with_capacity(tables.len());
+                for (seq, table) in seqs.iter().zip(tables) {
+                    let table = table.as_ref();
+                    let total = seq.context_len + seq.len;
+                    let slot =
+                        |pos: usize| table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
+                    // New tokens' positions are contiguous: they fill runs of consecutive slots,
+                    // one run per block touched.
+                    let mut runs = Vec::new();
+                    let mut pos = seq.context_len;
+                    while pos < total {
+                        let run = (self.block_size - pos % self.block_size).min(total - pos);
+                        runs.push(Run { slot: slot(pos), token: pos - seq.context_len, len: run });
+                        pos += run;
+                    }
+                    writes.push(runs);
+                    let gather: Vec<u32> = (0..total).map(|p| slot(p) as u32).collect();
+                    reads.push(Tensor::from_vec(gather, total, &device)?);
+                }
+                Access::Plain { writes, reads }
+            }
+        };
+        Ok(PagedStep { store: self, access })
     }
 }
 
@@ -112,19 +144,33 @@ struct Run {
     len: usize,
 }
 
-/// One forward's access to the store: where each sequence's new tokens go and which slots hold
-/// its whole context, computed once and reused by every layer.
+/// How one forward reaches the blocks, computed once and reused by every layer.
+enum Access {
+    /// Where each sequence's new tokens go and which slots hold its whole context.
+    Plain { writes: Vec<Vec<Run>>, reads: Vec<Tensor> },
+    /// The kernels' metadata: block tables, context lengths and new tokens' slots.
+    Fused(AttnBatch),
+}
+
+/// One forward's access to the store.
 pub struct PagedStep<'a> {
     store: &'a mut PagedKvStore,
-    writes: Vec<Vec<Run>>,
-    reads: Vec<Tensor>,
+    access: Access,
 }
 
 impl Attention for PagedStep<'_> {
     fn forward(&mut self, input: LayerQkv<'_>, meta: &BatchMeta) -> Result<Tensor> {
         let LayerQkv { layer, q, k, v, scale } = input;
         let (keys, values) = (&self.store.keys[layer], &self.store.values[layer]);
-        for (runs, &off) in self.writes.iter().zip(&meta.offsets) {
+        let (writes, reads) = match &self.access {
+            Access::Fused(batch) => {
+                kernels::kv_write(keys, k, &batch.slots)?;
+                kernels::kv_write(values, v, &batch.slots)?;
+                return kernels::paged_attention(q, keys, values, batch, self.store.block_size, scale as f32);
+            }
+            Access::Plain { writes, reads } => (writes, reads),
+        };
+        for (runs, &off) in writes.iter().zip(&meta.offsets) {
             for r in runs {
                 keys.slice_set(&k.narrow(0, off + r.token, r.len)?.contiguous()?, 0, r.slot)?;
                 values.slice_set(&v.narrow(0, off + r.token, r.len)?.contiguous()?, 0, r.slot)?;
@@ -133,8 +179,8 @@ impl Attention for PagedStep<'_> {
         let mut outs = Vec::with_capacity(meta.seqs.len());
         for (i, (seq, &off)) in meta.seqs.iter().zip(&meta.offsets).enumerate() {
             let q_s = q.narrow(0, off, seq.len)?.transpose(0, 1)?;
-            let k_s = keys.index_select(&self.reads[i], 0)?.transpose(0, 1)?;
-            let v_s = values.index_select(&self.reads[i], 0)?.transpose(0, 1)?;
+            let k_s = keys.index_select(&reads[i], 0)?.transpose(0, 1)?;
+            let v_s = values.index_select(&reads[i], 0)?.transpose(0, 1)?;
             outs.push(causal_attention(&q_s, &k_s, &v_s, meta.causal_masks[i].as_ref(), scale)?);
         }
         Ok(Tensor::cat(&outs, 0)?)

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use super::attention::{Attention, LayerQkv};
-use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
+use super::layers::{load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
 use super::parallel::{self, column, row, rows, Shard};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -56,12 +56,8 @@ impl SelfAttention for QWenAttention {
         let q = qkv.narrow(1, 0, 1)?.squeeze(1)?;
         let k = qkv.narrow(1, 1, 1)?.squeeze(1)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
-        let q = apply_rotary(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rotary(&k, &ctx.cos, &ctx.sin)?;
-        let q = match &ctx.query_scale {
-            Some(s) => q.broadcast_mul(s)?,
-            None => q,
-        };
+        let q = ctx.rotate_queries(q)?;
+        let k = ctx.rotate_keys(k)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attn.forward(LayerQkv { layer, q: &q, k: &k, v: &v, scale }, ctx.meta)?;
         self.c_proj.forward(&out.reshape((t, self.heads * self.head_dim))?)

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::attention::{Attention, LayerQkv};
-use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
+use super::layers::{load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
 use super::parallel::{self, column, row, rows, Shard};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -57,8 +57,8 @@ impl SelfAttention for Qwen2Attention {
         let q = self.q.forward(x)?.reshape((t, self.heads, self.head_dim))?;
         let k = self.k.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
         let v = self.v.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
-        let q = apply_rotary(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rotary(&k, &ctx.cos, &ctx.sin)?;
+        let q = ctx.rotate_queries(q)?;
+        let k = ctx.rotate_keys(k)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attn.forward(LayerQkv { layer, q: &q, k: &k, v: &v, scale }, ctx.meta)?;
         self.o.forward(&out.reshape((t, self.heads * self.head_dim))?)

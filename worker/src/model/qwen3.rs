@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::attention::{Attention, LayerQkv};
-use super::layers::{apply_rotary, load_stack, DecoderStack, Linear, RmsNorm, SelfAttention, StepContext};
+use super::layers::{load_stack, DecoderStack, Linear, RmsNorm, SelfAttention, StepContext};
 use super::parallel::{self, column, row, rows, Shard};
 use super::qwen2::NAMES;
 use crate::config::ModelConfig;
@@ -49,8 +49,8 @@ impl SelfAttention for Qwen3Attention {
         let q = self.q.forward(x)?.reshape((t, self.heads, self.head_dim))?;
         let k = self.k.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
         let v = self.v.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
-        let q = apply_rotary(&self.q_norm.forward(&q)?, &ctx.cos, &ctx.sin)?;
-        let k = apply_rotary(&self.k_norm.forward(&k)?, &ctx.cos, &ctx.sin)?;
+        let q = ctx.rotate_queries(self.q_norm.forward(&q)?)?;
+        let k = ctx.rotate_keys(self.k_norm.forward(&k)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attn.forward(LayerQkv { layer, q: &q, k: &k, v: &v, scale }, ctx.meta)?;
         self.o.forward(&out.reshape((t, self.heads * self.head_dim))?)

@@ -1,0 +1,337 @@
+//! Launches of the kernels in `worker/kernels/*.cu` (PTX built by `build.rs`). The one place with
+//! `unsafe` for kernel launches: each launch passes device pointers whose extents the callers in
+//! `kernels/mod.rs` have checked against the shapes given.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::reference::AttnShape;
+
+const FUSED: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const SAMPLING: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+
+/// Blocks the split-K decode aims for: two per SM of an H100/H200 (132 SMs), so one sequence's
+/// long context still fills the GPU.
+const DECODE_TARGET_BLOCKS: usize = 264;
+/// Fewest context positions a decode split covers.
+const MIN_SPLIT_POSITIONS: usize = 32;
+
+type In<'a> = (&'a CudaStorage, &'a Layout);
+
+/// Runs `$body` with `$t` bound to the Rust type of `$dtype`.
+macro_rules! with_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => bail!("no CUDA kernel for {other:?}"),
+        }
+    };
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("no CUDA kernel for {other:?}"),
+    })
+}
+
+fn func(dev: &CudaDevice, ptx: &'static str, module: &str, name: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
+    dev.get_or_load_custom_func(name, module, ptx)
+}
+
+/// The contiguous elements of a layout.
+fn dense<'a, T: CudaDType>(s: In<'a>) -> Result<CudaView<'a, T>> {
+    match s.1.contiguous_offsets() {
+        Some((a, b)) => Ok(s.0.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("kernel input must be contiguous"),
+    }
+}
+
+/// A `[T, H, D]` view with contiguous rows: the slice from its first element, and the token and
+/// head strides.
+fn rows<'a, T: CudaDType>(s: In<'a>) -> Result<(CudaView<'a, T>, i64, i64)> {
+    let st = s.1.stride();
+    if st.len() != 3 || st[2] != 1 {
+        bail!("kernel input needs contiguous head dims, got strides {st:?}");
+    }
+    Ok((s.0.as_cuda_slice::<T>()?.slice(s.1.start_offset()..), st[0] as i64, st[1] as i64))
+}
+
+fn cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+pub fn add_rms_norm(eps: f32, x: In, r: In, w: In) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let (t, h) = x.1.shape().dims2()?;
+    let f = func(&dev, FUSED, "qs_fused", &format!("add_rms_norm_{}", suffix(x.0.dtype())?))?;
+    with_dtype!(x.0.dtype(), T => {
+        let (xv, rv, wv) = (dense::<T>(x)?, dense::<T>(r)?, dense::<T>(w)?);
+        // SAFETY: the kernel writes all 2 * t * h elements.
+        let out = unsafe { dev.alloc::<T>(2 * t * h)? };
+        if t > 0 {
+            let mut b = f.builder();
+            b.arg(&xv);
+            b.arg(&rv);
+            b.arg(&wv);
+            b.arg(&out);
+            let (rows, hidden) = (t as i32, h as i32);
+            b.arg(&rows);
+            b.arg(&hidden);
+            b.arg(&eps);
+            // SAFETY: x, r are [t, h], w is [h], out holds 2 * t * h; one block per row.
+            unsafe { b.launch(cfg((t as u32, 1, 1), 256)) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, t, h))))
+    })
+}
+
+pub fn silu_mul(g: In, u: In) -> Result<(CudaStorage, Shape)> {
+    let dev = g.0.device().clone();
+    let n = g.1.shape().elem_count();
+    let f = func(&dev, FUSED, "qs_fused", &format!("silu_mul_{}", suffix(g.0.dtype())?))?;
+    with_dtype!(g.0.dtype(), T => {
+        let (gv, uv) = (dense::<T>(g)?, dense::<T>(u)?);
+        // SAFETY: the kernel writes all n elements.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        if n > 0 {
+            let mut b = f.builder();
+            b.arg(&gv);
+            b.arg(&uv);
+            b.arg(&out);
+            let len = n as u64;
+            b.arg(&len);
+            let blocks = n.div_ceil(256).min(65_535) as u32;
+            // SAFETY: gate, up and out all hold n elements; the kernel strides over them.
+            unsafe { b.launch(cfg((blocks, 1, 1), 256)) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), g.1.shape().clone()))
+    })
+}
+
+pub fn rotary(qscale: Option<&Tensor>, x: (&mut CudaStorage, &Layout), cos: In, sin: In) -> Result<()> {
+    let dev = x.0.device().clone();
+    let (t, h, d) = x.1.shape().dims3()?;
+    let half_rot = cos.1.shape().dims2()?.1;
+    let f = func(&dev, FUSED, "qs_fused", &format!("rotary_inplace_{}", suffix(x.0.dtype())?))?;
+    let scale_guard = qscale.map(|s| s.storage_and_layout());
+    let scale_view = match &scale_guard {
+        Some((st, l)) => match &**st {
+            Storage::Cuda(s) => Some(dense::<f32>((s, l))?),
+            _ => bail!("qscale must be on the GPU"),
+        },
+        None => None,
+    };
+    let st = x.1.stride().to_vec();
+    if st.len() != 3 || st[2] != 1 {
+        bail!("rotary needs contiguous head dims, got strides {st:?}");
+    }
+    let start = x.1.start_offset();
+    with_dtype!(x.0.dtype(), T => {
+        let (cv, sv) = (dense::<T>(cos)?, dense::<T>(sin)?);
+        let mut xv = x.0.as_cuda_slice_mut::<T>()?.slice_mut(start..);
+        if t * h > 0 {
+            let mut b = f.builder();
+            b.arg(&mut xv);
+            b.arg(&cv);
+            b.arg(&sv);
+            let null = 0u64;
+            match &scale_view {
+                Some(s) => b.arg(s),
+                None => b.arg(&null),
+            };
+            let (heads, head_dim, rot) = (h as i32, d as i32, 2 * half_rot as i32);
+            let (s0, s1) = (st[0] as i64, st[1] as i64);
+            b.arg(&heads);
+            b.arg(&head_dim);
+            b.arg(&rot);
+            b.arg(&s0);
+            b.arg(&s1);
+            // SAFETY: x spans t tokens at stride s0 and h heads at stride s1 from `start`; cos/sin
+            // are [t, rot / 2]; qscale (or null) is [t].
+            unsafe { b.launch(cfg(((t * h) as u32, 1, 1), 64)) }.w()?;
+        }
+        Ok(())
+    })
+}
+
+pub fn kv_write(cache: (&mut CudaStorage, &Layout), src: In, slots: In) -> Result<()> {
+    let dev = cache.0.device().clone();
+    let (t, hkv, d) = src.1.shape().dims3()?;
+    let f = func(&dev, FUSED, "qs_fused", &format!("kv_write_{}", suffix(cache.0.dtype())?))?;
+    let (start, end) = match cache.1.contiguous_offsets() {
+        Some(o) => o,
+        None => bail!("the KV cache must be contiguous"),
+    };
+    let slot_view = dense::<u32>(slots)?;
+    with_dtype!(cache.0.dtype(), T => {
+        let (sv, s0, s1) = rows::<T>(src)?;
+        let mut cv = cache.0.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+        if t > 0 {
+            let mut b = f.builder();
+            b.arg(&mut cv);
+            b.arg(&sv);
+            b.arg(&slot_view);
+            let (heads, head_dim) = (hkv as i32, d as i32);
+            b.arg(&heads);
+            b.arg(&head_dim);
+            b.arg(&s0);
+            b.arg(&s1);
+            // SAFETY: slots were checked against the cache's rows by the caller (AttnBatch builds
+            // them from block tables the store validated); src is [t, hkv, d].
+            unsafe { b.launch(cfg((t as u32, 1, 1), 256)) }.w()?;
+        }
+        Ok(())
+    })
+}
+
+/// A paged-attention launch's host-side facts.
+pub struct AttnCall<'a> {
+    pub shape: AttnShape,
+    pub meta: &'a Tensor,
+    pub seqs: usize,
+    pub max_context: usize,
+    pub max_q_len: usize,
+}
+
+pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaStorage, Shape)> {
+    let dev = q.0.device().clone();
+    let (t, hq, d) = q.1.shape().dims3()?;
+    let AttnShape { kv_heads: hkv, block_size, scale, .. } = call.shape;
+    let e = match d {
+        1..=32 => 1,
+        33..=64 => 2,
+        65..=128 => 4,
+        129..=256 => 8,
+        _ => bail!("paged attention supports head_dim up to 256, got {d}"),
+    };
+    if hq / hkv > 8 {
+        bail!("paged attention supports up to 8 query heads per KV head, got {}", hq / hkv);
+    }
+    let (meta_storage, meta_layout) = call.meta.storage_and_layout();
+    let meta = match &*meta_storage {
+        Storage::Cuda(s) => dense::<u32>((s, meta_layout))?,
+        _ => bail!("attention metadata must be on the GPU"),
+    };
+    let meta_w = meta_layout.dims()[1] as i32;
+    let sfx = suffix(q.0.dtype())?;
+    let (nseq, hq_i, hkv_i, d_i, bs_i) = (call.seqs, hq as i32, hkv as i32, d as i32, block_size as i32);
+    with_dtype!(q.0.dtype(), T => {
+        let (qv, qs0, qs1) = rows::<T>(q)?;
+        let (kv, vv) = (dense::<T>(kc)?, dense::<T>(vc)?);
+        // SAFETY: every token of the batch belongs to one sequence, whose rows the kernels write.
+        let out = unsafe { dev.alloc::<T>(t * hq * d)? };
+        if t == 0 || nseq == 0 {
+            return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((t, hq, d))));
+        }
+        if call.max_q_len == 1 {
+            let want = DECODE_TARGET_BLOCKS.div_ceil(nseq * hkv);
+            let splits = want.clamp(1, call.max_context.div_ceil(MIN_SPLIT_POSITIONS).max(1));
+            let part = call.max_context.div_ceil(splits);
+            let splits = call.max_context.div_ceil(part);
+            let n_part = if splits > 1 { nseq * hq * splits } else { 1 };
+            let part_acc = dev.alloc_zeros::<f32>(n_part * d)?;
+            let part_ml = dev.alloc_zeros::<f32>(n_part * 2)?;
+            let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_decode_{sfx}_e{e}"))?;
+            let mut b = f.builder();
+            b.arg(&qv);
+            b.arg(&qs0);
+            b.arg(&qs1);
+            b.arg(&kv);
+            b.arg(&vv);
+            b.arg(&meta);
+            b.arg(&meta_w);
+            b.arg(&hq_i);
+            b.arg(&hkv_i);
+            b.arg(&d_i);
+            b.arg(&bs_i);
+            b.arg(&scale);
+            let (part_i, splits_i) = (part as i32, splits as i32);
+            b.arg(&part_i);
+            b.arg(&splits_i);
+            b.arg(&out);
+            b.arg(&part_acc);
+            b.arg(&part_ml);
+            // SAFETY: meta holds nseq rows of meta_w u32 whose block ids the store validated;
+            // the partial buffers hold nseq * hq * splits entries when splits > 1.
+            unsafe { b.launch(cfg((splits as u32, hkv as u32, nseq as u32), 128)) }.w()?;
+            if splits > 1 {
+                let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_decode_reduce_{sfx}"))?;
+                let mut b = f.builder();
+                b.arg(&part_acc);
+                b.arg(&part_ml);
+                b.arg(&meta);
+                b.arg(&meta_w);
+                b.arg(&hq_i);
+                b.arg(&d_i);
+                b.arg(&part_i);
+                b.arg(&splits_i);
+                b.arg(&out);
+                // SAFETY: as above; one thread per head dim.
+                unsafe { b.launch(cfg((hq as u32, nseq as u32, 1), d.div_ceil(32) as u32 * 32)) }.w()?;
+            }
+        } else {
+            let tiles = (call.max_q_len * (hq / hkv)).div_ceil(16);
+            let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_prefill_{sfx}_e{e}"))?;
+            let mut b = f.builder();
+            b.arg(&qv);
+            b.arg(&qs0);
+            b.arg(&qs1);
+            b.arg(&kv);
+            b.arg(&vv);
+            b.arg(&meta);
+            b.arg(&meta_w);
+            b.arg(&hq_i);
+            b.arg(&hkv_i);
+            b.arg(&d_i);
+            b.arg(&bs_i);
+            b.arg(&scale);
+            b.arg(&out);
+            // SAFETY: as for decode; blocks past a sequence's tokens return at once.
+            unsafe { b.launch(cfg((tiles as u32, hkv as u32, nseq as u32), 128)) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((t, hq, d))))
+    })
+}
+
+pub fn sample_rows(logits: In, params: In) -> Result<(CudaStorage, Shape)> {
+    let dev = logits.0.device().clone();
+    let (n_rows, vocab) = logits.1.shape().dims2()?;
+    let f = func(&dev, SAMPLING, "qs_sampling", &format!("sample_rows_{}", suffix(logits.0.dtype())?))?;
+    let pv = dense::<f32>(params)?;
+    with_dtype!(logits.0.dtype(), T => {
+        let lv = dense::<T>(logits)?;
+        // SAFETY: a sampling row writes its probabilities before reading them; greedy rows
+        // never touch theirs.
+        let scratch = unsafe { dev.alloc::<f32>(n_rows * vocab)? };
+        let out = dev.alloc_zeros::<u32>(n_rows)?;
+        if n_rows > 0 {
+            let mut b = f.builder();
+            b.arg(&lv);
+            let v = vocab as i32;
+            b.arg(&v);
+            b.arg(&pv);
+            b.arg(&scratch);
+            b.arg(&out);
+            // SAFETY: logits are [rows, vocab], params [rows, 5], scratch [rows, vocab].
+            unsafe { b.launch(cfg((n_rows as u32, 1, 1), 1024)) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n_rows)))
+    })
+}
