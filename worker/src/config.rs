@@ -201,6 +201,18 @@ impl ModelConfig {
         Self::from_map(&path, &map)
     }
 
+    /// Parses a `config.json` given as text; `origin` names it in errors.
+    pub fn from_json_str(origin: &str, json: &str) -> Result<Self> {
+        let path = Path::new(origin);
+        match serde_json::from_str::<Value>(json) {
+            Ok(Value::Object(map)) => Self::from_map(path, &map),
+            Ok(other) => {
+                Err(Error::field(path, "(top level)", format!("expected a JSON object, found {}", type_name(&other))))
+            }
+            Err(source) => Err(Error::Json { path: path.to_path_buf(), source }),
+        }
+    }
+
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<Self> {
         let f = Fields { path, map };
         let architecture = architecture(&f)?;
@@ -446,6 +458,18 @@ impl GenerationConfig {
             cfg.eos_token_ids = token_ids(&Fields { path: &config_path, map: &map }, "eos_token_id")?;
         }
         Ok(cfg)
+    }
+
+    /// Parses a `config.json` given as text; `origin` names it in errors.
+    pub fn from_json_str(origin: &str, json: &str) -> Result<Self> {
+        let path = Path::new(origin);
+        match serde_json::from_str::<Value>(json) {
+            Ok(Value::Object(map)) => Self::from_map(path, &map),
+            Ok(other) => {
+                Err(Error::field(path, "(top level)", format!("expected a JSON object, found {}", type_name(&other))))
+            }
+            Err(source) => Err(Error::Json { path: path.to_path_buf(), source }),
+        }
     }
 
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<Self> {

@@ -14,6 +14,7 @@ use qwen_worker::model::Model;
 use qwen_worker::sampling::SamplingParams;
 use qwen_worker::tokenizer::Tokenizer;
 
+mod cli_bench;
 mod cli_serve;
 mod cli_tp;
 
@@ -38,6 +39,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Serve the model over gRPC with continuous batching.
     Serve(Box<cli_serve::ServeArgs>),
+    /// Decode speed of the engine on random weights in a real checkpoint's shapes, against the
+    /// weight-bandwidth floor.
+    BenchGpu(Box<cli_bench::BenchGpuArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,6 +128,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => run_generate(args),
         Command::Tokenize(args) => run_tokenize(args),
         Command::Serve(args) => cli_serve::run(*args),
+        Command::BenchGpu(args) => cli_bench::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

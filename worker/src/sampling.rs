@@ -75,6 +75,15 @@ impl SamplingParams {
             && self.logprobs.is_none()
     }
 
+    /// Whether a device-side sampler can choose the tokens: penalties need the request's
+    /// history and logprobs the whole row, both on the host.
+    pub fn is_device_samplable(&self) -> bool {
+        self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.logprobs.is_none()
+    }
+
     /// Rejects out-of-range values, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, message: String| Err(Error::InvalidInput { field, message });
@@ -152,6 +161,21 @@ impl SeqSampler {
         let logprob = logprob_of.map_or(f32::NAN, |lse| raw[token as usize] - lse);
         self.accept(token);
         Sampled { token, logprob, top }
+    }
+
+    /// The next token's parameters for [`crate::kernels::sample_rows`], with the uniform the host
+    /// draw would use for it (same seed and stream), so a seeded request stays reproducible.
+    pub fn device_draw(&self) -> crate::kernels::DrawParams {
+        let p = &self.params;
+        let mut rng = ChaCha20Rng::seed_from_u64(p.seed);
+        rng.set_stream(self.generated);
+        crate::kernels::DrawParams {
+            temperature: if p.is_greedy() { 0.0 } else { p.temperature as f32 },
+            top_k: p.top_k,
+            top_p: p.top_p as f32,
+            min_p: p.min_p as f32,
+            u: rng.random::<f32>(),
+        }
     }
 
     /// Records a token chosen elsewhere (e.g. a device-side argmax).

@@ -32,13 +32,16 @@ impl Shard {
     }
 }
 
-/// All tensors of a checkpoint directory, by name.
+/// All tensors of a checkpoint directory, by name — or random values in whatever shape the
+/// model asks for (benchmarks of real checkpoint shapes need no files).
 pub struct Weights {
     shards: Vec<Shard>,
     /// Tensor name → index into `shards`.
     index: HashMap<String, usize>,
     device: Device,
     dtype: DType,
+    /// Bytes of random tensors handed out so far, when random.
+    random: Option<std::cell::Cell<usize>>,
 }
 
 impl Weights {
@@ -62,7 +65,37 @@ impl Weights {
             }
             shards.push(shard);
         }
-        Ok(Weights { shards, index, device: device.clone(), dtype })
+        Ok(Weights { shards, index, device: device.clone(), dtype, random: None })
+    }
+
+    /// Random weights, made directly on `device`: N(0, 0.02) for matrices and biases, 1 for
+    /// norms (so activations keep a sane scale through many layers). No tensor "exists"
+    /// ([`Weights::contains`] is false), so tied checkpoints reuse the embedding as usual.
+    pub fn random(dtype: DType, device: &Device) -> Self {
+        Weights {
+            shards: Vec::new(),
+            index: HashMap::new(),
+            device: device.clone(),
+            dtype,
+            random: Some(std::cell::Cell::new(0)),
+        }
+    }
+
+    /// Bytes of the random tensors made so far (the model's weight bytes once it is built).
+    pub fn random_bytes(&self) -> usize {
+        self.random.as_ref().map_or(0, |c| c.get())
+    }
+
+    fn make_random(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = if name.contains("norm") || name.contains(".ln_") || name.ends_with("ln_f.weight") {
+            Tensor::ones(shape, self.dtype, &self.device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?
+        };
+        if let Some(c) = &self.random {
+            c.set(c.get() + t.elem_count() * self.dtype.size_in_bytes());
+        }
+        Ok(t)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -79,6 +112,9 @@ impl Weights {
 
     /// Loads tensor `name`, checking it has exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if self.random.is_some() {
+            return self.make_random(name, shape);
+        }
         let (data, dtype) = self.raw(name, shape)?;
         self.finish(data, dtype, shape)
     }
@@ -87,7 +123,6 @@ impl Weights {
     /// `shape`), concatenated in order: a tensor-parallel rank's slice, read straight from the
     /// memory map without materialising the rest. Tensors of up to two dimensions.
     pub fn get_ranges(&self, name: &str, shape: &[usize], dim: usize, ranges: &[Range<usize>]) -> Result<Tensor> {
-        let (data, dtype) = self.raw(name, shape)?;
         let bad = |message: String| Error::InvalidInput { field: "shard", message: format!("`{name}`: {message}") };
         if shape.len() > 2 || dim >= shape.len() {
             return Err(bad(format!("cannot slice dim {dim} of a tensor of shape {shape:?}")));
@@ -95,6 +130,12 @@ impl Weights {
         if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > shape[dim]) {
             return Err(bad(format!("range {r:?} outside 0..{}", shape[dim])));
         }
+        if self.random.is_some() {
+            let mut sliced = shape.to_vec();
+            sliced[dim] = ranges.iter().map(|r| r.end - r.start).sum();
+            return self.make_random(name, &sliced);
+        }
+        let (data, dtype) = self.raw(name, shape)?;
         let el = dtype.size_in_bytes();
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
         let mut out = Vec::new();

@@ -11,6 +11,7 @@ use qwen_worker::engine::runner::{spawn, EngineConfig, EngineHandle, NewRequest}
 use qwen_worker::engine::scheduler::SchedulerConfig;
 use qwen_worker::engine::sequence::{Event, FinishReason};
 use qwen_worker::generate::GenerateParams;
+use qwen_worker::kernels::KernelMode;
 use qwen_worker::model::Model;
 use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
@@ -23,7 +24,18 @@ fn goldens(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
 }
 
 fn engine(name: &str, blocks: usize, block_size: usize, max_batch_tokens: usize) -> EngineHandle {
-    let model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    engine_with(name, blocks, block_size, max_batch_tokens, KernelMode::Plain)
+}
+
+fn engine_with(
+    name: &str,
+    blocks: usize,
+    block_size: usize,
+    max_batch_tokens: usize,
+    kernels: KernelMode,
+) -> EngineHandle {
+    let mut model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    model.set_kernels(kernels);
     let config = EngineConfig {
         scheduler: SchedulerConfig { block_size, max_batch_tokens, max_seqs: 64 },
         num_blocks: blocks,
@@ -144,6 +156,31 @@ fn seeded_sampling_is_the_same_alone_and_in_a_crowd() {
     for rx in crowd {
         collect(rx);
     }
+}
+
+/// The fused path through the engine (the kernels' CPU references, device-side sampling): greedy
+/// requests match the goldens next to seeded sampling ones, a request with logprobs (sampled on
+/// the host) in the same batch still gets its golden tokens, and seeded sampling is reproducible.
+#[test]
+fn fused_kernels_and_device_sampling_through_the_engine() {
+    let name = "qwen2-gqa";
+    let cases = goldens(name);
+    let e = engine_with(name, 128, 4, 16, KernelMode::Fused);
+    let sampled = SamplingParams { temperature: 0.9, top_k: 20, top_p: 0.9, seed: 7, ..SamplingParams::default() };
+    let first = collect(submit(&e, "s0", &[3, 4, 5], 12, sampled.clone())).0;
+    let mut streams = Vec::new();
+    for (i, (prompt, want)) in cases.iter().take(4).enumerate() {
+        let greedy = SamplingParams { logprobs: (i == 1).then_some(2), ..SamplingParams::greedy() };
+        streams.push((submit(&e, &format!("g{i}"), prompt, want.len(), greedy), want.clone()));
+    }
+    let again = submit(&e, "s1", &[3, 4, 5], 12, sampled);
+    for (i, (rx, want)) in streams.into_iter().enumerate() {
+        assert_eq!(collect(rx).0, want, "request {i}");
+    }
+    assert_eq!(collect(again).0, first, "the same seed gives the same tokens in a crowd");
+    assert_eq!(first.len(), 12);
+    wait_idle(&e);
+    assert_eq!(e.stats().free_blocks, 128);
 }
 
 /// Many requests, some cancelled, some with their client gone: the cancelled ones end as

@@ -19,6 +19,7 @@ use super::sequence::{Event, FinishReason, Sequence};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::GenerateParams;
+use crate::kernels::KernelMode;
 use crate::model::paged::{KvLayout, PagedKvStore};
 use crate::model::{Model, SeqChunk};
 use crate::sampling::{Scratch, SeqSampler};
@@ -197,6 +198,15 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
         })
         .map_err(|e| Error::io("engine thread", e))?;
     Ok((handle, thread))
+}
+
+/// How one sampled row's token is chosen.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// Chosen on the device.
+    Id(u32),
+    /// By the host sampler, from this index of the copied rows.
+    Row(usize),
 }
 
 struct Engine {
@@ -388,21 +398,45 @@ impl Engine {
         let sampled: Vec<usize> = (0..plan.len())
             .filter(|&k| running[plan[k].index].computed + plan[k].len == running[plan[k].index].tokens.len())
             .collect();
-        let all_plain = sampled.iter().all(|&k| running[plan[k].index].sampler.params().is_plain_greedy());
-        // Only the rows that sample cross to the host (chunks in mid-prefill need none).
-        let host_rows: Option<Vec<Vec<f32>>> = if sampled.is_empty() || all_plain {
-            None
-        } else {
-            let rows: Vec<u32> = sampled.iter().map(|&k| k as u32).collect();
-            let rows = candle_core::Tensor::from_vec(rows, sampled.len(), logits.device())?;
-            Some(logits.index_select(&rows, 0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        // Each sampled row is chosen on the device when the fused kernels run and its request
+        // needs nothing of the host (so a request's tokens never depend on its batch); the rest
+        // go by argmax on the device, or by the host sampler on a copy of just their rows.
+        let fused = self.model.kernels() == KernelMode::Fused;
+        let (on_device, on_host): (Vec<usize>, Vec<usize>) =
+            sampled.iter().partition(|&&k| fused && running[plan[k].index].sampler.params().is_device_samplable());
+        let select = |ks: &[usize]| -> Result<candle_core::Tensor> {
+            if ks.len() == plan.len() {
+                return Ok(logits.clone());
+            }
+            let idx: Vec<u32> = ks.iter().map(|&k| k as u32).collect();
+            Ok(logits.index_select(&candle_core::Tensor::from_vec(idx, ks.len(), logits.device())?, 0)?)
         };
-        let argmax: Option<Vec<u32>> =
-            if !sampled.is_empty() && all_plain { Some(logits.argmax(D::Minus1)?.to_vec1()?) } else { None };
+        let mut picks: Vec<Option<Pick>> = vec![None; plan.len()];
+        if !on_device.is_empty() {
+            let draws: Vec<_> = on_device.iter().map(|&k| running[plan[k].index].sampler.device_draw()).collect();
+            let ids = crate::kernels::sample_rows(&select(&on_device)?, &draws)?;
+            for (&k, id) in on_device.iter().zip(ids) {
+                picks[k] = Some(Pick::Id(id));
+            }
+        }
+        let mut host_rows = Vec::new();
+        if !on_host.is_empty() {
+            let rows = select(&on_host)?;
+            if on_host.iter().all(|&k| running[plan[k].index].sampler.params().is_plain_greedy()) {
+                let ids: Vec<u32> = rows.argmax(D::Minus1)?.to_vec1()?;
+                for (&k, id) in on_host.iter().zip(ids) {
+                    picks[k] = Some(Pick::Id(id));
+                }
+            } else {
+                host_rows = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                for (i, &k) in on_host.iter().enumerate() {
+                    picks[k] = Some(Pick::Row(i));
+                }
+            }
+        }
 
         let max_context = self.model.config().max_context();
         let mut finished = Vec::new();
-        let mut next_row = 0;
         for (k, p) in plan.iter().enumerate() {
             let seq = &mut self.scheduler.running[p.index];
             seq.computed += p.len;
@@ -410,18 +444,16 @@ impl Engine {
             if seq.computed != seq.tokens.len() {
                 continue;
             }
-            let (token, logprob, top) = match (&argmax, &host_rows) {
-                (Some(ids), _) => {
-                    seq.sampler.accept(ids[k]);
-                    (ids[k], f32::NAN, Vec::new())
+            let (token, logprob, top) = match picks[k] {
+                Some(Pick::Id(id)) => {
+                    seq.sampler.accept(id);
+                    (id, f32::NAN, Vec::new())
                 }
-                (None, Some(rows)) => {
-                    // `rows` holds the sampled rows in plan order.
-                    let s = seq.sampler.sample(&rows[next_row], &mut self.scratch);
-                    next_row += 1;
+                Some(Pick::Row(i)) => {
+                    let s = seq.sampler.sample(&host_rows[i], &mut self.scratch);
                     (s.token, s.logprob, s.top)
                 }
-                (None, None) => unreachable!("rows exist whenever a sequence samples"),
+                None => unreachable!("every sampled row has a pick"),
             };
             seq.tokens.push(token);
             let _ = seq.events.send(Event::Token { token, logprob, top });

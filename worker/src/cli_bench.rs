@@ -1,0 +1,320 @@
+//! `qwen-worker bench-gpu`: decode speed of the real engine (scheduler, paged cache, kernels,
+//! sampling) on random weights in a named checkpoint's shapes, against the floor set by
+//! reading every weight once per step at the device's measured copy bandwidth.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use qwen_worker::comm::Comm;
+use qwen_worker::config::ModelConfig;
+use qwen_worker::device::DeviceSpec;
+use qwen_worker::engine::runner::{spawn, EngineConfig, EngineHandle, NewRequest};
+use qwen_worker::engine::scheduler::SchedulerConfig;
+use qwen_worker::engine::sequence::Event;
+use qwen_worker::generate::GenerateParams;
+use qwen_worker::kernels::KernelMode;
+use qwen_worker::model::Model;
+use qwen_worker::sampling::SamplingParams;
+use qwen_worker::weights::Weights;
+
+use crate::ComputeDtype;
+
+/// Real checkpoints whose shapes the benchmark builds (values are random).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Shapes {
+    #[value(name = "qwen2.5-7b")]
+    Qwen25_7b,
+    #[value(name = "qwen2.5-32b")]
+    Qwen25_32b,
+    /// The original Qwen-7B (QWenLMHeadModel).
+    #[value(name = "qwen-7b")]
+    Qwen7b,
+    /// A two-layer toy for checking the command itself on a CPU.
+    #[value(name = "tiny")]
+    Tiny,
+}
+
+impl Shapes {
+    fn name(self) -> &'static str {
+        match self {
+            Shapes::Qwen25_7b => "qwen2.5-7b",
+            Shapes::Qwen25_32b => "qwen2.5-32b",
+            Shapes::Qwen7b => "qwen-7b",
+            Shapes::Tiny => "tiny",
+        }
+    }
+
+    /// The checkpoint's `config.json`, as published (fields the worker reads).
+    fn config_json(self) -> &'static str {
+        match self {
+            Shapes::Qwen25_7b => {
+                r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":3584,"intermediate_size":18944,
+                "num_attention_heads":28,"num_hidden_layers":28,"num_key_value_heads":4,"vocab_size":152064,
+                "max_position_embeddings":32768,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
+                "tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#
+            }
+            Shapes::Qwen25_32b => {
+                r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":5120,"intermediate_size":27648,
+                "num_attention_heads":40,"num_hidden_layers":64,"num_key_value_heads":8,"vocab_size":152064,
+                "max_position_embeddings":32768,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
+                "tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#
+            }
+            Shapes::Qwen7b => {
+                r#"{"architectures":["QWenLMHeadModel"],"hidden_size":4096,"intermediate_size":22016,
+                "num_attention_heads":32,"num_hidden_layers":32,"kv_channels":128,"rotary_pct":1.0,
+                "rotary_emb_base":10000,"vocab_size":151936,"seq_length":8192,"max_position_embeddings":8192,
+                "layer_norm_epsilon":1e-6,"use_dynamic_ntk":true,"use_logn_attn":true,"no_bias":true,
+                "tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#
+            }
+            Shapes::Tiny => {
+                r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+                "num_attention_heads":4,"num_hidden_layers":2,"num_key_value_heads":2,"vocab_size":512,
+                "max_position_embeddings":1024,"rms_norm_eps":1e-6,"rope_theta":10000.0,
+                "tie_word_embeddings":true,"torch_dtype":"float32"}"#
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Kernels {
+    Plain,
+    Fused,
+}
+
+#[derive(Args)]
+pub struct BenchGpuArgs {
+    /// Whose shapes to build (random weights; no files needed).
+    #[arg(long, env = "QWEN_BENCH_SHAPES", value_enum)]
+    shapes: Shapes,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "QWEN_DEVICE", default_value = "cuda")]
+    device: DeviceSpec,
+    #[arg(long, env = "QWEN_DTYPE", value_enum, default_value = "bf16")]
+    dtype: ComputeDtype,
+    /// Batch sizes to run, each a fresh set of requests.
+    #[arg(long, env = "QWEN_BENCH_BATCHES", value_delimiter = ',', default_value = "1,8,32,64")]
+    batches: Vec<usize>,
+    #[arg(long, env = "QWEN_BENCH_PROMPT_LEN", default_value_t = 128)]
+    prompt_len: usize,
+    /// Decode steps timed after the prefill.
+    #[arg(long, env = "QWEN_BENCH_DECODE_STEPS", default_value_t = 64)]
+    decode_steps: usize,
+    #[arg(long, env = "QWEN_BLOCK_SIZE", default_value_t = 16)]
+    block_size: usize,
+    /// Fewer layers than the checkpoint has (a quicker, smaller run).
+    #[arg(long, env = "QWEN_BENCH_LAYERS")]
+    layers: Option<usize>,
+    /// Override the device's default kernels (fused on CUDA, plain on CPU).
+    #[arg(long, env = "QWEN_KERNELS", value_enum)]
+    kernels: Option<Kernels>,
+    /// Also write the results here as JSON.
+    #[arg(long, env = "QWEN_BENCH_JSON")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    batch: usize,
+    ms_per_step: f64,
+    tokens_per_s: f64,
+    prefill_ms: f64,
+    pct_of_floor: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    shapes: &'static str,
+    device: String,
+    dtype: String,
+    kernels: String,
+    layers: usize,
+    weight_bytes: usize,
+    copy_bandwidth_gb_s: f64,
+    floor_ms: f64,
+    prompt_len: usize,
+    decode_steps: usize,
+    rows: Vec<Row>,
+}
+
+pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
+    if args.batches.is_empty() || args.batches.contains(&0) || args.prompt_len == 0 || args.decode_steps == 0 {
+        bail!("--batches, --prompt-len and --decode-steps must all be at least 1");
+    }
+    let mut json: serde_json::Value = serde_json::from_str(args.shapes.config_json())?;
+    if let Some(n) = args.layers {
+        if n == 0 {
+            bail!("--layers must be at least 1");
+        }
+        json["num_hidden_layers"] = n.into();
+    }
+    let config = ModelConfig::from_json_str(args.shapes.name(), &json.to_string())?;
+    if args.prompt_len + args.decode_steps + 1 > config.max_context() {
+        bail!("--prompt-len + --decode-steps exceeds the model's context of {}", config.max_context());
+    }
+    let device = args.device.open()?;
+    let dtype: DType = args.dtype.into();
+    let built = Instant::now();
+    let weights = Weights::random(dtype, &device);
+    let mut model = Model::from_weights(config.clone(), &weights, Comm::Single).context("building the model")?;
+    let weight_bytes = weights.random_bytes();
+    drop(weights);
+    if let Some(k) = args.kernels {
+        model.set_kernels(match k {
+            Kernels::Plain => KernelMode::Plain,
+            Kernels::Fused => KernelMode::Fused,
+        });
+    }
+    let kernels = model.kernels();
+    device.synchronize()?;
+    eprintln!(
+        "built {} ({:.2} GB of weights) in {:.1?}",
+        args.shapes.name(),
+        weight_bytes as f64 / 1e9,
+        built.elapsed()
+    );
+    let bandwidth = copy_bandwidth(&device, dtype)?;
+    let floor_ms = weight_bytes as f64 / bandwidth * 1e3;
+
+    let max_batch = *args.batches.iter().max().unwrap_or(&1);
+    let per_seq_blocks = (args.prompt_len + args.decode_steps + 1).div_ceil(args.block_size);
+    let engine_config = EngineConfig {
+        scheduler: SchedulerConfig {
+            block_size: args.block_size,
+            // Every prompt of the largest batch in one prefill step.
+            max_batch_tokens: max_batch * args.prompt_len,
+            max_seqs: max_batch,
+        },
+        num_blocks: max_batch * per_seq_blocks + 8,
+        model_name: args.shapes.name().to_string(),
+        metrics: None,
+    };
+    let (engine, _thread) = spawn(model, engine_config)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let vocab = config.vocab_size as u32;
+    let mut prompts = |n: usize| -> Vec<Vec<u32>> {
+        (0..n).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect()).collect()
+    };
+    // Warm up: first launches load kernels and set up cuBLAS.
+    measure(&engine, prompts(1), 3, "warmup")?;
+    let mut rows = Vec::new();
+    for &b in &args.batches {
+        let (prefill, decode) = measure(&engine, prompts(b), args.decode_steps, &format!("b{b}"))?;
+        let step = decode.as_secs_f64() * 1e3 / args.decode_steps as f64;
+        rows.push(Row {
+            batch: b,
+            ms_per_step: step,
+            tokens_per_s: b as f64 * 1e3 / step,
+            prefill_ms: prefill.as_secs_f64() * 1e3,
+            pct_of_floor: floor_ms / step * 100.0,
+        });
+    }
+    let report = Report {
+        shapes: args.shapes.name(),
+        device: args.device.to_string(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        kernels: format!("{kernels:?}").to_lowercase(),
+        layers: config.num_layers,
+        weight_bytes,
+        copy_bandwidth_gb_s: bandwidth / 1e9,
+        floor_ms,
+        prompt_len: args.prompt_len,
+        decode_steps: args.decode_steps,
+        rows,
+    };
+    print_table(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "{} on {} ({}, {} kernels, {} layers): weights {:.2} GB, copy bandwidth {:.0} GB/s, floor {:.2} ms/step",
+        r.shapes,
+        r.device,
+        r.dtype,
+        r.kernels,
+        r.layers,
+        r.weight_bytes as f64 / 1e9,
+        r.copy_bandwidth_gb_s,
+        r.floor_ms
+    );
+    println!("prompt {} tokens, {} decode steps", r.prompt_len, r.decode_steps);
+    println!("| batch | ms/step | tokens/s | prefill ms | % of floor |");
+    println!("|------:|--------:|---------:|-----------:|-----------:|");
+    for row in &r.rows {
+        println!(
+            "| {} | {:.2} | {:.0} | {:.1} | {:.0} % |",
+            row.batch, row.ms_per_step, row.tokens_per_s, row.prefill_ms, row.pct_of_floor
+        );
+    }
+}
+
+/// Device-to-device copy bandwidth, bytes read plus written per second, over a 1 GiB buffer
+/// (256 MiB on the CPU).
+fn copy_bandwidth(device: &Device, dtype: DType) -> anyhow::Result<f64> {
+    let bytes: usize = if device.is_cuda() { 1 << 30 } else { 1 << 28 };
+    let src = Tensor::zeros(bytes / dtype.size_in_bytes(), dtype, device)?;
+    let _ = src.copy()?;
+    device.synchronize()?;
+    let reps = 10;
+    let start = Instant::now();
+    for _ in 0..reps {
+        let _ = src.copy()?;
+    }
+    device.synchronize()?;
+    Ok(2.0 * (bytes * reps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Runs one request per prompt, all at once, each to `decode_steps` tokens past its first;
+/// returns (time to every first token, time from then to every last token).
+fn measure(
+    engine: &EngineHandle,
+    prompts: Vec<Vec<u32>>,
+    decode_steps: usize,
+    tag: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let mut streams: Vec<UnboundedReceiver<Event>> = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let (tx, rx) = unbounded_channel();
+        let params = GenerateParams {
+            max_new_tokens: decode_steps + 1,
+            sampling: SamplingParams::greedy(),
+            stop_token_ids: vec![],
+        };
+        engine.submit(NewRequest { request_id: format!("{tag}-{i}"), prompt, params, events: tx })?;
+        streams.push(rx);
+    }
+    // First tokens of all (they come from the one prefill step), then the rest.
+    for rx in &mut streams {
+        next_token(rx)?;
+    }
+    let prefilled = start.elapsed();
+    for rx in &mut streams {
+        for _ in 0..decode_steps {
+            next_token(rx)?;
+        }
+    }
+    Ok((prefilled, start.elapsed() - prefilled))
+}
+
+fn next_token(rx: &mut UnboundedReceiver<Event>) -> anyhow::Result<()> {
+    match rx.blocking_recv() {
+        Some(Event::Token { .. }) => Ok(()),
+        Some(Event::Finished { reason, message, .. }) => {
+            bail!("request finished early ({reason:?}): {}", message.unwrap_or_default())
+        }
+        None => bail!("the engine stopped"),
+    }
+}

@@ -1,0 +1,89 @@
+//! Which device a worker computes on, as given on the command line: `cpu`, `cuda` (GPU 0) or
+//! `cuda:N`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
+                _ => Err(format!("{s:?} is not a device: use cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The same kind of device with its ordinal moved by `offset` (a tensor-parallel rank's GPU).
+    pub fn offset(self, offset: usize) -> Self {
+        match self {
+            DeviceSpec::Cpu => DeviceSpec::Cpu,
+            DeviceSpec::Cuda(i) => DeviceSpec::Cuda(i + offset),
+        }
+    }
+
+    pub fn is_cuda(self) -> bool {
+        matches!(self, DeviceSpec::Cuda(_))
+    }
+
+    /// Opens the device; a CUDA device in a build without the `cuda` feature, or one the driver
+    /// cannot open, is an error naming `--device`.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(i) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(Error::InvalidInput {
+                        field: "device",
+                        message: format!("{self}: this worker was built without the `cuda` feature"),
+                    });
+                }
+                Device::new_cuda(i).map_err(|e| Error::InvalidInput {
+                    field: "device",
+                    message: format!("{self}: cannot open the GPU: {e}"),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_by_name() {
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        assert!("gpu".parse::<DeviceSpec>().unwrap_err().contains("cpu, cuda or cuda:N"));
+        assert_eq!(DeviceSpec::Cuda(1).offset(2), DeviceSpec::Cuda(3));
+        #[cfg(not(feature = "cuda"))]
+        assert!(DeviceSpec::Cuda(0).open().unwrap_err().to_string().contains("without the `cuda` feature"));
+    }
+}
