@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli_tp::RankConfig;
 use crate::ComputeDtype;
+use qwen_worker::device::{free_memory, DeviceSpec};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -38,13 +39,17 @@ pub struct ServeArgs {
     model_name: Option<String>,
     #[arg(long, env = "QWEN_DTYPE", value_enum, default_value = "f32")]
     dtype: ComputeDtype,
+    /// cpu, cuda or cuda:N. Tensor-parallel rank r uses GPU N + r.
+    #[arg(long, env = "QWEN_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
     /// Tokens per KV-cache block.
     #[arg(long, env = "QWEN_BLOCK_SIZE", default_value_t = 16)]
     block_size: usize,
     /// KV-cache size in bytes (takes precedence over --kv-cache-fraction).
     #[arg(long, env = "QWEN_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<u64>,
-    /// KV-cache size as a fraction of the memory available at start.
+    /// KV-cache size as a fraction of the memory available once the weights are loaded (host
+    /// memory on the CPU, free GPU memory on CUDA).
     #[arg(long, env = "QWEN_KV_CACHE_FRACTION", default_value_t = 0.2)]
     kv_cache_fraction: f64,
     /// Most tokens in one forward (prefill chunks plus decodes).
@@ -115,7 +120,8 @@ pub struct ServeConfig {
     listen: SocketAddr,
     model_name: String,
     dtype: DType,
-    kv_cache_bytes: u64,
+    device: DeviceSpec,
+    kv_cache: KvBudget,
     scheduler: SchedulerConfig,
     registry: Option<Registry>,
     drain_timeout: std::time::Duration,
@@ -133,14 +139,13 @@ impl ServeArgs {
         if self.max_seqs == 0 {
             bail!("--max-seqs: must be at least 1");
         }
-        let kv_cache_bytes = match self.kv_cache_bytes {
-            Some(b) => b,
+        let kv_cache = match self.kv_cache_bytes {
+            Some(b) => KvBudget::Bytes(b),
             None => {
                 if !(self.kv_cache_fraction > 0.0 && self.kv_cache_fraction <= 1.0) {
                     bail!("--kv-cache-fraction {}: must be in (0, 1]", self.kv_cache_fraction);
                 }
-                (available_memory().context("--kv-cache-fraction needs /proc/meminfo")? as f64 * self.kv_cache_fraction)
-                    as u64
+                KvBudget::Fraction(self.kv_cache_fraction)
             }
         };
         let timeout = std::time::Duration::from_millis(self.collective_timeout_ms);
@@ -200,7 +205,8 @@ impl ServeArgs {
             listen: self.listen,
             model_name,
             dtype: self.dtype.into(),
-            kv_cache_bytes,
+            device: self.device,
+            kv_cache,
             scheduler: SchedulerConfig {
                 block_size: self.block_size,
                 max_batch_tokens: self.max_batch_tokens,
@@ -223,15 +229,11 @@ impl ServeConfig {
     }
 }
 
-/// MemAvailable from /proc/meminfo, in bytes.
-fn available_memory() -> anyhow::Result<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo")?;
-    let kib = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("no MemAvailable line")?;
-    Ok(kib * 1024)
+/// How large the KV cache is: fixed, or a share of the memory left after loading.
+#[derive(Clone, Copy)]
+enum KvBudget {
+    Bytes(u64),
+    Fraction(f64),
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -242,11 +244,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     crate::cli_tp::exit_with_supervisor();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rank = match &cfg.mode {
+        Mode::Rank(r) => r.rank,
+        _ => 0,
+    };
+    let device_spec = cfg.device.offset(rank);
+    let device = device_spec.open().with_context(|| format!("--device {}", cfg.device))?;
     let (comm, lease) = match &cfg.mode {
-        Mode::Rank(r) => crate::cli_tp::join_group(&runtime, r)?,
+        Mode::Rank(r) => crate::cli_tp::join_group(&runtime, r, &device)?,
         _ => (Comm::Single, None),
     };
-    let result = serve_rank(&runtime, &cfg, comm);
+    let result = serve_rank(&runtime, &cfg, comm, &device);
     if let Some(lease) = lease {
         // Gone at once on a clean stop; on a crash the lease expires instead.
         runtime.block_on(lease.revoke());
@@ -255,8 +263,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Loads this rank's shard; rank 0 runs the engine and the gRPC service, the others follow it.
-fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) -> anyhow::Result<()> {
-    let model = Model::load_sharded(&cfg.model, cfg.dtype, &Device::Cpu, comm)
+fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, device: &Device) -> anyhow::Result<()> {
+    let model = Model::load_sharded(&cfg.model, cfg.dtype, device, comm)
         .with_context(|| format!("loading model from {}", cfg.model.display()))?;
     let defaults = GenerationConfig::from_dir(&cfg.model)?;
     let mc = model.config();
@@ -269,19 +277,23 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm) 
     };
     // Block ids come from rank 0's allocator, so every rank must hold as many blocks: rank 0's
     // count (its memory reading) is the group's.
-    let mine = (cfg.kv_cache_bytes / layout.block_bytes() as u64) as usize;
+    let kv_cache_bytes = match cfg.kv_cache {
+        KvBudget::Bytes(b) => b,
+        KvBudget::Fraction(f) => (free_memory(device)? as f64 * f) as u64,
+    };
+    let mine = (kv_cache_bytes / layout.block_bytes() as u64) as usize;
     let agreed = model.comm().broadcast_bytes(0, (mine as u64).to_le_bytes().to_vec())?;
     let num_blocks = u64::from_le_bytes(agreed.as_slice().try_into().context("block count from rank 0")?) as usize;
     if num_blocks == 0 {
         bail!(
-            "--kv-cache-bytes {}: too small for one block of {} bytes ({} tokens)",
-            cfg.kv_cache_bytes,
+            "KV cache of {} bytes (--kv-cache-bytes or --kv-cache-fraction): too small for one block of {} bytes ({} tokens)",
+            kv_cache_bytes,
             layout.block_bytes(),
             cfg.scheduler.block_size
         );
     }
     if model.comm().rank() != 0 {
-        follower::run(model, cfg.scheduler.block_size, num_blocks, &Device::Cpu)?;
+        follower::run(model, cfg.scheduler.block_size, num_blocks, device)?;
         return Ok(());
     }
     let info = model_info(&InfoSource {

@@ -49,7 +49,11 @@ const LEASE_TTL: Duration = Duration::from_secs(3);
 /// Meets the rest of the group: rank 0 publishes its collective address under a lease and waits
 /// for everyone; the others wait for the record and connect. Returns the group handle and, on
 /// rank 0, the lease to revoke at shutdown.
-pub fn join_group(rt: &tokio::runtime::Runtime, r: &RankConfig) -> anyhow::Result<(Comm, Option<Lease>)> {
+pub fn join_group(
+    rt: &tokio::runtime::Runtime,
+    r: &RankConfig,
+    device: &candle_core::Device,
+) -> anyhow::Result<(Comm, Option<Lease>)> {
     let client = rt.block_on(qwen_cluster::connect(&r.etcd)).with_context(|| format!("--etcd {:?}", r.etcd))?;
     let tcp = TcpConfig { rank: r.rank, world_size: r.world_size, timeout: r.timeout };
     if r.rank == 0 {
@@ -67,15 +71,31 @@ pub fn join_group(rt: &tokio::runtime::Runtime, r: &RankConfig) -> anyhow::Resul
         })?;
         let comm = TcpComm::root(listener, &tcp).context("waiting for the other ranks")?;
         tracing::info!(group = r.group.as_str(), world_size = r.world_size, "tensor-parallel group formed");
-        Ok((Comm::Tcp(comm), Some(lease)))
+        Ok((collectives_for(comm, device)?, Some(lease)))
     } else {
         let record = rt.block_on(rendezvous::wait_for(&client, &r.group, r.timeout * 3))?;
         if record.world_size as usize != r.world_size {
             bail!("--world-size {} but rank 0 of group {} runs {}", r.world_size, r.group.as_str(), record.world_size);
         }
         let addr = record.addr.parse().with_context(|| format!("rendezvous address {:?}", record.addr))?;
-        Ok((Comm::Tcp(TcpComm::join(addr, &tcp)?), None))
+        Ok((collectives_for(TcpComm::join(addr, &tcp)?, device)?, None))
     }
+}
+
+/// GPU ranks move tensors over NCCL (the TCP connections stay for plans and barriers); CPU
+/// ranks over TCP.
+fn collectives_for(control: TcpComm, device: &candle_core::Device) -> anyhow::Result<Comm> {
+    #[cfg(feature = "nccl")]
+    if let candle_core::Device::Cuda(d) = device {
+        use qwen_worker::comm::nccl::{NcclComm, NcclConfig};
+        let comm = NcclComm::new(NcclConfig { stream: d.cuda_stream(), control }).context("starting NCCL")?;
+        return Ok(Comm::Nccl(comm));
+    }
+    if device.is_cuda() {
+        // Without NCCL the TCP collectives still work, through host copies.
+        tracing::warn!("GPU ranks without the `nccl` feature: collectives go over TCP through the host");
+    }
+    Ok(Comm::Tcp(control))
 }
 
 /// `serve --tp N`: runs N copies of this command as ranks 0..N of one group and forwards rank

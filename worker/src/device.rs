@@ -72,6 +72,39 @@ impl DeviceSpec {
     }
 }
 
+/// Memory a KV cache may come from: MemAvailable of the host for the CPU, free memory of the
+/// GPU (after the weights, when called after loading) for CUDA.
+pub fn free_memory(device: &Device) -> Result<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::result;
+            let err = |e: &dyn std::fmt::Display| Error::InvalidInput {
+                field: "device",
+                message: format!("cannot read the GPU's free memory: {e}"),
+            };
+            d.cuda_stream().context().bind_to_thread().map_err(|e| err(&format!("{e:?}")))?;
+            let (free, _total) = result::mem_get_info().map_err(|e| err(&format!("{e:?}")))?;
+            Ok(free as u64)
+        }
+        _ => host_available_memory(),
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn host_available_memory() -> Result<u64> {
+    let path = "/proc/meminfo";
+    let info = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| Error::InvalidInput {
+            field: "kv_cache_fraction",
+            message: format!("no MemAvailable in {path}"),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +118,10 @@ mod tests {
         assert_eq!(DeviceSpec::Cuda(1).offset(2), DeviceSpec::Cuda(3));
         #[cfg(not(feature = "cuda"))]
         assert!(DeviceSpec::Cuda(0).open().unwrap_err().to_string().contains("without the `cuda` feature"));
+    }
+
+    #[test]
+    fn the_host_has_free_memory() {
+        assert!(free_memory(&Device::Cpu).unwrap() > 0);
     }
 }

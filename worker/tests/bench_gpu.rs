@@ -48,3 +48,18 @@ fn bench_gpu_refuses_bad_flags_by_name() {
     assert!(run(&["--shapes", "tiny", "--device", "tpu"]).contains("cpu, cuda or cuda:N"));
     assert!(run(&["--shapes", "tiny", "--device", "cpu", "--batches", "0"]).contains("--batches"));
 }
+
+/// A build without the `cuda` feature says so for `--device cuda`, naming the flag.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn serve_on_cuda_without_the_feature_names_the_flag() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen2-gqa");
+    let out = worker()
+        .args(["serve", "--listen", "127.0.0.1:0", "--device", "cuda", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--device cuda") && err.contains("without the `cuda` feature"), "{err}");
+}
