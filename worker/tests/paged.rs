@@ -28,10 +28,13 @@ struct Run<'a> {
     kernels: KernelMode,
 }
 
+/// What a fixture run gives: the generated tokens, the first step's logits (f32, on the host)
+/// and the golden tokens.
+type Outcome = (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>);
+
 /// Runs every case of fixture `name` through the paged store, prompts in chunks of 5 and all
-/// sequences batched, greedily until each has its golden length. Returns the generated tokens
-/// and the logits of the first step (all prompts' first chunks), as f32 on the host.
-fn run_fixture(name: &str, run: Run) -> (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>) {
+/// sequences batched, greedily until each has its golden length.
+fn run_fixture(name: &str, run: Run) -> Outcome {
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap()).unwrap();
     let mut model = Model::load(&fixture(name), run.dtype, run.device).unwrap();

@@ -39,7 +39,7 @@ pub fn silu_mul(gate: &[f32], up: &[f32], dtype: DType) -> Vec<f32> {
 /// multiplies the whole head after rotation.
 pub fn rotary(x: &mut [f32], cos: &[f32], sin: &[f32], qscale: Option<&[f32]>, shape: [usize; 3], dtype: DType) {
     let [tokens, heads, head_dim] = shape;
-    let half = if tokens == 0 { 0 } else { cos.len() / tokens };
+    let half = cos.len().checked_div(tokens).unwrap_or(0);
     for t in 0..tokens {
         let scale = qscale.map(|s| s[t]);
         for h in 0..heads {
