@@ -6,9 +6,13 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-/// Repository root.
+/// Repository root: `QWEN_REPO_ROOT` when set (a test binary run away from the tree it was
+/// built in, as on the GPU machine), else where it was built.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    match std::env::var_os("QWEN_REPO_ROOT") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+    }
 }
 
 /// A committed fixture model directory.

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds what the GPU checks need with the real CUDA 13.0 toolchain (../shared/gpu/README.md:
+# setup_cuda_build_env.sh once per machine; candle's kernels take ~8 min the first time) and packs
+# it into .gpu/ (git-ignored, carried to the GPU machine): the release worker, the test binaries
+# that check each kernel and the fixtures on the GPU, and scripts/gpu_checks.sh to run them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1090
+source "${CUDA_BUILD_ENV:-$HOME/.cache/cuda13-build/env.sh}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}" CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
+cargo build --release --locked --features cuda,nccl -p qwen-worker --bin qwen-worker
+cargo test --release --locked --features cuda,nccl -p qwen-worker --lib --test paged --no-run \
+  --message-format=json > "$CARGO_TARGET_DIR/gpu-tests.json"
+mkdir -p .gpu
+xz -T2 -c "$CARGO_TARGET_DIR/release/qwen-worker" > .gpu/qwen-worker.xz
+python3 - "$CARGO_TARGET_DIR/gpu-tests.json" <<'PY'
+import json, subprocess, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        name = "worker-lib" if m["target"]["kind"] == ["lib"] else m["target"]["name"]
+        with open(f".gpu/{name}.xz", "wb") as out:
+            subprocess.run(["xz", "-T2", "-c", m["executable"]], stdout=out, check=True)
+        print(f".gpu/{name}.xz")
+PY
+cp scripts/gpu_checks.sh .gpu/
+if [ -f ../shared/gpu/run_on_gpu.sh ]; then cp ../shared/gpu/run_on_gpu.sh .gpu/; fi
+ls -la .gpu
