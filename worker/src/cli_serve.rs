@@ -37,8 +37,9 @@ pub struct ServeArgs {
     /// Name reported in Stats (default: the model directory's name).
     #[arg(long, env = "QWEN_MODEL_NAME")]
     model_name: Option<String>,
-    #[arg(long, env = "QWEN_DTYPE", value_enum, default_value = "f32")]
-    dtype: ComputeDtype,
+    /// Compute dtype of weights and KV cache (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long, env = "QWEN_DTYPE", value_enum)]
+    dtype: Option<ComputeDtype>,
     /// cpu, cuda or cuda:N. Tensor-parallel rank r uses GPU N + r.
     #[arg(long, env = "QWEN_DEVICE", default_value = "cpu")]
     device: DeviceSpec,
@@ -204,7 +205,11 @@ impl ServeArgs {
             model: self.model,
             listen: self.listen,
             model_name,
-            dtype: self.dtype.into(),
+            dtype: match (self.dtype, self.device.is_cuda()) {
+                (Some(d), _) => d.into(),
+                (None, true) => DType::BF16,
+                (None, false) => DType::F32,
+            },
             device: self.device,
             kv_cache,
             scheduler: SchedulerConfig {

@@ -3,7 +3,7 @@
 //! `kernels/mod.rs` have checked against the shapes given.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -51,8 +51,8 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
-fn func(dev: &CudaDevice, ptx: &'static str, module: &str, name: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(name, module, ptx)
+fn func(dev: &CudaDevice, ptx: &'static str, module: &str, name: &str) -> Result<CudaFunction> {
+    Ok(dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function())
 }
 
 /// The contiguous elements of a layout.
@@ -86,7 +86,8 @@ pub fn add_rms_norm(eps: f32, x: In, r: In, w: In) -> Result<(CudaStorage, Shape
         // SAFETY: the kernel writes all 2 * t * h elements.
         let out = unsafe { dev.alloc::<T>(2 * t * h)? };
         if t > 0 {
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&xv);
             b.arg(&rv);
             b.arg(&wv);
@@ -111,7 +112,8 @@ pub fn silu_mul(g: In, u: In) -> Result<(CudaStorage, Shape)> {
         // SAFETY: the kernel writes all n elements.
         let out = unsafe { dev.alloc::<T>(n)? };
         if n > 0 {
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&gv);
             b.arg(&uv);
             b.arg(&out);
@@ -147,7 +149,8 @@ pub fn rotary(qscale: Option<&Tensor>, x: (&mut CudaStorage, &Layout), cos: In, 
         let (cv, sv) = (dense::<T>(cos)?, dense::<T>(sin)?);
         let mut xv = x.0.as_cuda_slice_mut::<T>()?.slice_mut(start..);
         if t * h > 0 {
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&mut xv);
             b.arg(&cv);
             b.arg(&sv);
@@ -184,7 +187,8 @@ pub fn kv_write(cache: (&mut CudaStorage, &Layout), src: In, slots: In) -> Resul
         let (sv, s0, s1) = rows::<T>(src)?;
         let mut cv = cache.0.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
         if t > 0 {
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&mut cv);
             b.arg(&sv);
             b.arg(&slot_view);
@@ -249,7 +253,8 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
             let part_acc = dev.alloc_zeros::<f32>(n_part * d)?;
             let part_ml = dev.alloc_zeros::<f32>(n_part * 2)?;
             let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_decode_{sfx}_e{e}"))?;
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&qv);
             b.arg(&qs0);
             b.arg(&qs1);
@@ -273,7 +278,8 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
             unsafe { b.launch(cfg((splits as u32, hkv as u32, nseq as u32), 128)) }.w()?;
             if splits > 1 {
                 let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_decode_reduce_{sfx}"))?;
-                let mut b = f.builder();
+                let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
                 b.arg(&part_acc);
                 b.arg(&part_ml);
                 b.arg(&meta);
@@ -289,7 +295,8 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
         } else {
             let tiles = (call.max_q_len * (hq / hkv)).div_ceil(16);
             let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_prefill_{sfx}_e{e}"))?;
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&qv);
             b.arg(&qs0);
             b.arg(&qs1);
@@ -322,7 +329,8 @@ pub fn sample_rows(logits: In, params: In) -> Result<(CudaStorage, Shape)> {
         let scratch = unsafe { dev.alloc::<f32>(n_rows * vocab)? };
         let out = dev.alloc_zeros::<u32>(n_rows)?;
         if n_rows > 0 {
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&lv);
             let v = vocab as i32;
             b.arg(&v);

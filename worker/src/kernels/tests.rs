@@ -252,7 +252,7 @@ mod gpu {
     fn long_context_decode_splits_match_the_reference() -> Result<()> {
         let Some(g) = gpu() else { return Ok(()) };
         let (hq, hkv, d, bs) = (28, 4, 128, 16);
-        for ctx in [1, 17, 700, 5000] {
+        for ctx in [1usize, 17, 700, 5000] {
             let blocks: Vec<u32> = (0..ctx.div_ceil(bs) as u32).rev().collect();
             let slots = blocks.len() * bs;
             let (kc, vc) = (randn(&[slots, hkv, d], DType::BF16, &g), randn(&[slots, hkv, d], DType::BF16, &g));

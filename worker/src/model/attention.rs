@@ -16,22 +16,32 @@ pub struct BatchMeta {
     /// Offset of each sequence's first token in the flat token dimension.
     pub offsets: Vec<usize>,
     pub num_tokens: usize,
-    /// Additive causal mask `[len, context_len + len]` per sequence, built once per forward for
-    /// implementations that materialise scores; `None` for single-token chunks.
-    pub causal_masks: Vec<Option<Tensor>>,
+    /// Additive causal mask `[len, context_len + len]` per sequence, built on first use (only
+    /// implementations that materialise scores need them) and then shared by every layer.
+    causal_masks: Vec<std::cell::OnceCell<Option<Tensor>>>,
+    device: Device,
 }
 
 impl BatchMeta {
     pub fn new(seqs: &[SeqChunk], device: &Device) -> Result<Self> {
         let mut offsets = Vec::with_capacity(seqs.len());
-        let mut causal_masks = Vec::with_capacity(seqs.len());
         let mut num_tokens = 0;
         for s in seqs {
             offsets.push(num_tokens);
             num_tokens += s.len;
-            causal_masks.push(causal_mask(s.len, s.context_len, device)?);
         }
-        Ok(BatchMeta { seqs: seqs.to_vec(), offsets, num_tokens, causal_masks })
+        let causal_masks = seqs.iter().map(|_| std::cell::OnceCell::new()).collect();
+        Ok(BatchMeta { seqs: seqs.to_vec(), offsets, num_tokens, causal_masks, device: device.clone() })
+    }
+
+    /// Sequence `i`'s causal mask (see [`causal_mask`]); `None` for a single-token chunk.
+    pub fn causal_mask(&self, i: usize) -> Result<Option<&Tensor>> {
+        let cell = &self.causal_masks[i];
+        if cell.get().is_none() {
+            let s = &self.seqs[i];
+            let _ = cell.set(causal_mask(s.len, s.context_len, &self.device)?);
+        }
+        Ok(cell.get().and_then(|m| m.as_ref()))
     }
 }
 
@@ -133,12 +143,12 @@ impl Attention for ContiguousKvCache {
             }
         }
         let mut outs = Vec::with_capacity(meta.seqs.len());
-        for ((seq, &off), mask) in meta.seqs.iter().zip(&meta.offsets).zip(&meta.causal_masks) {
+        for (i, (seq, &off)) in meta.seqs.iter().zip(&meta.offsets).enumerate() {
             let q_s = q.narrow(0, off, seq.len)?.transpose(0, 1)?; // [Hq, n, D]
             let k_s = k.narrow(0, off, seq.len)?.transpose(0, 1)?; // [Hkv, n, D]
             let v_s = v.narrow(0, off, seq.len)?.transpose(0, 1)?;
             let (keys, values) = self.append(layer, seq, &k_s, &v_s)?;
-            outs.push(causal_attention(&q_s, &keys, &values, mask.as_ref(), scale)?);
+            outs.push(causal_attention(&q_s, &keys, &values, meta.causal_mask(i)?, scale)?);
         }
         Ok(Tensor::cat(&outs, 0)?)
     }

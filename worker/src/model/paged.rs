@@ -181,7 +181,7 @@ impl Attention for PagedStep<'_> {
             let q_s = q.narrow(0, off, seq.len)?.transpose(0, 1)?;
             let k_s = keys.index_select(&reads[i], 0)?.transpose(0, 1)?;
             let v_s = values.index_select(&reads[i], 0)?.transpose(0, 1)?;
-            outs.push(causal_attention(&q_s, &k_s, &v_s, meta.causal_masks[i].as_ref(), scale)?);
+            outs.push(causal_attention(&q_s, &k_s, &v_s, meta.causal_mask(i)?, scale)?);
         }
         Ok(Tensor::cat(&outs, 0)?)
     }
