@@ -28,13 +28,16 @@ __device__ void add_rms_norm(const T* x, const T* res, const T* w, T* out, int r
   }
 }
 
-// out = silu(gate) * up, with silu rounded to T first as the unfused path stores it.
+// out[t, j] = silu(x[t, j]) * x[t, f + j]: gate and up projections side by side in one [rows, 2f]
+// tensor (one GEMM makes both); silu is rounded to T first, as the unfused path stores it.
 template <typename T>
-__device__ void silu_mul(const T* gate, const T* up, T* out, size_t n) {
+__device__ void silu_mul(const T* x, T* out, size_t rows, size_t f) {
+  const size_t n = rows * f;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const float g = to_f(gate[i]);
+    const size_t t = i / f, j = i % f;
+    const float g = to_f(x[t * 2 * f + j]);
     const float s = round_to<T>(g / (1.f + expf(-g)));
-    out[i] = from_f<T>(s * to_f(up[i]));
+    out[i] = from_f<T>(s * to_f(x[t * 2 * f + f + j]));
   }
 }
 
@@ -84,8 +87,8 @@ __device__ void kv_write(T* cache, const T* src, const uint32_t* slots, int kv_h
                                                   int hidden, float eps) {                                       \
     add_rms_norm<T>(x, res, w, out, rows, hidden, eps);                                                         \
   }                                                                                                              \
-  extern "C" __global__ void silu_mul_##NAME(const T* gate, const T* up, T* out, size_t n) {                     \
-    silu_mul<T>(gate, up, out, n);                                                                              \
+  extern "C" __global__ void silu_mul_##NAME(const T* x, T* out, size_t rows, size_t f) {                      \
+    silu_mul<T>(x, out, rows, f);                                                                               \
   }                                                                                                              \
   extern "C" __global__ void rotary_inplace_##NAME(T* x, const T* cos, const T* sin, const float* qscale,        \
                                                     int heads, int head_dim, int rot, long long st, long long sh) { \

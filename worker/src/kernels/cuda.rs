@@ -103,27 +103,28 @@ pub fn add_rms_norm(eps: f32, x: In, r: In, w: In) -> Result<(CudaStorage, Shape
     })
 }
 
-pub fn silu_mul(g: In, u: In) -> Result<(CudaStorage, Shape)> {
-    let dev = g.0.device().clone();
-    let n = g.1.shape().elem_count();
-    let f = func(&dev, FUSED, "qs_fused", &format!("silu_mul_{}", suffix(g.0.dtype())?))?;
-    with_dtype!(g.0.dtype(), T => {
-        let (gv, uv) = (dense::<T>(g)?, dense::<T>(u)?);
-        // SAFETY: the kernel writes all n elements.
-        let out = unsafe { dev.alloc::<T>(n)? };
-        if n > 0 {
+pub fn silu_mul(x: In) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let (rows, two_f) = x.1.shape().dims2()?;
+    let f = two_f / 2;
+    let func_ = func(&dev, FUSED, "qs_fused", &format!("silu_mul_{}", suffix(x.0.dtype())?))?;
+    with_dtype!(x.0.dtype(), T => {
+        let xv = dense::<T>(x)?;
+        // SAFETY: the kernel writes all rows * f elements.
+        let out = unsafe { dev.alloc::<T>(rows * f)? };
+        if rows * f > 0 {
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(&gv);
-            b.arg(&uv);
+            let mut b = stream.launch_builder(&func_);
+            b.arg(&xv);
             b.arg(&out);
-            let len = n as u64;
-            b.arg(&len);
-            let blocks = n.div_ceil(256).min(65_535) as u32;
-            // SAFETY: gate, up and out all hold n elements; the kernel strides over them.
+            let (r, w) = (rows as u64, f as u64);
+            b.arg(&r);
+            b.arg(&w);
+            let blocks = (rows * f).div_ceil(256).min(65_535) as u32;
+            // SAFETY: x holds rows * 2f elements, out rows * f; the kernel strides over out.
             unsafe { b.launch(cfg((blocks, 1, 1), 256)) }.w()?;
         }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), g.1.shape().clone()))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, f))))
     })
 }
 

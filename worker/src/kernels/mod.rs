@@ -11,7 +11,7 @@ pub mod reference;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
 pub use reference::{AttnSeq, AttnShape, DrawParams};
@@ -65,13 +65,14 @@ pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f32) ->
     Ok((both.get(0)?, both.get(1)?))
 }
 
-/// `silu(gate) * up`, elementwise over equal shapes.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.dims() != up.dims() {
-        return Err(invalid("up", format!("shape {:?} where {:?} is expected", up.dims(), gate.dims())));
+/// `silu(gate) * up` from the fused gate/up projection `[T, 2F]` (gate in the first half) →
+/// `[T, F]`.
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    let (_, two_f) = gate_up.dims2()?;
+    if two_f % 2 != 0 {
+        return Err(invalid("gate_up", format!("width {two_f} is not gate and up side by side")));
     }
-    same_dtype("up", gate, up)?;
-    Ok(gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?)
+    Ok(gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)?)
 }
 
 /// Rotates the first `2 * cos.dim(1)` dims of every head of `x` `[T, H, D]` in place (rotate-half
@@ -306,20 +307,15 @@ impl CustomOp3 for AddRmsNorm {
 
 struct SiluMul;
 
-impl CustomOp2 for SiluMul {
+impl CustomOp1 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = reference::silu_mul(&read(s1, l1)?, &read(s2, l2)?, s1.dtype());
-        Ok((store(&out, s1.dtype())?, l1.shape().clone()))
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, two_f) = l1.shape().dims2()?;
+        let out = reference::silu_mul(&read(s1, l1)?, two_f / 2, s1.dtype());
+        Ok((store(&out, s1.dtype())?, Shape::from((t, two_f / 2))))
     }
 
     #[cfg(feature = "cuda")]
@@ -327,10 +323,8 @@ impl CustomOp2 for SiluMul {
         &self,
         s1: &candle_core::CudaStorage,
         l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::silu_mul((s1, l1), (s2, l2))
+        cuda::silu_mul((s1, l1))
     }
 }
 

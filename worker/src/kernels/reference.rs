@@ -29,9 +29,14 @@ pub fn add_rms_norm(x: &[f32], res: &[f32], w: &[f32], eps: f32, dtype: DType) -
     (sum, normed)
 }
 
-/// `silu(gate) * up`, silu rounded to `dtype` first.
-pub fn silu_mul(gate: &[f32], up: &[f32], dtype: DType) -> Vec<f32> {
-    gate.iter().zip(up).map(|(&g, &u)| round_to(round_to(g / (1.0 + (-g).exp()), dtype) * u, dtype)).collect()
+/// `silu(gate) * up` for rows of `[gate | up]` (each half `f` wide), silu rounded to `dtype`.
+pub fn silu_mul(x: &[f32], f: usize, dtype: DType) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / 2);
+    for row in x.chunks(2 * f) {
+        let (gate, up) = row.split_at(f);
+        out.extend(gate.iter().zip(up).map(|(&g, &u)| round_to(round_to(g / (1.0 + (-g).exp()), dtype) * u, dtype)));
+    }
+    out
 }
 
 /// Rotate-half rotary over the first `rot` dims of each head of `x` `[tokens, heads, head_dim]`

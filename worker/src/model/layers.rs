@@ -29,6 +29,24 @@ impl Linear {
         Linear { weight, bias }
     }
 
+    /// One projection computing all of `parts` side by side (outputs in order): one GEMM
+    /// instead of several. Biases must be all present or all absent.
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = match biases.len() {
+            0 => None,
+            n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+            _ => {
+                return Err(crate::error::Error::InvalidInput {
+                    field: "bias",
+                    message: "projections to fuse must all have a bias or none".into(),
+                })
+            }
+        };
+        Ok(Linear { weight: Tensor::cat(&weights, 0)?, bias })
+    }
+
     /// `x`: `[T, in]` → `[T, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
@@ -60,19 +78,23 @@ impl RmsNorm {
     }
 }
 
-/// `down(silu(gate(x)) * up(x))`. The original Qwen names these `c_proj(w1(x) * silu(w2(x)))`:
-/// its `w2` is the gate.
+/// `down(silu(gate(x)) * up(x))`, gate and up computed by one projection. The original Qwen
+/// names these `c_proj(w1(x) * silu(w2(x)))`: its `w2` is the gate.
 pub struct Mlp {
-    pub gate: Linear,
-    pub up: Linear,
+    /// `[gate | up]`, each `ff` (this rank's share) wide.
+    pub gate_up: Linear,
+    pub ff: usize,
     pub down: Linear,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, mode: KernelMode) -> Result<Tensor> {
+        let gate_up = self.gate_up.forward(x)?;
         let inner = match mode {
-            KernelMode::Plain => (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?,
-            KernelMode::Fused => kernels::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)?,
+            KernelMode::Plain => {
+                (candle_nn::ops::silu(&gate_up.narrow(1, 0, self.ff)?)? * gate_up.narrow(1, self.ff, self.ff)?)?
+            }
+            KernelMode::Fused => kernels::silu_mul(&gate_up)?,
         };
         self.down.forward(&inner)
     }
@@ -293,8 +315,11 @@ pub fn load_stack<A>(
             attn: load_attn(&p)?,
             post_attn_norm: RmsNorm::load(w, &format!("{p}.{}", names.post_attn_norm), h, eps)?,
             mlp: Mlp {
-                gate: parallel::column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
-                up: parallel::column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
+                gate_up: Linear::concat(&[
+                    parallel::column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
+                    parallel::column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
+                ])?,
+                ff: ff_part[0].len(),
                 down: parallel::row(w, &format!("{p}.{}", names.down), ff, h, ff_part[0].clone(), false, shard)?,
             },
         });

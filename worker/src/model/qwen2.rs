@@ -24,9 +24,8 @@ pub const NAMES: TensorNames = TensorNames {
 };
 
 pub struct Qwen2Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections side by side: one GEMM.
+    qkv: Linear,
     o: Linear,
     heads: usize,
     kv_heads: usize,
@@ -40,9 +39,11 @@ impl Qwen2Attention {
         let (q_rows, kv_rows) = ([rows(&heads.q, d, 0)], [rows(&heads.kv, d, 0)]);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         Ok(Qwen2Attention {
-            q: column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, true)?,
-            k: column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, true)?,
-            v: column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, true)?,
+            qkv: Linear::concat(&[
+                column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, true)?,
+                column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, true)?,
+                column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, true)?,
+            ])?,
             o: row(w, &format!("{p}.self_attn.o_proj"), qd, h, rows(&heads.q, d, 0), false, shard)?,
             heads: heads.q_len(),
             kv_heads: heads.kv_len(),
@@ -54,15 +55,20 @@ impl Qwen2Attention {
 impl SelfAttention for Qwen2Attention {
     fn forward(&self, x: &Tensor, ctx: &StepContext, layer: usize, attn: &mut dyn Attention) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let q = self.q.forward(x)?.reshape((t, self.heads, self.head_dim))?;
-        let k = self.k.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
-        let v = self.v.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
+        let (q, k, v) = split_qkv(&self.qkv.forward(x)?, t, self.heads, self.kv_heads, self.head_dim)?;
         let q = ctx.rotate_queries(q)?;
         let k = ctx.rotate_keys(k)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attn.forward(LayerQkv { layer, q: &q, k: &k, v: &v, scale }, ctx.meta)?;
         self.o.forward(&out.reshape((t, self.heads * self.head_dim))?)
     }
+}
+
+/// Views of q `[T, Hq, D]`, k and v `[T, Hkv, D]` in a fused projection's output `[T, (Hq + 2 Hkv) D]`.
+pub fn split_qkv(qkv: &Tensor, t: usize, heads: usize, kv_heads: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    // Reshape first (a free view of the contiguous output), then narrow: strided views, no copies.
+    let qkv = qkv.reshape((t, heads + 2 * kv_heads, d))?;
+    Ok((qkv.narrow(1, 0, heads)?, qkv.narrow(1, heads, kv_heads)?, qkv.narrow(1, heads + kv_heads, kv_heads)?))
 }
 
 pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard) -> Result<DecoderStack<Qwen2Attention>> {

@@ -6,15 +6,14 @@ use candle_core::Tensor;
 use super::attention::{Attention, LayerQkv};
 use super::layers::{load_stack, DecoderStack, Linear, RmsNorm, SelfAttention, StepContext};
 use super::parallel::{self, column, row, rows, Shard};
-use super::qwen2::NAMES;
+use super::qwen2::{split_qkv, NAMES};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::Weights;
 
 pub struct Qwen3Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections side by side: one GEMM.
+    qkv: Linear,
     o: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
@@ -30,9 +29,11 @@ impl Qwen3Attention {
         let (q_rows, kv_rows) = ([rows(&heads.q, d, 0)], [rows(&heads.kv, d, 0)]);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         Ok(Qwen3Attention {
-            q: column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, bias)?,
-            k: column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, bias)?,
-            v: column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, bias)?,
+            qkv: Linear::concat(&[
+                column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, bias)?,
+                column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, bias)?,
+                column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, bias)?,
+            ])?,
             o: row(w, &format!("{p}.self_attn.o_proj"), qd, h, rows(&heads.q, d, 0), bias, shard)?,
             q_norm: RmsNorm::load(w, &format!("{p}.self_attn.q_norm.weight"), d, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(w, &format!("{p}.self_attn.k_norm.weight"), d, cfg.rms_norm_eps)?,
@@ -46,9 +47,7 @@ impl Qwen3Attention {
 impl SelfAttention for Qwen3Attention {
     fn forward(&self, x: &Tensor, ctx: &StepContext, layer: usize, attn: &mut dyn Attention) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let q = self.q.forward(x)?.reshape((t, self.heads, self.head_dim))?;
-        let k = self.k.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
-        let v = self.v.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
+        let (q, k, v) = split_qkv(&self.qkv.forward(x)?, t, self.heads, self.kv_heads, self.head_dim)?;
         let q = ctx.rotate_queries(self.q_norm.forward(&q)?)?;
         let k = ctx.rotate_keys(self.k_norm.forward(&k)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
