@@ -12,17 +12,17 @@ cargo build --release --locked --features cuda,nccl -p qwen-worker --bin qwen-wo
 cargo test --release --locked --features cuda,nccl -p qwen-worker --lib --test paged --no-run \
   --message-format=json > "$CARGO_TARGET_DIR/gpu-tests.json"
 mkdir -p .gpu
-xz -T2 -c "$CARGO_TARGET_DIR/release/qwen-worker" > .gpu/qwen-worker.xz
-python3 - "$CARGO_TARGET_DIR/gpu-tests.json" <<'PY'
-import json, subprocess, sys
+# Debug info stripped: everything carried to the GPU machine must fit in 64 MiB.
+pack() { strip --strip-debug -o "$CARGO_TARGET_DIR/packing" "$1" && xz -T2 -c "$CARGO_TARGET_DIR/packing" > "$2"; }
+pack "$CARGO_TARGET_DIR/release/qwen-worker" .gpu/qwen-worker.xz
+python3 - "$CARGO_TARGET_DIR/gpu-tests.json" > "$CARGO_TARGET_DIR/gpu-tests.txt" <<'PY'
+import json, sys
 for line in open(sys.argv[1]):
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        name = "worker-lib" if m["target"]["kind"] == ["lib"] else m["target"]["name"]
-        with open(f".gpu/{name}.xz", "wb") as out:
-            subprocess.run(["xz", "-T2", "-c", m["executable"]], stdout=out, check=True)
-        print(f".gpu/{name}.xz")
+        print("worker-lib" if m["target"]["kind"] == ["lib"] else m["target"]["name"], m["executable"])
 PY
+while read -r name exe; do pack "$exe" ".gpu/$name.xz"; done < "$CARGO_TARGET_DIR/gpu-tests.txt"
 cp scripts/gpu_checks.sh .gpu/
 if [ -f ../shared/gpu/run_on_gpu.sh ]; then cp ../shared/gpu/run_on_gpu.sh .gpu/; fi
 ls -la .gpu
