@@ -115,6 +115,9 @@ pub struct BenchGpuArgs {
     /// Override the device's default kernels (fused on CUDA, plain on CPU).
     #[arg(long, env = "QWEN_KERNELS", value_enum)]
     kernels: Option<Kernels>,
+    /// Run decode steps eagerly instead of replaying CUDA graphs.
+    #[arg(long, env = "QWEN_NO_CUDA_GRAPHS")]
+    no_graphs: bool,
     /// Also write the results here as JSON.
     #[arg(long, env = "QWEN_BENCH_JSON")]
     json: Option<PathBuf>,
@@ -135,6 +138,7 @@ struct Report {
     device: String,
     dtype: String,
     kernels: String,
+    cuda_graphs: bool,
     layers: usize,
     weight_bytes: usize,
     copy_bandwidth_gb_s: f64,
@@ -195,6 +199,7 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
         num_blocks: max_batch * per_seq_blocks + 8,
         model_name: args.shapes.name().to_string(),
         metrics: None,
+        decode_graphs: !args.no_graphs,
     };
     let (engine, _thread) = spawn(model, engine_config)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -221,6 +226,7 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
         device: args.device.to_string(),
         dtype: format!("{dtype:?}").to_lowercase(),
         kernels: format!("{kernels:?}").to_lowercase(),
+        cuda_graphs: !args.no_graphs && device.is_cuda(),
         layers: config.num_layers,
         weight_bytes,
         copy_bandwidth_gb_s: bandwidth / 1e9,
@@ -239,11 +245,12 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
 
 fn print_table(r: &Report) {
     println!(
-        "{} on {} ({}, {} kernels, {} layers): weights {:.2} GB, copy bandwidth {:.0} GB/s, floor {:.2} ms/step",
+        "{} on {} ({}, {} kernels, CUDA graphs {}, {} layers): weights {:.2} GB, copy bandwidth {:.0} GB/s, floor {:.2} ms/step",
         r.shapes,
         r.device,
         r.dtype,
         r.kernels,
+        if r.cuda_graphs { "on" } else { "off" },
         r.layers,
         r.weight_bytes as f64 / 1e9,
         r.copy_bandwidth_gb_s,

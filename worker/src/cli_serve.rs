@@ -94,6 +94,9 @@ pub struct ServeArgs {
     /// printed on stdout as `metrics on ADDR`).
     #[arg(long, env = "QWEN_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Run every decode step eagerly instead of replaying CUDA graphs (on CUDA, alone on a GPU).
+    #[arg(long, env = "QWEN_NO_CUDA_GRAPHS")]
+    no_cuda_graphs: bool,
     /// On SIGTERM, longest wait for running requests to finish after leaving routing.
     #[arg(long, env = "QWEN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
@@ -127,6 +130,7 @@ pub struct ServeConfig {
     registry: Option<Registry>,
     drain_timeout: std::time::Duration,
     metrics_listen: Option<SocketAddr>,
+    cuda_graphs: bool,
 }
 
 impl ServeArgs {
@@ -220,6 +224,7 @@ impl ServeArgs {
             registry,
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout_secs),
             metrics_listen: self.metrics_listen,
+            cuda_graphs: !self.no_cuda_graphs,
         })
     }
 }
@@ -316,6 +321,7 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, 
             num_blocks,
             model_name: cfg.model_name.clone(),
             metrics: Some(metrics.clone()),
+            decode_graphs: cfg.cuda_graphs && device.is_cuda(),
         },
     )?;
     metrics.attach(engine.stats_view());

@@ -63,10 +63,20 @@ impl DeviceSpec {
                         message: format!("{self}: this worker was built without the `cuda` feature"),
                     });
                 }
-                Device::new_cuda(i).map_err(|e| Error::InvalidInput {
+                let device = Device::new_cuda(i).map_err(|e| Error::InvalidInput {
                     field: "device",
                     message: format!("{self}: cannot open the GPU: {e}"),
-                })
+                })?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(d) = &device {
+                    // SAFETY: the worker issues all its device work (candle's ops, its kernels,
+                    // NCCL) on this device's one stream, so stream order alone keeps every
+                    // buffer's uses in order; no cross-stream events are needed. Without them a
+                    // decode step can be captured into a CUDA graph (no waits on events recorded
+                    // outside the capture). Called before any tensor exists on the device.
+                    unsafe { d.disable_event_tracking() };
+                }
+                Ok(device)
             }
         }
     }

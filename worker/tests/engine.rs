@@ -24,7 +24,7 @@ fn goldens(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
 }
 
 fn engine(name: &str, blocks: usize, block_size: usize, max_batch_tokens: usize) -> EngineHandle {
-    engine_with(name, blocks, block_size, max_batch_tokens, KernelMode::Plain)
+    engine_with(name, blocks, block_size, max_batch_tokens, KernelMode::Plain, false)
 }
 
 fn engine_with(
@@ -33,6 +33,7 @@ fn engine_with(
     block_size: usize,
     max_batch_tokens: usize,
     kernels: KernelMode,
+    decode_graphs: bool,
 ) -> EngineHandle {
     let mut model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
     model.set_kernels(kernels);
@@ -41,6 +42,7 @@ fn engine_with(
         num_blocks: blocks,
         model_name: name.to_string(),
         metrics: None,
+        decode_graphs,
     };
     spawn(model, config).unwrap().0
 }
@@ -165,7 +167,7 @@ fn seeded_sampling_is_the_same_alone_and_in_a_crowd() {
 fn fused_kernels_and_device_sampling_through_the_engine() {
     let name = "qwen2-gqa";
     let cases = goldens(name);
-    let e = engine_with(name, 128, 4, 16, KernelMode::Fused);
+    let e = engine_with(name, 128, 4, 16, KernelMode::Fused, false);
     let sampled = SamplingParams { temperature: 0.9, top_k: 20, top_p: 0.9, seed: 7, ..SamplingParams::default() };
     let first = collect(submit(&e, "s0", &[3, 4, 5], 12, sampled.clone())).0;
     let mut streams = Vec::new();
@@ -181,6 +183,32 @@ fn fused_kernels_and_device_sampling_through_the_engine() {
     assert_eq!(first.len(), 12);
     wait_idle(&e);
     assert_eq!(e.stats().free_blocks, 128);
+}
+
+/// Decode steps through the static buffers of the CUDA-graph runner (run eagerly on the CPU):
+/// batches padded to buckets with scratch-block rows, sequences joining and leaving, contexts
+/// crossing block boundaries — every request still gets its golden tokens, and the scratch
+/// block never leaks into the pool.
+#[test]
+fn decode_graph_buffers_keep_outputs_identical() {
+    for name in ["qwen2-gqa", "qwen3"] {
+        let cases = goldens(name);
+        let e = engine_with(name, 96, 4, 64, KernelMode::Fused, true);
+        let streams: Vec<_> = (0..5)
+            .map(|i| {
+                let (prompt, want) = &cases[i % cases.len()];
+                std::thread::sleep(Duration::from_millis(2 * i as u64));
+                (submit(&e, &format!("r{i}"), prompt, want.len(), SamplingParams::greedy()), want.clone())
+            })
+            .collect();
+        for (i, (rx, want)) in streams.into_iter().enumerate() {
+            assert_eq!(collect(rx).0, want, "{name}: request {i}");
+        }
+        wait_idle(&e);
+        let stats = e.stats();
+        assert_eq!(stats.free_blocks, 96);
+        assert!(stats.decode_graph_steps > 10, "{name}: {stats:?}");
+    }
 }
 
 /// Many requests, some cancelled, some with their client gone: the cancelled ones end as

@@ -47,6 +47,7 @@ fn group(name: &'static str, tp: usize, timeout: Duration) -> (EngineHandle, Vec
         num_blocks: BLOCKS,
         model_name: name.into(),
         metrics: None,
+        decode_graphs: false,
     };
     (spawn(model, config).unwrap().0, followers)
 }
@@ -113,6 +114,7 @@ fn a_dead_follower_fails_requests_instead_of_hanging() {
         num_blocks: BLOCKS,
         model_name: "x".into(),
         metrics: None,
+        decode_graphs: false,
     };
     let (engine, thread) = spawn(model, config).unwrap();
     let (tokens, reason) = collect(submit(&engine, "a", &[1, 2, 3], 4));

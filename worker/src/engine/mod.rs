@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod follower;
+pub mod graphs;
 pub mod plan;
 pub mod prefix_cache;
 pub mod runner;

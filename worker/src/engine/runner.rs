@@ -12,6 +12,7 @@ use candle_core::{DType, D};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::blocks::BlockPool;
+use super::graphs::{DecodeGraphs, DEFAULT_BUCKETS};
 use super::plan::{Message, StepPlan};
 use super::prefix_cache::root_hash;
 use super::scheduler::{Planned, Scheduler, SchedulerConfig};
@@ -31,6 +32,8 @@ pub struct EngineConfig {
     pub model_name: String,
     /// Step metrics (batch size, step time), when serving.
     pub metrics: Option<Arc<crate::metrics::WorkerMetrics>>,
+    /// Replay decode steps from CUDA graphs (see [`super::graphs`]); with fused kernels only.
+    pub decode_graphs: bool,
 }
 
 /// A request as the engine receives it: already validated by [`EngineHandle::submit`].
@@ -60,6 +63,8 @@ pub struct Stats {
     /// Generated tokens per second over the last few seconds.
     pub tokens_per_s: f64,
     pub preemptions: u64,
+    /// Decode steps run through the CUDA-graph runner's static buffers (replayed on CUDA).
+    pub decode_graph_steps: u64,
     /// Cumulative prompt tokens found in / looked up in the prefix cache.
     pub prefix_hit_tokens: u64,
     pub prefix_query_tokens: u64,
@@ -149,7 +154,8 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
         block_size: config.scheduler.block_size,
         dtype: model.dtype(),
     };
-    let mut store = PagedKvStore::new(layout, config.num_blocks, model.device())?;
+    // One block more than the scheduler hands out: padding rows of graph-replayed steps use it.
+    let mut store = PagedKvStore::new(layout, config.num_blocks + 1, model.device())?;
     store.set_kernels(model.kernels());
     tracing::info!(
         blocks = config.num_blocks,
@@ -174,6 +180,19 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
     let thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
+            let mut model = model;
+            let graphs = if config.decode_graphs && model.kernels() == KernelMode::Fused {
+                let (bs, scratch) = (config.scheduler.block_size, config.num_blocks as u32);
+                match DecodeGraphs::new(&mut model, &DEFAULT_BUCKETS, bs, scratch) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "decode graphs off");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             let scheduler = Scheduler::new(config.scheduler, BlockPool::new(config.num_blocks));
             let model_salt = {
                 use std::hash::{Hash, Hasher};
@@ -184,6 +203,8 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
             Engine {
                 model,
                 store,
+                graphs,
+                decode_graph_steps: 0,
                 scheduler,
                 commands: rx,
                 stats,
@@ -212,6 +233,9 @@ enum Pick {
 struct Engine {
     model: Model,
     store: PagedKvStore,
+    /// Decode steps from CUDA graphs, when on.
+    graphs: Option<DecodeGraphs>,
+    decode_graph_steps: u64,
     scheduler: Scheduler,
     commands: UnboundedReceiver<Command>,
     stats: Arc<Mutex<Stats>>,
@@ -390,9 +414,16 @@ impl Engine {
             // Followers run the same forward on their shards; the plan travels first.
             self.model.comm().broadcast_bytes(0, step_plan.encode())?;
         }
-        let logits = {
-            let mut step = self.store.step(&step_plan.chunks, &step_plan.tables)?;
-            self.model.forward(&step_plan.tokens, &step_plan.chunks, &mut step)?
+        let logits = match self.graphs.as_mut().filter(|g| g.eligible(&self.model, &step_plan.chunks)) {
+            Some(graphs) => {
+                self.decode_graph_steps += 1;
+                let (tokens, chunks, tables) = (&step_plan.tokens, &step_plan.chunks, &step_plan.tables);
+                graphs.run(&mut self.model, &mut self.store, tokens, chunks, tables)?
+            }
+            None => {
+                let mut step = self.store.step(&step_plan.chunks, &step_plan.tables)?;
+                self.model.forward(&step_plan.tokens, &step_plan.chunks, &mut step)?
+            }
         };
         // Rows whose chunk completes the sequence's known tokens produce a token.
         let sampled: Vec<usize> = (0..plan.len())
@@ -502,6 +533,7 @@ impl Engine {
             prefix_query_tokens: s.blocks.prefix.queried_tokens(),
             tokens_per_s: if span > 0.0 { tokens as f64 / span } else { 0.0 },
             preemptions: s.preemptions,
+            decode_graph_steps: self.decode_graph_steps,
             model_name: self.config.model_name.clone(),
             max_context: self.model.config().max_context(),
         };

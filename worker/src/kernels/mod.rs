@@ -117,6 +117,7 @@ pub fn kv_write(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<()> {
 /// One forward's paged-attention layout, built once and shared by every layer: the sequences
 /// (host) and their metadata rows `[q_start, q_len, context_len, blocks...]` (u32, on the
 /// device), plus the cache slot of every new token.
+#[derive(Clone)]
 pub struct AttnBatch {
     pub seqs: Arc<Vec<AttnSeq>>,
     pub meta: Tensor,

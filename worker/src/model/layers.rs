@@ -114,6 +114,11 @@ impl Rotary {
         Rotary { theta, dim, tables: HashMap::new(), dtype, device: device.clone() }
     }
 
+    /// Makes the table of `alpha` cover `len` positions now.
+    pub fn reserve(&mut self, alpha: f64, len: usize) -> Result<()> {
+        self.table(alpha, len).map(|_| ())
+    }
+
     fn table(&mut self, alpha: f64, min_len: usize) -> Result<&(Tensor, Tensor)> {
         let key = alpha.to_bits();
         let have = self.tables.get(&key).map_or(0, |(c, _)| c.dim(0).unwrap_or(0));
@@ -183,6 +188,8 @@ pub struct StepContext<'a> {
     /// The tensor-parallel group (`Comm::Single` when unsharded).
     pub comm: &'a Comm,
     pub kernels: KernelMode,
+    /// Index of each sequence's last token in the flat batch, `[seqs]` u32 on the device.
+    pub last: &'a Tensor,
 }
 
 impl StepContext<'_> {
@@ -246,9 +253,7 @@ impl<A: SelfAttention> DecoderStack<A> {
         let reduce = |h: Tensor| -> Result<Tensor> { Ok(ctx.comm.all_reduce_sum(&h)?) };
         // Only each sequence's last position needs logits: selecting first saves the LM head's
         // vocab-wide matmul on every prompt token.
-        let last: Vec<u32> =
-            ctx.meta.seqs.iter().zip(&ctx.meta.offsets).map(|(s, &o)| (o + s.len - 1) as u32).collect();
-        let last = Tensor::from_vec(last, ctx.meta.seqs.len(), x.device())?;
+        let last = ctx.last;
         let normed_last = match ctx.kernels {
             KernelMode::Plain => {
                 for (i, block) in self.blocks.iter().enumerate() {
@@ -257,7 +262,7 @@ impl<A: SelfAttention> DecoderStack<A> {
                     let h = block.mlp.forward(&block.post_attn_norm.forward(&x)?, ctx.kernels)?;
                     x = (x + reduce(h)?)?;
                 }
-                self.final_norm.forward(&x.index_select(&last, 0)?)?
+                self.final_norm.forward(&x.index_select(last, 0)?)?
             }
             KernelMode::Fused => {
                 // Each residual add is fused with the norm that follows it (the next block's
@@ -273,7 +278,7 @@ impl<A: SelfAttention> DecoderStack<A> {
                     let next = self.blocks.get(i + 1).map_or(&self.final_norm, |b| &b.input_norm);
                     (x, h) = next.add_forward(&x1, &m)?;
                 }
-                h.index_select(&last, 0)?
+                h.index_select(last, 0)?
             }
         };
         // Vocab-parallel head: each rank's slice of the vocabulary, gathered in rank order.

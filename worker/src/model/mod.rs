@@ -24,6 +24,14 @@ use crate::error::{Error, Result};
 use crate::kernels::KernelMode;
 use crate::weights::Weights;
 
+/// Per-token inputs of a forward, on the model's device: the new tokens and their positions
+/// (flat, `[T]` u32) and, per sequence, the index of its last token (`[seqs]` u32).
+pub struct DeviceInputs {
+    pub tokens: Tensor,
+    pub positions: Tensor,
+    pub last: Tensor,
+}
+
 /// One sequence's part of a flat batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SeqChunk {
@@ -122,20 +130,63 @@ impl Model {
     /// `[seqs.len(), vocab]` for the last token of each sequence, on the model's device.
     pub fn forward(&mut self, tokens: &[u32], seqs: &[SeqChunk], attn: &mut dyn Attention) -> Result<Tensor> {
         self.check_batch(tokens, seqs)?;
-        let meta = BatchMeta::new(seqs, &self.device)?;
         let positions: Vec<u32> =
             seqs.iter().flat_map(|s| (s.context_len..s.context_len + s.len).map(|p| p as u32)).collect();
+        let mut last = Vec::with_capacity(seqs.len());
+        let mut end = 0;
+        for s in seqs {
+            end += s.len;
+            last.push(end as u32 - 1);
+        }
+        let inputs = DeviceInputs {
+            tokens: Tensor::from_slice(tokens, tokens.len(), &self.device)?,
+            positions: Tensor::from_vec(positions, tokens.len(), &self.device)?,
+            last: Tensor::from_vec(last, seqs.len(), &self.device)?,
+        };
+        self.forward_on_device(seqs, &inputs, attn)
+    }
+
+    /// [`Model::forward`] with the per-token inputs already on the device and checked. When no
+    /// sequence needs the LogN scale and the rotary table already covers every position (see
+    /// [`Model::prepare_static_forward`]), nothing is copied from the host: the forward can be
+    /// captured into a CUDA graph.
+    pub fn forward_on_device(
+        &mut self,
+        seqs: &[SeqChunk],
+        inputs: &DeviceInputs,
+        attn: &mut dyn Attention,
+    ) -> Result<Tensor> {
+        let meta = BatchMeta::new(seqs, &self.device)?;
         let query_scale = self.query_scale(seqs)?;
-        let positions = Tensor::from_vec(positions, tokens.len(), &self.device)?;
-        let (cos, sin) = self.rotary.for_batch(&meta, &positions)?;
-        let ctx = StepContext { meta: &meta, cos, sin, query_scale, comm: &self.comm, kernels: self.kernels };
-        let tokens = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        let (cos, sin) = self.rotary.for_batch(&meta, &inputs.positions)?;
+        let ctx = StepContext {
+            meta: &meta,
+            cos,
+            sin,
+            query_scale,
+            comm: &self.comm,
+            kernels: self.kernels,
+            last: &inputs.last,
+        };
         let logits = match &self.stack {
-            Stack::QWen(s) => s.forward(&tokens, &ctx, attn)?,
-            Stack::Qwen2(s) => s.forward(&tokens, &ctx, attn)?,
-            Stack::Qwen3(s) => s.forward(&tokens, &ctx, attn)?,
+            Stack::QWen(s) => s.forward(&inputs.tokens, &ctx, attn)?,
+            Stack::Qwen2(s) => s.forward(&inputs.tokens, &ctx, attn)?,
+            Stack::Qwen3(s) => s.forward(&inputs.tokens, &ctx, attn)?,
         };
         Ok(logits)
+    }
+
+    /// Grows the rotary table of NTK alpha 1 to the whole context now, so later forwards of
+    /// sequences with that alpha allocate nothing for it.
+    pub fn prepare_static_forward(&mut self) -> Result<()> {
+        self.rotary.reserve(1.0, self.config.max_context())
+    }
+
+    /// Whether a forward over `seqs` reads only device inputs and prepared tables (no LogN
+    /// scales, NTK alpha 1): the condition for replaying it from a CUDA graph.
+    pub fn is_static_forward(&self, seqs: &[SeqChunk]) -> bool {
+        let logn = self.config.long_context.filter(|lc| lc.logn_attn);
+        seqs.iter().all(|s| s.rope_alpha == 1.0 && logn.is_none_or(|lc| s.context_len + s.len <= lc.seq_length))
     }
 
     fn check_batch(&self, tokens: &[u32], seqs: &[SeqChunk]) -> Result<()> {

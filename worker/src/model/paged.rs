@@ -137,6 +137,20 @@ impl PagedKvStore {
     }
 }
 
+impl PagedKvStore {
+    /// A fused-kernel view for one forward over an attention batch built elsewhere (the static
+    /// buffers of a CUDA graph); its block ids are checked against the store.
+    pub fn step_prepared(&mut self, batch: AttnBatch) -> Result<PagedStep<'_>> {
+        if let Some(&bad) = batch.seqs.iter().flat_map(|s| &s.blocks).find(|&&b| b as usize >= self.num_blocks) {
+            return Err(Error::InvalidInput {
+                field: "block_tables",
+                message: format!("block {bad} out of range (0..{})", self.num_blocks),
+            });
+        }
+        Ok(PagedStep { store: self, access: Access::Fused(batch) })
+    }
+}
+
 /// `len` new tokens starting at batch token `token` go to slots `slot..slot + len`.
 struct Run {
     slot: usize,
