@@ -15,4 +15,7 @@ for shapes in ${BENCH_SHAPES:-qwen2.5-7b qwen-7b qwen2.5-32b}; do
   run .gpu/qwen-worker.xz bench-gpu --shapes "$shapes" --json "$out/bench-$shapes.json" 2>&1 \
     | tee "$out/bench-$shapes.txt" || status=1
 done
+# What the CUDA graphs buy: the same 7B run, every step eager.
+run .gpu/qwen-worker.xz bench-gpu --shapes qwen2.5-7b --no-graphs --json "$out/bench-qwen2.5-7b-eager.json" 2>&1 \
+  | tee "$out/bench-qwen2.5-7b-eager.txt" || status=1
 exit $status
