@@ -10,7 +10,7 @@
 #   docker run --rm -p 8000:8000 -p 50050:50050 qwen-serve:0.1.0 qwen-router \
 #     --http-listen 0.0.0.0:8000 --grpc-listen 0.0.0.0:50050 --worker http://host:50051
 #   docker run --rm --gpus all -v /data/models:/models:ro qwen-serve:0.1.0-cuda qwen-worker serve \
-#     --model /models/Qwen2.5-7B-Instruct --listen 0.0.0.0:50051 --dtype bf16
+#     --model /models/Qwen2.5-7B-Instruct --listen 0.0.0.0:50051 --device cuda --dtype bf16
 
 ARG VARIANT=cpu
 ARG RUST_VERSION=1.95
@@ -80,9 +80,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 # The driver's JIT cache of the kernels' PTX: /tmp is writable (an emptyDir in the manifests)
 # where the root filesystem is read-only and the user has no home.
+# The CUDA image computes on the GPU unless told otherwise (--device / QWEN_DEVICE).
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    CUDA_CACHE_PATH=/tmp/cuda-cache
+    CUDA_CACHE_PATH=/tmp/cuda-cache \
+    QWEN_DEVICE=cuda
 
 # hadolint ignore=DL3006
 FROM runtime-${VARIANT}

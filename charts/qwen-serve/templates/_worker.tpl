@@ -82,6 +82,9 @@ spec:
           value: {{ include "qwen-serve.modelName" $ | quote }}
         - name: QWEN_DTYPE
           value: {{ $.Values.model.dtype | quote }}
+        # Each rank on its own GPU of the pod (rank r: GPU r; one GPU per pod when multi-node).
+        - name: QWEN_DEVICE
+          value: {{ if $.Values.worker.gpu.enabled }}cuda{{ else }}cpu{{ end }}
         {{- if $multi }}
         # Rank = pod ordinal; world size = replicas of this StatefulSet.
         - name: QWEN_GROUP
