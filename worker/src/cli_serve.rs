@@ -49,10 +49,11 @@ pub struct ServeArgs {
     /// KV-cache size in bytes (takes precedence over --kv-cache-fraction).
     #[arg(long, env = "QWEN_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<u64>,
-    /// KV-cache size as a fraction of the memory available once the weights are loaded (host
-    /// memory on the CPU, free GPU memory on CUDA).
-    #[arg(long, env = "QWEN_KV_CACHE_FRACTION", default_value_t = 0.2)]
-    kv_cache_fraction: f64,
+    /// KV-cache size as a fraction of the memory available once the weights are loaded: host
+    /// memory on the CPU (default 0.2), free GPU memory on CUDA (default 0.85; the rest is left
+    /// for activations and CUDA graphs).
+    #[arg(long, env = "QWEN_KV_CACHE_FRACTION")]
+    kv_cache_fraction: Option<f64>,
     /// Most tokens in one forward (prefill chunks plus decodes).
     #[arg(long, env = "QWEN_MAX_BATCH_TOKENS", default_value_t = 2048)]
     max_batch_tokens: usize,
@@ -147,10 +148,11 @@ impl ServeArgs {
         let kv_cache = match self.kv_cache_bytes {
             Some(b) => KvBudget::Bytes(b),
             None => {
-                if !(self.kv_cache_fraction > 0.0 && self.kv_cache_fraction <= 1.0) {
-                    bail!("--kv-cache-fraction {}: must be in (0, 1]", self.kv_cache_fraction);
+                let fraction = self.kv_cache_fraction.unwrap_or(if self.device.is_cuda() { 0.85 } else { 0.2 });
+                if !(fraction > 0.0 && fraction <= 1.0) {
+                    bail!("--kv-cache-fraction {fraction}: must be in (0, 1]");
                 }
-                KvBudget::Fraction(self.kv_cache_fraction)
+                KvBudget::Fraction(fraction)
             }
         };
         let timeout = std::time::Duration::from_millis(self.collective_timeout_ms);

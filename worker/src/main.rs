@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qwen_telemetry::{LogConfig, LogFormat};
 
@@ -94,6 +94,9 @@ struct GenerateArgs {
     /// Compute dtype.
     #[arg(long, env = "QWEN_DTYPE", value_enum, default_value = "f32")]
     dtype: ComputeDtype,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "QWEN_DEVICE", default_value = "cpu")]
+    device: qwen_worker::device::DeviceSpec,
     /// Print one JSON object {token_ids, text, ttft_ms, tokens_per_s} instead of streaming.
     #[arg(long, env = "QWEN_JSON")]
     json: bool,
@@ -184,7 +187,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         stop_token_ids: if args.ignore_eos { Vec::new() } else { gen_cfg.eos_token_ids },
     };
-    let mut model = Model::load(&args.model, args.dtype.into(), &Device::Cpu)
+    let device = args.device.open().with_context(|| format!("--device {}", args.device))?;
+    let mut model = Model::load(&args.model, args.dtype.into(), &device)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
 
     let mut decoder = tokenizer.as_ref().map(|t| t.stream_decoder());
