@@ -26,6 +26,7 @@ __device__ void sample_rows(const T* logits, int vocab, const float* params, flo
   const float u = params[row * 5 + 4];
 
   // Argmax, lowest id on ties.
+  // Lowest id among equal maxima; a row with nothing above -inf picks id 0, as the host does.
   float bv = -INFINITY;
   int bi = 0x7fffffff;
   for (int i = tid; i < vocab; i += blockDim.x) {
@@ -61,8 +62,9 @@ __device__ void sample_rows(const T* logits, int vocab, const float* params, flo
   }
   __syncthreads();
   const float maxv = s_best_v[0];
+  const int best = s_best_i[0] == 0x7fffffff ? 0 : s_best_i[0];
   if (temperature < 1e-5f) {
-    if (tid == 0) out[row] = (uint32_t)s_best_i[0];
+    if (tid == 0) out[row] = (uint32_t)best;
     return;
   }
   const float inv_t = 1.f / temperature;
@@ -132,7 +134,9 @@ __device__ void sample_rows(const T* logits, int vocab, const float* params, flo
     const float before_warp = warp > 0 ? sh[warp - 1] : 0.f;
     const float total = sh[((blockDim.x + 31) >> 5) - 1];
     const float hi_edge = running + before_warp + incl;
-    if (v > 0.f && r < hi_edge && r >= hi_edge - v) atomicMin(reinterpret_cast<unsigned*>(&s_found), (unsigned)i);
+    // The first kept token whose running mass passes r: within a chunk the lowest such id,
+    // and earlier chunks had none (or the loop would have stopped).
+    if (v > 0.f && r < hi_edge) atomicMin(reinterpret_cast<unsigned*>(&s_found), (unsigned)i);
     __syncthreads();
     if (s_found >= 0) break;
     running += total;
@@ -141,14 +145,16 @@ __device__ void sample_rows(const T* logits, int vocab, const float* params, flo
     // Rounding left r at or past the total: the last kept token, as the CPU walk does.
     float lk = (float)last_kept;
     lk = block_max(lk, sh);
-    if (tid == 0) out[row] = (uint32_t)lk;
+    // Nothing kept at all (an infinite or NaN best logit): the argmax, as the host does.
+    if (tid == 0) out[row] = lk < 0.f ? (uint32_t)best : (uint32_t)lk;
   } else if (tid == 0) {
     out[row] = (uint32_t)s_found;
   }
 }
 
 #define SAMPLE_ENTRIES(T, NAME)                                                                              \
-  extern "C" __global__ void sample_rows_##NAME(const T* logits, int vocab, const float* params,            \
+  extern "C" __global__ void __launch_bounds__(QS_SAMPLE_THREADS)                                          \
+      sample_rows_##NAME(const T* logits, int vocab, const float* params,                                     \
                                                  float* scratch, uint32_t* out) {                            \
     sample_rows<T>(logits, vocab, params, scratch, out);                                                    \
   }

@@ -253,13 +253,27 @@ fn capture(
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(|e| graph_err("begin capture", e))?;
     let recorded = eager(model, store, padded, &buffers.inputs, batch).and_then(|l| Ok(out.slice_set(&l, 0, 0)?));
-    // Capture must end even when recording failed, or the stream stays unusable.
+    // Capture must end even when recording failed, or the stream stays unusable. A failed
+    // recording may have left an error stored by a drop (a free on an invalidated capture),
+    // which would make end_capture return before ending it: clear it first.
+    let stored = stream.context().check_err();
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    let capturing = stream.capture_status().map_err(|e| graph_err("capture status", e))?;
+    if capturing != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        return Err(graph_err("the stream is still capturing after end_capture", capturing));
+    }
     let size = padded.len();
     let graph = match (recorded, graph) {
         (Ok(()), Ok(Some(g))) => g,
         (recorded, graph) => {
-            tracing::warn!(batch = size, ?recorded, graph = ?graph.err(), "CUDA graph capture failed; this bucket runs eagerly");
+            let graph = graph.err();
+            tracing::warn!(
+                batch = size,
+                ?recorded,
+                ?stored,
+                ?graph,
+                "CUDA graph capture failed; this bucket runs eagerly"
+            );
             return Ok(Replay::Eager);
         }
     };

@@ -226,8 +226,8 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
         129..=256 => 8,
         _ => bail!("paged attention supports head_dim up to 256, got {d}"),
     };
-    if hq / hkv > 8 {
-        bail!("paged attention supports up to 8 query heads per KV head, got {}", hq / hkv);
+    if !super::supports_attention(hq / hkv, d) {
+        bail!("paged attention supports up to {} query heads per KV head, got {}", super::MAX_GQA_GROUP, hq / hkv);
     }
     let (meta_storage, meta_layout) = call.meta.storage_and_layout();
     let meta = match &*meta_storage {

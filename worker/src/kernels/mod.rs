@@ -37,6 +37,15 @@ impl KernelMode {
     }
 }
 
+/// Most query heads per KV head, and the largest head dim, the attention kernels handle.
+pub const MAX_GQA_GROUP: usize = 8;
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Whether the paged-attention kernels handle this GQA group size and head dim.
+pub fn supports_attention(group: usize, head_dim: usize) -> bool {
+    (1..=MAX_GQA_GROUP).contains(&group) && (1..=MAX_HEAD_DIM).contains(&head_dim)
+}
+
 fn invalid(field: &'static str, message: String) -> Error {
     Error::InvalidInput { field, message }
 }

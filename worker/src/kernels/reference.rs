@@ -193,7 +193,7 @@ pub fn sample_row(logits: &[f32], params: DrawParams) -> u32 {
     let mut running = 0f32;
     let mut last = best;
     for (i, &v) in p.iter().enumerate() {
-        if v >= thr {
+        if v >= thr && v > 0.0 {
             running += v;
             last = i as u32;
             if r < running {

@@ -90,7 +90,12 @@ impl Model {
         };
         let local_kv_heads = parallel::heads(&config, shard).kv_len();
         let rotary = Rotary::new(config.rope_theta, config.rotary_dim, dtype, &device);
-        let kernels = KernelMode::for_device(&device);
+        let mut kernels = KernelMode::for_device(&device);
+        let group = parallel::heads(&config, shard).q_len() / local_kv_heads.max(1);
+        if kernels == KernelMode::Fused && !crate::kernels::supports_attention(group, config.head_dim) {
+            tracing::warn!(group, head_dim = config.head_dim, "shapes beyond the fused kernels: using candle's ops");
+            kernels = KernelMode::Plain;
+        }
         Ok(Model { config, stack, comm, local_kv_heads, rotary, device, dtype, kernels })
     }
 
