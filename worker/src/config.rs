@@ -160,7 +160,12 @@ impl<'a> Fields<'a> {
 
 fn read_json(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    match serde_json::from_str::<Value>(&text) {
+    parse_object(path, &text)
+}
+
+/// `text` as a JSON object; `path` names it in errors.
+fn parse_object(path: &Path, text: &str) -> Result<Map<String, Value>> {
+    match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => {
             Err(Error::field(path, "(top level)", format!("expected a JSON object, found {}", type_name(&other))))
@@ -204,13 +209,7 @@ impl ModelConfig {
     /// Parses a `config.json` given as text; `origin` names it in errors.
     pub fn from_json_str(origin: &str, json: &str) -> Result<Self> {
         let path = Path::new(origin);
-        match serde_json::from_str::<Value>(json) {
-            Ok(Value::Object(map)) => Self::from_map(path, &map),
-            Ok(other) => {
-                Err(Error::field(path, "(top level)", format!("expected a JSON object, found {}", type_name(&other))))
-            }
-            Err(source) => Err(Error::Json { path: path.to_path_buf(), source }),
-        }
+        Self::from_map(path, &parse_object(path, json)?)
     }
 
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<Self> {
@@ -463,13 +462,7 @@ impl GenerationConfig {
     /// Parses a `config.json` given as text; `origin` names it in errors.
     pub fn from_json_str(origin: &str, json: &str) -> Result<Self> {
         let path = Path::new(origin);
-        match serde_json::from_str::<Value>(json) {
-            Ok(Value::Object(map)) => Self::from_map(path, &map),
-            Ok(other) => {
-                Err(Error::field(path, "(top level)", format!("expected a JSON object, found {}", type_name(&other))))
-            }
-            Err(source) => Err(Error::Json { path: path.to_path_buf(), source }),
-        }
+        Self::from_map(path, &parse_object(path, json)?)
     }
 
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<Self> {
