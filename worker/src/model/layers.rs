@@ -183,7 +183,9 @@ pub struct StepContext<'a> {
     pub meta: &'a BatchMeta,
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Per-token query multiplier, f32 `[T]` (the original Qwen's LogN attention), if any.
+    /// Per-token query multiplier (the original Qwen's LogN attention), if any: f32 `[T]` for
+    /// the fused kernel, `[T, 1, 1]` in the model's dtype for the plain path (see
+    /// [`StepContext::query_scale_for`]).
     pub query_scale: Option<Tensor>,
     /// The tensor-parallel group (`Comm::Single` when unsharded).
     pub comm: &'a Comm,
@@ -193,6 +195,15 @@ pub struct StepContext<'a> {
 }
 
 impl StepContext<'_> {
+    /// LogN multipliers (f32 `[T]`) in the form `mode`'s rotary path reads, converted once per
+    /// forward rather than per layer.
+    pub fn query_scale_for(scale: Option<Tensor>, mode: KernelMode, dtype: DType) -> Result<Option<Tensor>> {
+        Ok(match (scale, mode) {
+            (Some(s), KernelMode::Plain) => Some(s.to_dtype(dtype)?.reshape((s.dim(0)?, 1, 1))?),
+            (s, _) => s,
+        })
+    }
+
     /// Rotary (and LogN scaling) for queries `[T, Hq, D]`. The fused kernel rotates in place, so
     /// `q` must not be read elsewhere afterwards (a view of a fresh projection is fine).
     pub fn rotate_queries(&self, q: Tensor) -> Result<Tensor> {
@@ -204,7 +215,7 @@ impl StepContext<'_> {
             KernelMode::Plain => {
                 let q = apply_rotary(&q, &self.cos, &self.sin)?;
                 Ok(match &self.query_scale {
-                    Some(s) => q.broadcast_mul(&s.to_dtype(q.dtype())?.reshape((s.dim(0)?, 1, 1))?)?,
+                    Some(s) => q.broadcast_mul(s)?,
                     None => q,
                 })
             }

@@ -162,7 +162,7 @@ impl Model {
         attn: &mut dyn Attention,
     ) -> Result<Tensor> {
         let meta = BatchMeta::new(seqs, &self.device)?;
-        let query_scale = self.query_scale(seqs)?;
+        let query_scale = StepContext::query_scale_for(self.query_scale(seqs)?, self.kernels, self.dtype)?;
         let (cos, sin) = self.rotary.for_batch(&meta, &inputs.positions)?;
         let ctx = StepContext {
             meta: &meta,
