@@ -3,7 +3,7 @@
 //! `kernels/mod.rs` have checked against the shapes given.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -206,6 +206,34 @@ pub fn kv_write(cache: (&mut CudaStorage, &Layout), src: In, slots: In) -> Resul
     })
 }
 
+/// The arguments both attention kernels begin with, in their C order: q (with its token and
+/// head strides), the K and V caches, the metadata rows and their width, head counts, head dim,
+/// block size and score scale.
+struct AttnArgs<'a, T> {
+    q: CudaView<'a, T>,
+    q_strides: (i64, i64),
+    k: CudaView<'a, T>,
+    v: CudaView<'a, T>,
+    meta: CudaView<'a, u32>,
+    ints: [i32; 5],
+    scale: f32,
+}
+
+impl<'a, T> AttnArgs<'a, T> {
+    fn push<'s>(&'s self, b: &mut LaunchArgs<'s>) {
+        b.arg(&self.q);
+        b.arg(&self.q_strides.0);
+        b.arg(&self.q_strides.1);
+        b.arg(&self.k);
+        b.arg(&self.v);
+        b.arg(&self.meta);
+        for i in &self.ints {
+            b.arg(i);
+        }
+        b.arg(&self.scale);
+    }
+}
+
 /// A paged-attention launch's host-side facts.
 pub struct AttnCall<'a> {
     pub shape: AttnShape,
@@ -236,15 +264,25 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
     };
     let meta_w = meta_layout.dims()[1] as i32;
     let sfx = suffix(q.0.dtype())?;
-    let (nseq, hq_i, hkv_i, d_i, bs_i) = (call.seqs, hq as i32, hkv as i32, d as i32, block_size as i32);
+    let nseq = call.seqs;
     with_dtype!(q.0.dtype(), T => {
         let (qv, qs0, qs1) = rows::<T>(q)?;
-        let (kv, vv) = (dense::<T>(kc)?, dense::<T>(vc)?);
+        let args = AttnArgs {
+            q: qv,
+            q_strides: (qs0, qs1),
+            k: dense::<T>(kc)?,
+            v: dense::<T>(vc)?,
+            meta,
+            // meta width, q heads, kv heads, head dim, block size
+            ints: [meta_w, hq as i32, hkv as i32, d as i32, block_size as i32],
+            scale,
+        };
         // SAFETY: every token of the batch belongs to one sequence, whose rows the kernels write.
         let out = unsafe { dev.alloc::<T>(t * hq * d)? };
         if t == 0 || nseq == 0 {
             return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((t, hq, d))));
         }
+        let stream = dev.cuda_stream();
         if call.max_q_len == 1 {
             let want = DECODE_TARGET_BLOCKS.div_ceil(nseq * hkv);
             let splits = want.clamp(1, call.max_context.div_ceil(MIN_SPLIT_POSITIONS).max(1));
@@ -253,22 +291,10 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
             let n_part = if splits > 1 { nseq * hq * splits } else { 1 };
             let part_acc = dev.alloc_zeros::<f32>(n_part * d)?;
             let part_ml = dev.alloc_zeros::<f32>(n_part * 2)?;
-            let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_decode_{sfx}_e{e}"))?;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(&qv);
-            b.arg(&qs0);
-            b.arg(&qs1);
-            b.arg(&kv);
-            b.arg(&vv);
-            b.arg(&meta);
-            b.arg(&meta_w);
-            b.arg(&hq_i);
-            b.arg(&hkv_i);
-            b.arg(&d_i);
-            b.arg(&bs_i);
-            b.arg(&scale);
             let (part_i, splits_i) = (part as i32, splits as i32);
+            let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_decode_{sfx}_e{e}"))?;
+            let mut b = stream.launch_builder(&f);
+            args.push(&mut b);
             b.arg(&part_i);
             b.arg(&splits_i);
             b.arg(&out);
@@ -279,11 +305,11 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
             unsafe { b.launch(cfg((splits as u32, hkv as u32, nseq as u32), 128)) }.w()?;
             if splits > 1 {
                 let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_decode_reduce_{sfx}"))?;
-                let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
+                let mut b = stream.launch_builder(&f);
+                let (hq_i, d_i) = (hq as i32, d as i32);
                 b.arg(&part_acc);
                 b.arg(&part_ml);
-                b.arg(&meta);
+                b.arg(&args.meta);
                 b.arg(&meta_w);
                 b.arg(&hq_i);
                 b.arg(&d_i);
@@ -296,20 +322,8 @@ pub fn paged_attention(call: &AttnCall, q: In, kc: In, vc: In) -> Result<(CudaSt
         } else {
             let tiles = (call.max_q_len * (hq / hkv)).div_ceil(16);
             let f = func(&dev, ATTENTION, "qs_attention", &format!("paged_prefill_{sfx}_e{e}"))?;
-            let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(&qv);
-            b.arg(&qs0);
-            b.arg(&qs1);
-            b.arg(&kv);
-            b.arg(&vv);
-            b.arg(&meta);
-            b.arg(&meta_w);
-            b.arg(&hq_i);
-            b.arg(&hkv_i);
-            b.arg(&d_i);
-            b.arg(&bs_i);
-            b.arg(&scale);
+            args.push(&mut b);
             b.arg(&out);
             // SAFETY: as for decode; blocks past a sequence's tokens return at once.
             unsafe { b.launch(cfg((tiles as u32, hkv as u32, nseq as u32), 128)) }.w()?;
