@@ -14,6 +14,24 @@
 #define QS_MAX_GROUP 8
 #define QS_WARPS 4
 
+// One key of one query's online softmax, for a warp holding E dims per lane: the score q·k
+// (summed over the warp, so every lane of the warp must call it), then the running max `m`,
+// sum `l` and weighted values `acc` rescaled and updated with v.
+template <int E>
+__device__ __forceinline__ void online_softmax_step(const float (&q)[E], const float (&k)[E], const float (&v)[E],
+                                                    float& m, float& l, float (&acc)[E]) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) s += q[e] * k[e];
+  s = warp_sum(s);
+  const float mn = fmaxf(m, s);
+  const float c = expf(m - mn), p = expf(s - mn);
+  l = l * c + p;
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = acc[e] * c + p * v[e];
+  m = mn;
+}
+
 // Decode: one query per sequence. Grid (splits, kv_heads, seqs): each block covers `part`
 // consecutive context positions of one sequence and kv head. With one split the result is
 // final; otherwise partial (acc, max, sum) go to scratch and `paged_decode_reduce` merges them.
@@ -58,18 +76,8 @@ __device__ void paged_decode(const T* q, long long qst, long long qsh, const T* 
     }
 #pragma unroll
     for (int g = 0; g < QS_MAX_GROUP; ++g) {
-      if (g < G) {  // uniform across the warp: the shuffles below see every lane
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) s += qv[g][e] * kf[e];
-        s = warp_sum(s);
-        const float mn = fmaxf(m[g], s);
-        const float c = expf(m[g] - mn), p = expf(s - mn);
-        l[g] = l[g] * c + p;
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[g][e] = acc[g][e] * c + p * vf[e];
-        m[g] = mn;
-      }
+      // G is uniform across the warp: every lane takes part in the step's shuffles.
+      if (g < G) online_softmax_step<E>(qv[g], kf, vf, m[g], l[g], acc[g]);
     }
   }
 #pragma unroll
@@ -196,18 +204,8 @@ __device__ void paged_prefill(const T* q, long long qst, long long qsh, const T*
       }
 #pragma unroll
       for (int k = 0; k < QS_ITEMS; ++k) {
-        if (j <= lim[k]) {  // uniform across the warp
-          float s = 0.f;
-#pragma unroll
-          for (int e = 0; e < E; ++e) s += qv[k][e] * kf[e];
-          s = warp_sum(s);
-          const float mn = fmaxf(m[k], s);
-          const float c = expf(m[k] - mn), p = expf(s - mn);
-          l[k] = l[k] * c + p;
-#pragma unroll
-          for (int e = 0; e < E; ++e) acc[k][e] = acc[k][e] * c + p * vf[e];
-          m[k] = mn;
-        }
+        // lim is uniform across the warp: every lane takes part in the step's shuffles.
+        if (j <= lim[k]) online_softmax_step<E>(qv[k], kf, vf, m[k], l[k], acc[k]);
       }
     }
   }

@@ -29,37 +29,39 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Sum over the block; every thread gets the result. `sh` holds at least 32 floats. The leading
+struct QsSum {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+  __device__ __forceinline__ float warp(float v) const { return warp_sum(v); }
+  static constexpr float identity = 0.f;
+};
+
+struct QsMax {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  __device__ __forceinline__ float warp(float v) const { return warp_max(v); }
+  static constexpr float identity = -INFINITY;
+};
+
+// `Op` over the block; every thread gets the result. `sh` holds at least 32 floats. The leading
 // barrier lets callers reuse `sh` back to back.
-__device__ __forceinline__ float block_sum(float v, float* sh) {
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* sh) {
+  const Op op;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
+  v = op.warp(v);
   __syncthreads();
   if (lane == 0) sh[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    float w = lane < warps ? sh[lane] : 0.f;
-    w = warp_sum(w);
+    float w = lane < warps ? sh[lane] : Op::identity;
+    w = op.warp(w);
     if (lane == 0) sh[0] = w;
   }
   __syncthreads();
   return sh[0];
 }
 
-__device__ __forceinline__ float block_max(float v, float* sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    float w = lane < warps ? sh[lane] : -INFINITY;
-    w = warp_max(w);
-    if (lane == 0) sh[0] = w;
-  }
-  __syncthreads();
-  return sh[0];
-}
+__device__ __forceinline__ float block_sum(float v, float* sh) { return block_reduce<QsSum>(v, sh); }
+__device__ __forceinline__ float block_max(float v, float* sh) { return block_reduce<QsMax>(v, sh); }
 
 // Instantiates `extern "C"` entry points NAME_f32/_f16/_bf16 of a templated kernel body.
 #define QS_FOR_DTYPES(MACRO) \
