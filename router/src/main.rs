@@ -16,20 +16,9 @@ fn main() -> anyhow::Result<()> {
         // Tests and scripts read the bound addresses from stdout.
         println!("grpc listening on {}", running.grpc_addr);
         println!("http listening on {}", running.http_addr);
-        shutdown_signal().await;
+        qwen_telemetry::shutdown_signal().await;
         tracing::info!("shutting down");
         running.shutdown().await;
         anyhow::Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

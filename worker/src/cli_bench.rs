@@ -132,13 +132,33 @@ struct Row {
     pct_of_floor: f64,
 }
 
+/// Greedy tokens of the graph-replayed engine against an eager engine on the same weights.
+#[derive(Serialize, Default, Debug, PartialEq)]
+struct TokenCheck {
+    sequences: usize,
+    /// Every token equal.
+    identical: usize,
+    /// First differing where the eager run's top two were within `tie_tolerance` (a rounding
+    /// difference: the kernels sum in another order at another split count).
+    diverged_at_near_tie: usize,
+    /// First differing where the eager run's choice was clear: a wrong result.
+    mismatched: usize,
+    tie_tolerance: f32,
+}
+
 #[derive(Serialize)]
 struct Report {
     shapes: &'static str,
     device: String,
     dtype: String,
     kernels: String,
+    /// Graphs asked for on a CUDA device.
     cuda_graphs: bool,
+    /// Decode steps of the timed runs whose logits came from a graph launch / ran eagerly
+    /// from the graph buffers (counted where they happen, not inferred from the flag).
+    graph_replays: u64,
+    graph_eager_steps: u64,
+    token_check: Option<TokenCheck>,
     layers: usize,
     weight_bytes: usize,
     copy_bandwidth_gb_s: f64,
@@ -198,20 +218,27 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
         },
         num_blocks: max_batch * per_seq_blocks + 8,
         model_name: args.shapes.name().to_string(),
-        metrics: None,
+        observer: None,
         decode_graphs: !args.no_graphs,
     };
-    let (engine, _thread) = spawn(model, engine_config)?;
+    let (engine, thread) = spawn(model, engine_config.clone())?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let vocab = config.vocab_size as u32;
-    let mut prompts = |n: usize| -> Vec<Vec<u32>> {
-        (0..n).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect()).collect()
-    };
-    // Warm up: first launches load kernels and set up cuBLAS.
-    measure(&engine, prompts(1), 3, "warmup")?;
+    let sets: Vec<Vec<Vec<u32>>> = args
+        .batches
+        .iter()
+        .map(|&b| (0..b).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect()).collect())
+        .collect();
+    // Warm up untimed with every batch at its full length: first launches load kernels and set
+    // up cuBLAS, and every (batch, context) bucket the timed steps use gets its graph captured
+    // here (the engine captured each batch bucket at the smallest context when it started).
+    for (set, &b) in sets.iter().zip(&args.batches) {
+        measure(&engine, set, args.decode_steps, &format!("warm-b{b}"), None)?;
+    }
+    let before = idle_stats(&engine)?;
     let mut rows = Vec::new();
-    for &b in &args.batches {
-        let (prefill, decode) = measure(&engine, prompts(b), args.decode_steps, &format!("b{b}"))?;
+    for (set, &b) in sets.iter().zip(&args.batches) {
+        let (prefill, decode) = measure(&engine, set, args.decode_steps, &format!("b{b}"), None)?;
         let step = decode.as_secs_f64() * 1e3 / args.decode_steps as f64;
         rows.push(Row {
             batch: b,
@@ -221,12 +248,30 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
             pct_of_floor: floor_ms / step * 100.0,
         });
     }
+    let after = idle_stats(&engine)?;
+    // Off CUDA the graph runner's static-buffer path runs eagerly: its tokens are checked too.
+    let graphs_asked = !args.no_graphs && kernels == KernelMode::Fused;
+    let token_check = if graphs_asked {
+        // The same prompts, untimed, through this engine and through an eager one on the same
+        // weights (the engine hands its model back when its last handle goes).
+        let with = token_pass(&engine, &sets, args.decode_steps)?;
+        drop(engine);
+        let model = thread.join().map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+        let (eager, _thread) = spawn(model, EngineConfig { decode_graphs: false, ..engine_config })?;
+        let without = token_pass(&eager, &sets, args.decode_steps)?;
+        Some(compare_tokens(&with, &without, tie_tolerance(dtype)))
+    } else {
+        None
+    };
     let report = Report {
         shapes: args.shapes.name(),
         device: args.device.to_string(),
         dtype: format!("{dtype:?}").to_lowercase(),
         kernels: format!("{kernels:?}").to_lowercase(),
-        cuda_graphs: !args.no_graphs && device.is_cuda(),
+        cuda_graphs: graphs_asked && device.is_cuda(),
+        graph_replays: after.graph_replays - before.graph_replays,
+        graph_eager_steps: after.graph_eager_steps - before.graph_eager_steps,
+        token_check,
         layers: config.num_layers,
         weight_bytes,
         copy_bandwidth_gb_s: bandwidth / 1e9,
@@ -240,7 +285,66 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    // The evidence is written first; then a run that did not do what it claims fails.
+    if report.cuda_graphs && report.graph_replays == 0 {
+        bail!("CUDA graphs were asked for but no decode step replayed from one (see the capture warnings)");
+    }
+    if let Some(c) = report.token_check.as_ref().filter(|c| c.mismatched > 0) {
+        bail!("graph-replayed tokens differ from eager ones beyond rounding: {c:?}");
+    }
     Ok(())
+}
+
+/// Largest top-two logprob gap a rounding difference can flip: 32 units in the last place at
+/// 1.0 (logits of these random weights are of order 1).
+fn tie_tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 32.0 * 2f32.powi(-8),
+        DType::F16 => 32.0 * 2f32.powi(-11),
+        _ => 32.0 * f32::EPSILON,
+    }
+}
+
+/// One greedy pass over every batch, each token with the gap between its run's top two
+/// logprobs: `[batch][sequence][step]`.
+type Pass = Vec<Vec<Vec<(u32, f32)>>>;
+
+fn token_pass(engine: &EngineHandle, sets: &[Vec<Vec<u32>>], decode_steps: usize) -> anyhow::Result<Pass> {
+    let mut pass = Vec::with_capacity(sets.len());
+    for (i, set) in sets.iter().enumerate() {
+        let mut seqs = Vec::new();
+        measure(engine, set, decode_steps, &format!("check-{i}"), Some(&mut seqs))?;
+        pass.push(seqs);
+    }
+    Ok(pass)
+}
+
+fn compare_tokens(with: &Pass, without: &Pass, tol: f32) -> TokenCheck {
+    let mut c = TokenCheck { tie_tolerance: tol, ..TokenCheck::default() };
+    for (a, b) in with.iter().flatten().zip(without.iter().flatten()) {
+        c.sequences += 1;
+        match a.iter().zip(b).position(|(x, y)| x.0 != y.0) {
+            None if a.len() == b.len() => c.identical += 1,
+            Some(k) if b[k].1 <= tol => c.diverged_at_near_tie += 1,
+            _ => c.mismatched += 1,
+        }
+    }
+    c
+}
+
+/// The stats once the engine has gone idle (so they include its last step).
+fn idle_stats(engine: &EngineHandle) -> anyhow::Result<qwen_worker::engine::runner::Stats> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = engine.stats();
+        if s.running == 0 && s.waiting == 0 {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("the engine did not go idle within 30 s: {s:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn print_table(r: &Report) {
@@ -284,41 +388,62 @@ fn copy_bandwidth(device: &Device, dtype: DType) -> anyhow::Result<f64> {
 }
 
 /// Runs one request per prompt, all at once, each to `decode_steps` tokens past its first;
-/// returns (time to every first token, time from then to every last token).
+/// returns (time to every first token, time from then to every last token). With `record`,
+/// the requests ask for their top two logprobs and each sequence's (token, top-two gap) lands
+/// there.
 fn measure(
     engine: &EngineHandle,
-    prompts: Vec<Vec<u32>>,
+    prompts: &[Vec<u32>],
     decode_steps: usize,
     tag: &str,
+    mut record: Option<&mut Vec<Vec<(u32, f32)>>>,
 ) -> anyhow::Result<(Duration, Duration)> {
     let start = Instant::now();
     let mut streams: Vec<UnboundedReceiver<Event>> = Vec::with_capacity(prompts.len());
-    for (i, prompt) in prompts.into_iter().enumerate() {
+    let logprobs = record.is_some().then_some(2);
+    for (i, prompt) in prompts.iter().enumerate() {
         let (tx, rx) = unbounded_channel();
         let params = GenerateParams {
             max_new_tokens: decode_steps + 1,
-            sampling: SamplingParams::greedy(),
+            sampling: SamplingParams { logprobs, ..SamplingParams::greedy() },
             stop_token_ids: vec![],
         };
-        engine.submit(NewRequest { request_id: format!("{tag}-{i}"), prompt, params, events: tx })?;
+        engine.submit(NewRequest { request_id: format!("{tag}-{i}"), prompt: prompt.clone(), params, events: tx })?;
         streams.push(rx);
     }
+    if let Some(r) = record.as_deref_mut() {
+        r.clear();
+        r.resize(prompts.len(), Vec::with_capacity(decode_steps + 1));
+    }
     // First tokens of all (they come from the one prefill step), then the rest.
-    for rx in &mut streams {
-        next_token(rx)?;
+    for (i, rx) in streams.iter_mut().enumerate() {
+        let t = next_token(rx)?;
+        if let Some(r) = record.as_deref_mut() {
+            r[i].push(t);
+        }
     }
     let prefilled = start.elapsed();
-    for rx in &mut streams {
+    for (i, rx) in streams.iter_mut().enumerate() {
         for _ in 0..decode_steps {
-            next_token(rx)?;
+            let t = next_token(rx)?;
+            if let Some(r) = record.as_deref_mut() {
+                r[i].push(t);
+            }
         }
     }
     Ok((prefilled, start.elapsed() - prefilled))
 }
 
-fn next_token(rx: &mut UnboundedReceiver<Event>) -> anyhow::Result<()> {
+/// The next token and the gap between the top two logprobs (infinite when not reported).
+fn next_token(rx: &mut UnboundedReceiver<Event>) -> anyhow::Result<(u32, f32)> {
     match rx.blocking_recv() {
-        Some(Event::Token { .. }) => Ok(()),
+        Some(Event::Token { token, top, .. }) => {
+            let gap = match top.as_slice() {
+                [a, b, ..] => (a.1 - b.1).abs(),
+                _ => f32::INFINITY,
+            };
+            Ok((token, gap))
+        }
         Some(Event::Finished { reason, message, .. }) => {
             bail!("request finished early ({reason:?}): {}", message.unwrap_or_default())
         }

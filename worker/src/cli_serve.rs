@@ -13,7 +13,7 @@ use qwen_cluster::keys::GroupName;
 use qwen_worker::comm::Comm;
 use qwen_worker::config::GenerationConfig;
 use qwen_worker::engine::follower;
-use qwen_worker::engine::runner::{spawn, EngineConfig};
+use qwen_worker::engine::runner::{spawn, EngineConfig, EngineHandle};
 use qwen_worker::engine::scheduler::SchedulerConfig;
 use qwen_worker::info::{model_info, InfoSource};
 use qwen_worker::metrics::WorkerMetrics;
@@ -278,17 +278,47 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, device: &Device) -> anyhow::Result<()> {
     let model = Model::load_sharded(&cfg.model, cfg.dtype, device, comm)
         .with_context(|| format!("loading model from {}", cfg.model.display()))?;
+    let num_blocks = agree_on_blocks(&model, cfg, device)?;
+    if model.comm().rank() != 0 {
+        follower::run(model, cfg.scheduler.block_size, num_blocks, device)?;
+        return Ok(());
+    }
     let defaults = GenerationConfig::from_dir(&cfg.model)?;
-    let mc = model.config();
-    let layout = KvLayout {
-        num_layers: mc.num_layers,
-        num_kv_heads: model.local_kv_heads(),
-        head_dim: mc.head_dim,
-        block_size: cfg.scheduler.block_size,
-        dtype: cfg.dtype,
-    };
-    // Block ids come from rank 0's allocator, so every rank must hold as many blocks: rank 0's
-    // count (its memory reading) is the group's.
+    let info = model_info(&InfoSource {
+        dir: &cfg.model,
+        model_name: &cfg.model_name,
+        config: model.config(),
+        generation: &defaults,
+        tp: model.comm().world_size(),
+    })?;
+    let metrics = WorkerMetrics::new(&cfg.model_name);
+    let (engine, engine_thread) = spawn(
+        model,
+        EngineConfig {
+            scheduler: cfg.scheduler,
+            num_blocks,
+            model_name: cfg.model_name.clone(),
+            observer: Some(metrics.clone()),
+            decode_graphs: cfg.cuda_graphs && device.is_cuda(),
+        },
+    )?;
+    metrics.attach(engine.stats_view());
+    let watch = engine.clone();
+    let service = WorkerService::new(
+        engine,
+        ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info, metrics: metrics.clone() },
+    );
+    runtime.block_on(serve_rank0(cfg, service, watch, metrics, num_blocks))?;
+    // The service (and with it the last engine handle) is gone: the engine thread winds down and
+    // tells any followers to stop.
+    let _ = engine_thread.join();
+    Ok(())
+}
+
+/// KV blocks every rank of the group allocates. Block ids come from rank 0's allocator, so every
+/// rank must hold as many blocks: rank 0's count (its memory reading) is the group's.
+fn agree_on_blocks(model: &Model, cfg: &ServeConfig, device: &Device) -> anyhow::Result<usize> {
+    let layout = KvLayout::for_model(model, cfg.scheduler.block_size);
     let kv_cache_bytes = match cfg.kv_cache {
         KvBudget::Bytes(b) => b,
         KvBudget::Fraction(f) => (free_memory(device)? as f64 * f) as u64,
@@ -304,119 +334,85 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, 
             cfg.scheduler.block_size
         );
     }
-    if model.comm().rank() != 0 {
-        follower::run(model, cfg.scheduler.block_size, num_blocks, device)?;
-        return Ok(());
-    }
-    let info = model_info(&InfoSource {
-        dir: &cfg.model,
-        model_name: &cfg.model_name,
-        config: model.config(),
-        generation: &defaults,
-        tp: model.comm().world_size(),
-    })?;
-    let metrics = WorkerMetrics::new(&cfg.model_name);
-    let (engine, engine_thread) = spawn(
-        model,
-        EngineConfig {
-            scheduler: cfg.scheduler,
-            num_blocks,
-            model_name: cfg.model_name.clone(),
-            metrics: Some(metrics.clone()),
-            decode_graphs: cfg.cuda_graphs && device.is_cuda(),
-        },
-    )?;
-    metrics.attach(engine.stats_view());
-    let watch = engine.clone();
-    let alive = engine.clone();
-    let service = WorkerService::new(
-        engine,
-        ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info, metrics: metrics.clone() },
-    );
+    Ok(num_blocks)
+}
+
+/// Rank 0's servers: gRPC until a signal (drain) or the engine's death (at once), the metrics
+/// endpoint, and the registration routers discover it by.
+async fn serve_rank0(
+    cfg: &ServeConfig,
+    service: WorkerService,
+    engine: EngineHandle,
+    metrics: std::sync::Arc<WorkerMetrics>,
+    num_blocks: usize,
+) -> anyhow::Result<()> {
     let listen = cfg.listen;
-    let model_name = cfg.model_name.clone();
-    let tp = cfg.tp_size();
-    runtime.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}: cannot bind"))?;
-        let addr = listener.local_addr()?;
-        crate::emit(&format!("listening on {addr}\n"));
-        tracing::info!(%addr, model = %model_name, num_blocks, "serving");
-        let stop_metrics = CancellationToken::new();
-        if let Some(listen) = cfg.metrics_listen {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("--metrics-listen {listen}: cannot bind"))?;
-            crate::emit(&format!("metrics on {}\n", listener.local_addr()?));
-            let source: std::sync::Arc<dyn qwen_telemetry::exposition::Scrape> = metrics.clone();
-            tokio::spawn(qwen_telemetry::exposition::serve(listener, source, stop_metrics.clone()));
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}: cannot bind"))?;
+    let addr = listener.local_addr()?;
+    crate::emit(&format!("listening on {addr}\n"));
+    tracing::info!(%addr, model = %cfg.model_name, num_blocks, "serving");
+    let stop_metrics = CancellationToken::new();
+    if let Some(listen) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--metrics-listen {listen}: cannot bind"))?;
+        crate::emit(&format!("metrics on {}\n", listener.local_addr()?));
+        let source: std::sync::Arc<dyn qwen_telemetry::exposition::Scrape> = metrics.clone();
+        tokio::spawn(qwen_telemetry::exposition::serve(listener, source, stop_metrics.clone()));
+    }
+    let deregister = register(cfg, &addr.to_string(), metrics);
+    let (engine_died_tx, mut engine_died) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        tokio::select! {
+            _ = qwen_telemetry::shutdown_signal() => Stop::Drain,
+            _ = &mut engine_died => Stop::Now,
         }
-        let registration = cfg.registry.as_ref().map(|r| {
-            let record = WorkerRecord {
-                group: r.group.as_str().to_string(),
-                grpc_addr: r.advertise_addr.clone().unwrap_or_else(|| addr.to_string()),
-                model: model_name.clone(),
-                tp: tp as u32,
-            };
-            tracing::info!(group = %record.group, addr = %record.grpc_addr, "registering for routers");
-            Registration::spawn(
-                RegistrationConfig { endpoints: r.endpoints.clone(), record, ttl: r.ttl },
-                CancellationToken::new(),
-            )
-        });
-        if let Some(r) = &registration {
-            let mut state = r.state();
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                loop {
-                    metrics.set_registered(*state.borrow_and_update() == SessionState::Registered);
-                    if state.changed().await.is_err() {
-                        metrics.set_registered(false);
-                        return;
-                    }
-                }
-            });
+    };
+    // An engine thread that is gone takes the worker down with an error, so a supervisor
+    // (Kubernetes, or `--tp`) restarts it instead of routing to a process that cannot generate.
+    let watch = engine.clone();
+    let watcher = tokio::spawn(async move {
+        while watch.is_alive() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        let deregister: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match registration {
-            Some(r) => Box::pin(r.stop()),
-            None => Box::pin(async {}),
-        };
-        let (engine_died_tx, mut engine_died) = tokio::sync::oneshot::channel::<()>();
-        let stop = async move {
-            tokio::select! {
-                _ = shutdown_signal() => Stop::Drain,
-                _ = &mut engine_died => Stop::Now,
-            }
-        };
-        // An engine thread that is gone takes the worker down with an error, so a supervisor
-        // (Kubernetes, or `--tp`) restarts it instead of routing to a process that cannot generate.
-        let watcher = tokio::spawn(async move {
-            while watch.is_alive() {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-            let _ = engine_died_tx.send(());
-        });
-        serve(service, listener, stop, DrainConfig { timeout: cfg.drain_timeout, deregister }).await?;
-        stop_metrics.cancel();
-        watcher.abort();
-        if !alive.is_alive() {
-            bail!("the engine thread stopped");
-        }
-        anyhow::Ok(())
-    })?;
-    // The service (and with it the last engine handle) is gone: the engine thread winds down and
-    // tells any followers to stop.
-    let _ = engine_thread.join();
+        let _ = engine_died_tx.send(());
+    });
+    serve(service, listener, stop, DrainConfig { timeout: cfg.drain_timeout, deregister }).await?;
+    stop_metrics.cancel();
+    watcher.abort();
+    if !engine.is_alive() {
+        bail!("the engine thread stopped");
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+/// Registers this worker for routers when `--etcd` is given (its state mirrored in the
+/// `registered` gauge); returns what deregisters it.
+fn register(cfg: &ServeConfig, addr: &str, metrics: std::sync::Arc<WorkerMetrics>) -> Deregister {
+    let Some(r) = cfg.registry.as_ref() else { return Box::pin(async {}) };
+    let record = WorkerRecord {
+        group: r.group.as_str().to_string(),
+        grpc_addr: r.advertise_addr.clone().unwrap_or_else(|| addr.to_string()),
+        model: cfg.model_name.clone(),
+        tp: cfg.tp_size() as u32,
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    tracing::info!(group = %record.group, addr = %record.grpc_addr, "registering for routers");
+    let registration = Registration::spawn(
+        RegistrationConfig { endpoints: r.endpoints.clone(), record, ttl: r.ttl },
+        CancellationToken::new(),
+    );
+    let mut state = registration.state();
+    tokio::spawn(async move {
+        loop {
+            metrics.set_registered(*state.borrow_and_update() == SessionState::Registered);
+            if state.changed().await.is_err() {
+                metrics.set_registered(false);
+                return;
+            }
+        }
+    });
+    Box::pin(registration.stop())
 }
+
+type Deregister = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

@@ -63,15 +63,19 @@ impl DeviceSpec {
                         message: format!("{self}: this worker was built without the `cuda` feature"),
                     });
                 }
-                let device = Device::new_cuda(i).map_err(|e| Error::InvalidInput {
+                // One stream made for this device, not candle's default per-thread stream: the
+                // weights and cache are made on the main thread and used on the engine thread,
+                // and with a per-thread stream each thread would issue to a different stream
+                // with nothing ordering them.
+                let device = Device::new_cuda_with_stream(i).map_err(|e| Error::InvalidInput {
                     field: "device",
                     message: format!("{self}: cannot open the GPU: {e}"),
                 })?;
                 #[cfg(feature = "cuda")]
                 if let Device::Cuda(d) = &device {
                     // SAFETY: the worker issues all its device work (candle's ops, its kernels,
-                    // NCCL) on this device's one stream, so stream order alone keeps every
-                    // buffer's uses in order; no cross-stream events are needed. Without them a
+                    // NCCL), from every thread, on this device's one stream (made above), so
+                    // stream order alone keeps every buffer's uses in order; no cross-stream events are needed. Without them a
                     // decode step can be captured into a CUDA graph (no waits on events recorded
                     // outside the capture). Called before any tensor exists on the device.
                     unsafe { d.disable_event_tracking() };

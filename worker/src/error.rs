@@ -77,6 +77,9 @@ pub enum Error {
     EngineStopped,
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// An invariant of the worker's own code broke (never the caller's input).
+    #[error("internal error: {what}: {message}")]
+    Internal { what: &'static str, message: String },
 }
 
 impl Error {
@@ -95,7 +98,7 @@ impl Error {
             },
             Error::TokenOutOfRange { .. } | Error::InvalidInput { .. } => ErrorKind::InvalidInput,
             Error::EngineStopped | Error::Comm(_) => ErrorKind::Unavailable,
-            Error::Candle(_) => ErrorKind::Internal,
+            Error::Candle(_) | Error::Internal { .. } => ErrorKind::Internal,
         }
     }
 

@@ -44,14 +44,32 @@ impl GenerateParams {
         }
         self.sampling.validate()
     }
+
+    /// Why a sequence ends after emitting `token` as its `generated`-th new token, with
+    /// `total` tokens (prompt included) against the model's `max_context`; `None` to go on.
+    /// The one rule for the engine and [`generate`].
+    pub fn finish_after(&self, token: u32, generated: usize, total: usize, max_context: usize) -> Option<FinishReason> {
+        if self.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if generated >= self.max_new_tokens || total >= max_context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
 }
 
+/// Why a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// `max_new_tokens` reached.
+    /// `max_new_tokens` or the context length reached.
     Length,
     /// A stop token was generated.
     Stop,
+    /// The client cancelled or went away.
+    Cancelled,
+    /// The engine failed while running it.
+    Error,
 }
 
 #[derive(Debug, Clone)]
@@ -109,11 +127,9 @@ pub fn generate(
         ttft.get_or_insert_with(|| start.elapsed());
         tokens.push(next);
         on_token(next)?;
-        if params.stop_token_ids.contains(&next) {
-            break FinishReason::Stop;
-        }
-        if tokens.len() >= params.max_new_tokens {
-            break FinishReason::Length;
+        let total = prompt.len() + tokens.len();
+        if let Some(reason) = params.finish_after(next, tokens.len(), total, model.config().max_context()) {
+            break reason;
         }
         seq.context_len += seq.len;
         seq.len = 1;

@@ -14,6 +14,8 @@ pub mod request;
 pub mod sampling;
 pub mod server;
 pub use qwen_tokenizer as tokenizer;
+#[cfg(test)]
+mod test_util;
 pub mod weights;
 
 pub use error::{Error, ErrorKind, Result};

@@ -14,8 +14,8 @@ use qwen_telemetry::exposition::{render, Scrape};
 use qwen_telemetry::histogram::latency_buckets;
 use qwen_telemetry::AtomicHistogram;
 
-use crate::engine::runner::{Stats, StatsView};
-use crate::engine::sequence::FinishReason;
+use crate::engine::runner::{Stats, StatsView, StepObserver};
+use crate::generate::FinishReason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -132,12 +132,6 @@ impl WorkerMetrics {
         self.generation_tokens.inc_by(generated);
     }
 
-    /// Once per engine step.
-    pub fn step(&self, seqs: usize, secs: f64) {
-        self.batch_size.observe(seqs as f64);
-        self.step.observe(secs);
-    }
-
     pub fn set_registered(&self, yes: bool) {
         self.registered.set(i64::from(yes));
     }
@@ -154,6 +148,13 @@ impl WorkerMetrics {
         self.prefix_query_tokens.inc_by(now.1.saturating_sub(last.1));
         self.preemptions.inc_by(now.2.saturating_sub(last.2));
         *last = now;
+    }
+}
+
+impl StepObserver for WorkerMetrics {
+    fn step(&self, seqs: usize, secs: f64) {
+        self.batch_size.observe(seqs as f64);
+        self.step.observe(secs);
     }
 }
 

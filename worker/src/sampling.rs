@@ -116,7 +116,8 @@ impl SamplingParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    pub logprob: f32,
+    /// Set when the request asked for logprobs.
+    pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -158,7 +159,7 @@ impl SeqSampler {
         scratch.logits.extend_from_slice(raw);
         self.apply_penalties(&mut scratch.logits);
         let token = if self.params.is_greedy() { argmax(&scratch.logits) } else { self.draw(scratch) };
-        let logprob = logprob_of.map_or(f32::NAN, |lse| raw[token as usize] - lse);
+        let logprob = logprob_of.map(|lse| raw[token as usize] - lse);
         self.accept(token);
         Sampled { token, logprob, top }
     }
@@ -387,7 +388,7 @@ mod tests {
         let mut s = SeqSampler::new(SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() }, &[]);
         let out = s.sample(&row, &mut Scratch::default());
         assert_eq!(out.token, 0);
-        assert!((out.logprob - (2.0 - lse)).abs() < 1e-6);
+        assert!((out.logprob.unwrap() - (2.0 - lse)).abs() < 1e-6);
         assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
         assert!((out.top[1].1 - (1.0 - lse)).abs() < 1e-6);
     }

@@ -115,9 +115,7 @@ impl Worker for WorkerService {
                     }
                     (last, generated) = (now, generated + 1);
                     msg.token_id = Some(token);
-                    if !logprob.is_nan() {
-                        msg.logprob = Some(logprob);
-                    }
+                    msg.logprob = logprob;
                     msg.top_logprobs =
                         top.into_iter().map(|(token_id, logprob)| TopLogprob { token_id, logprob }).collect();
                 }

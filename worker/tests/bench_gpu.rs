@@ -31,6 +31,14 @@ fn bench_gpu_runs_the_engine_and_writes_the_table_and_json() {
             assert!(r[key].as_f64().unwrap() > 0.0, "{key} in {r}");
         }
     }
+    // No GPU here: the graph runner's static-buffer path ran every timed decode step eagerly,
+    // and its tokens were checked against an eager engine on the same weights.
+    assert_eq!(report["cuda_graphs"], false);
+    assert_eq!(report["graph_replays"], 0);
+    assert_eq!(report["graph_eager_steps"].as_u64(), Some(2 * 5), "{report}");
+    let check = &report["token_check"];
+    assert_eq!(check["sequences"], 4, "{check}");
+    assert_eq!(check["mismatched"], 0, "{check}");
     // Weight bytes are every tensor the model holds: 2 layers of a 64-wide Qwen2, the final norm,
     // and a tied 512-token embedding, which the LM head holds a copy of (as when loading a file).
     let per_layer = 64 * 64 * 2 + 2 * (64 * 32 + 32) + 64 + 3 * 64 * 128 + 2 * 64;

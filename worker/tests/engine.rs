@@ -24,24 +24,24 @@ fn goldens(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
 }
 
 fn engine(name: &str, blocks: usize, block_size: usize, max_batch_tokens: usize) -> EngineHandle {
-    engine_with(name, blocks, block_size, max_batch_tokens, KernelMode::Plain, false)
+    engine_with(name, (blocks, block_size, max_batch_tokens), KernelMode::Plain, false, &Device::Cpu)
 }
 
+/// An engine over fixture `name` in f32 with `(blocks, block_size, max_batch_tokens)`.
 fn engine_with(
     name: &str,
-    blocks: usize,
-    block_size: usize,
-    max_batch_tokens: usize,
+    (blocks, block_size, max_batch_tokens): (usize, usize, usize),
     kernels: KernelMode,
     decode_graphs: bool,
+    device: &Device,
 ) -> EngineHandle {
-    let mut model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    let mut model = Model::load(&fixture(name), DType::F32, device).unwrap();
     model.set_kernels(kernels);
     let config = EngineConfig {
         scheduler: SchedulerConfig { block_size, max_batch_tokens, max_seqs: 64 },
         num_blocks: blocks,
         model_name: name.to_string(),
-        metrics: None,
+        observer: None,
         decode_graphs,
     };
     spawn(model, config).unwrap().0
@@ -167,7 +167,7 @@ fn seeded_sampling_is_the_same_alone_and_in_a_crowd() {
 fn fused_kernels_and_device_sampling_through_the_engine() {
     let name = "qwen2-gqa";
     let cases = goldens(name);
-    let e = engine_with(name, 128, 4, 16, KernelMode::Fused, false);
+    let e = engine_with(name, (128, 4, 16), KernelMode::Fused, false, &Device::Cpu);
     let sampled = SamplingParams { temperature: 0.9, top_k: 20, top_p: 0.9, seed: 7, ..SamplingParams::default() };
     let first = collect(submit(&e, "s0", &[3, 4, 5], 12, sampled.clone())).0;
     let mut streams = Vec::new();
@@ -193,7 +193,7 @@ fn fused_kernels_and_device_sampling_through_the_engine() {
 fn decode_graph_buffers_keep_outputs_identical() {
     for name in ["qwen2-gqa", "qwen3"] {
         let cases = goldens(name);
-        let e = engine_with(name, 96, 4, 64, KernelMode::Fused, true);
+        let e = engine_with(name, (96, 4, 64), KernelMode::Fused, true, &Device::Cpu);
         let streams: Vec<_> = (0..5)
             .map(|i| {
                 let (prompt, want) = &cases[i % cases.len()];
@@ -207,7 +207,40 @@ fn decode_graph_buffers_keep_outputs_identical() {
         wait_idle(&e);
         let stats = e.stats();
         assert_eq!(stats.free_blocks, 96);
-        assert!(stats.decode_graph_steps > 10, "{name}: {stats:?}");
+        assert!(stats.graph_eager_steps > 10 && stats.graph_replays == 0, "{name}: {stats:?}");
+    }
+}
+
+/// On a GPU (feature `cuda`): decode steps really replay from CUDA graphs (counted where the
+/// launch happens) and every request still gets its golden tokens in f32. Skipped without a GPU
+/// unless `QWEN_REQUIRE_GPU=1`.
+#[cfg(feature = "cuda")]
+#[test]
+fn decode_graphs_on_the_gpu_replay_and_keep_goldens() {
+    let gpu = match qwen_worker::device::DeviceSpec::Cuda(0).open() {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(std::env::var("QWEN_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU: {e}");
+            eprintln!("skipped: no GPU ({e})");
+            return;
+        }
+    };
+    for name in ["qwen2-gqa", "qwen3", "qwen2-tied-bf16-sharded"] {
+        let cases = goldens(name);
+        let e = engine_with(name, (96, 4, 64), KernelMode::Fused, true, &gpu);
+        let streams: Vec<_> = (0..6)
+            .map(|i| {
+                let (prompt, want) = &cases[i % cases.len()];
+                (submit(&e, &format!("r{i}"), prompt, want.len(), SamplingParams::greedy()), want.clone())
+            })
+            .collect();
+        for (i, (rx, want)) in streams.into_iter().enumerate() {
+            assert_eq!(collect(rx).0, want, "{name}: request {i}");
+        }
+        wait_idle(&e);
+        let stats = e.stats();
+        assert!(stats.graph_replays > 0, "{name}: graphs asked for, none replayed: {stats:?}");
+        assert_eq!(stats.graph_eager_steps, 0, "{name}: a capture fell back to eager: {stats:?}");
     }
 }
 

@@ -46,7 +46,7 @@ fn group(name: &'static str, tp: usize, timeout: Duration) -> (EngineHandle, Vec
         scheduler: SchedulerConfig { block_size: BLOCK_SIZE, max_batch_tokens: 16, max_seqs: 8 },
         num_blocks: BLOCKS,
         model_name: name.into(),
-        metrics: None,
+        observer: None,
         decode_graphs: false,
     };
     (spawn(model, config).unwrap().0, followers)
@@ -113,7 +113,7 @@ fn a_dead_follower_fails_requests_instead_of_hanging() {
         scheduler: SchedulerConfig { block_size: BLOCK_SIZE, max_batch_tokens: 16, max_seqs: 8 },
         num_blocks: BLOCKS,
         model_name: "x".into(),
-        metrics: None,
+        observer: None,
         decode_graphs: false,
     };
     let (engine, thread) = spawn(model, config).unwrap();

@@ -324,8 +324,7 @@ mod tests {
     #[test]
     fn world_size_one_collectives_on_the_gpu() {
         use crate::comm::TcpConfig;
-        use candle_core::Device;
-        let device = match Device::new_cuda(0) {
+        let device = match crate::device::DeviceSpec::Cuda(0).open() {
             Ok(d) => d,
             Err(e) if std::env::var_os("QWEN_REQUIRE_GPU").is_none() => {
                 eprintln!("skipped: no CUDA device ({e})");

@@ -12,14 +12,7 @@ use crate::model::Model;
 /// Serves rank 0's plans until it says stop; an error (a dead or silent rank 0 surfaces as a
 /// collective timeout) ends the follower.
 pub fn run(mut model: Model, block_size: usize, num_blocks: usize, device: &Device) -> Result<()> {
-    let cfg = model.config().clone();
-    let layout = KvLayout {
-        num_layers: cfg.num_layers,
-        num_kv_heads: model.local_kv_heads(),
-        head_dim: cfg.head_dim,
-        block_size,
-        dtype: model.dtype(),
-    };
+    let layout = KvLayout::for_model(&model, block_size);
     let mut store = PagedKvStore::new(layout, num_blocks, device)?;
     store.set_kernels(model.kernels());
     loop {

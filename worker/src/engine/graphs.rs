@@ -7,6 +7,9 @@
 //! A graph is kept only if its first replay gives the logits of the same step run eagerly (the
 //! check runs once, at capture); a capture that fails or differs leaves that key eager, with a
 //! warning. Off CUDA the same static-buffer path runs eagerly, which is how it is tested.
+//!
+//! Replays are counted where they happen ([`GraphCounts`]), so a run that asked for graphs can
+//! prove it got them: a step that fell back to eager is counted as such, never as a replay.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +45,19 @@ enum Replay {
     Eager,
 }
 
+/// What the runner did, cumulative since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    /// Steps whose logits came from a graph launch (a fresh capture's check replay included).
+    pub replays: u64,
+    /// Steps run eagerly from the static buffers: off CUDA, or where capture failed or differed.
+    pub eager_steps: u64,
+    /// Graphs kept after their check replay.
+    pub captured: u64,
+    /// Captures that failed or whose replay differed from the eager step.
+    pub failed_captures: u64,
+}
+
 pub struct DecodeGraphs {
     buckets: Vec<usize>,
     block_size: usize,
@@ -52,6 +68,7 @@ pub struct DecodeGraphs {
     max_context: usize,
     buffers: HashMap<usize, Buffers>,
     replays: HashMap<(usize, usize), Replay>,
+    counts: GraphCounts,
 }
 
 impl DecodeGraphs {
@@ -61,7 +78,7 @@ impl DecodeGraphs {
         buckets.sort_unstable();
         buckets.dedup();
         if buckets.is_empty() {
-            return Err(Error::InvalidInput { field: "graph_buckets", message: "no batch size above 0".into() });
+            return Err(Error::Internal { what: "graph buckets", message: "no batch size above 0".into() });
         }
         model.prepare_static_forward()?;
         let max_context = model.config().max_context();
@@ -73,7 +90,27 @@ impl DecodeGraphs {
             max_context,
             buffers: HashMap::new(),
             replays: HashMap::new(),
+            counts: GraphCounts::default(),
         })
+    }
+
+    pub fn counts(&self) -> GraphCounts {
+        self.counts
+    }
+
+    /// Captures every batch bucket at the smallest context bucket, with padding rows only, so
+    /// the first requests of each size do not pay for capture (longer contexts still capture on
+    /// first use). Returns how many buckets now replay from a graph.
+    pub fn warm_up(&mut self, model: &mut Model, store: &mut PagedKvStore) -> Result<usize> {
+        let ctx_bucket = MIN_CONTEXT_BUCKET.min(self.max_context);
+        let no_tables: &[Vec<u32>] = &[];
+        for size in self.buckets.clone() {
+            self.step(model, store, size, ctx_bucket, &[], &[], no_tables)?;
+        }
+        // Warm-up steps are no request's: only what they captured is kept.
+        self.counts.replays = 0;
+        self.counts.eager_steps = 0;
+        Ok(self.counts.captured as usize)
     }
 
     /// Whether a step over `chunks` can run here: fused kernels alone on one device, every
@@ -102,11 +139,28 @@ impl DecodeGraphs {
         let size = self.buckets.iter().copied().find(|&s| s >= b).unwrap_or(b);
         let longest = chunks.iter().map(|c| c.context_len + 1).max().unwrap_or(1);
         let ctx_bucket = longest.next_power_of_two().max(MIN_CONTEXT_BUCKET).min(self.max_context);
+        self.step(model, store, size, ctx_bucket, tokens, chunks, tables)
+    }
+
+    /// One step in bucket `size` at context bucket `ctx_bucket`; rows past `chunks` are padding.
+    #[allow(clippy::too_many_arguments)]
+    fn step<T: AsRef<[u32]>>(
+        &mut self,
+        model: &mut Model,
+        store: &mut PagedKvStore,
+        size: usize,
+        ctx_bucket: usize,
+        tokens: &[u32],
+        chunks: &[SeqChunk],
+        tables: &[T],
+    ) -> Result<Tensor> {
+        let b = chunks.len();
         let (padded, batch) = self.load_inputs(model.device(), size, ctx_bucket, tokens, chunks, tables)?;
         let buffers = &self.buffers[&size];
         let key = (size, ctx_bucket);
         if !model.device().is_cuda() {
             let logits = eager(model, store, &padded, &buffers.inputs, &batch)?;
+            self.counts.eager_steps += 1;
             return Ok(logits.narrow(0, 0, b)?);
         }
         #[cfg(feature = "cuda")]
@@ -115,6 +169,10 @@ impl DecodeGraphs {
             let fresh = !self.replays.contains_key(&key);
             if fresh {
                 let replay = capture(model, store, &padded, self.buffers.get_mut(&size).expect("loaded"), &batch)?;
+                match replay {
+                    Replay::Graph(_) => self.counts.captured += 1,
+                    Replay::Eager => self.counts.failed_captures += 1,
+                }
                 self.replays.insert(key, replay);
             }
             let buffers = &self.buffers[&size];
@@ -122,15 +180,17 @@ impl DecodeGraphs {
                 if !fresh {
                     g.launch().map_err(|e| graph_err("launch", e))?;
                 }
+                self.counts.replays += 1;
                 return Ok(out.narrow(0, 0, b)?);
             }
             let logits = eager(model, store, &padded, &buffers.inputs, &batch)?;
+            self.counts.eager_steps += 1;
             Ok(logits.narrow(0, 0, b)?)
         }
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (key, &self.replays);
-            Err(Error::InvalidInput { field: "device", message: "CUDA graphs need the `cuda` feature".into() })
+            Err(Error::Internal { what: "cuda graphs", message: "CUDA graphs need the `cuda` feature".into() })
         }
     }
 
@@ -157,8 +217,8 @@ impl DecodeGraphs {
                 Some(c) => {
                     let ctx = c.context_len + 1;
                     let table = tables[i].as_ref();
-                    let blocks = table.get(..ctx.div_ceil(bs)).ok_or_else(|| Error::InvalidInput {
-                        field: "block_tables",
+                    let blocks = table.get(..ctx.div_ceil(bs)).ok_or_else(|| Error::Internal {
+                        what: "block tables",
                         message: format!("sequence {} needs {ctx} slots in {} blocks", c.seq_id, table.len()),
                     })?;
                     tok[i] = tokens[i];
@@ -229,7 +289,7 @@ fn eager(
 
 #[cfg(feature = "cuda")]
 fn graph_err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::InvalidInput { field: "cuda_graph", message: format!("{what}: {e:?}") }
+    Error::Internal { what: "cuda graph", message: format!("{what}: {e:?}") }
 }
 
 /// Records the step into a graph, replays it once and keeps it if it reproduces the eager

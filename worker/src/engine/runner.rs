@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, D};
+use candle_core::{DType, Tensor, D};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::blocks::BlockPool;
@@ -16,32 +16,29 @@ use super::graphs::{DecodeGraphs, DEFAULT_BUCKETS};
 use super::plan::{Message, StepPlan};
 use super::prefix_cache::root_hash;
 use super::scheduler::{Planned, Scheduler, SchedulerConfig};
-use super::sequence::{Event, FinishReason, Sequence};
-use crate::config::ModelConfig;
+pub use super::sequence::NewRequest;
+use super::sequence::{Event, FinishReason, KvKey, Sequence};
 use crate::error::{Error, Result};
-use crate::generate::GenerateParams;
 use crate::kernels::KernelMode;
 use crate::model::paged::{KvLayout, PagedKvStore};
 use crate::model::{Model, SeqChunk};
-use crate::sampling::{Scratch, SeqSampler};
+use crate::sampling::Scratch;
 
-#[derive(Debug, Clone)]
+/// Told of every engine step (the worker's metrics implement it).
+pub trait StepObserver: Send + Sync {
+    /// A step over `seqs` sequences took `secs`.
+    fn step(&self, seqs: usize, secs: f64);
+}
+
+#[derive(Clone)]
 pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     pub num_blocks: usize,
     pub model_name: String,
-    /// Step metrics (batch size, step time), when serving.
-    pub metrics: Option<Arc<crate::metrics::WorkerMetrics>>,
+    /// Told of each step (batch size, step time), when serving.
+    pub observer: Option<Arc<dyn StepObserver>>,
     /// Replay decode steps from CUDA graphs (see [`super::graphs`]); with fused kernels only.
     pub decode_graphs: bool,
-}
-
-/// A request as the engine receives it: already validated by [`EngineHandle::submit`].
-pub struct NewRequest {
-    pub request_id: String,
-    pub prompt: Vec<u32>,
-    pub params: GenerateParams,
-    pub events: UnboundedSender<Event>,
 }
 
 enum Command {
@@ -63,8 +60,11 @@ pub struct Stats {
     /// Generated tokens per second over the last few seconds.
     pub tokens_per_s: f64,
     pub preemptions: u64,
-    /// Decode steps run through the CUDA-graph runner's static buffers (replayed on CUDA).
-    pub decode_graph_steps: u64,
+    /// Decode steps whose logits came from a CUDA graph launch.
+    pub graph_replays: u64,
+    /// Decode steps run eagerly from the graph runner's static buffers (off CUDA, or where a
+    /// capture failed or differed from the eager step).
+    pub graph_eager_steps: u64,
     /// Cumulative prompt tokens found in / looked up in the prefix cache.
     pub prefix_hit_tokens: u64,
     pub prefix_query_tokens: u64,
@@ -88,16 +88,12 @@ impl StatsView {
 pub struct EngineHandle {
     commands: UnboundedSender<Command>,
     stats: Arc<Mutex<Stats>>,
-    config: Arc<ModelConfig>,
+    config: Arc<crate::config::ModelConfig>,
     /// Tokens the whole KV cache holds: the longest sequence that can ever be scheduled.
     kv_capacity_tokens: usize,
 }
 
 impl EngineHandle {
-    pub fn model_config(&self) -> &ModelConfig {
-        &self.config
-    }
-
     /// Validates and queues a request; its tokens arrive on `request.events`.
     pub fn submit(&self, request: NewRequest) -> Result<()> {
         request.params.validate(&request.prompt, &self.config)?;
@@ -133,8 +129,9 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread; it runs until every handle is dropped.
-pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHandle<()>)> {
+/// Starts the engine thread; it runs until every handle is dropped, and then hands its model
+/// back through the join handle (a benchmark runs the same weights through a second engine).
+pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHandle<Model>)> {
     let sc = &config.scheduler;
     for (field, v) in [
         ("block_size", sc.block_size),
@@ -147,16 +144,14 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
         }
     }
     let cfg = model.config().clone();
-    let layout = KvLayout {
-        num_layers: cfg.num_layers,
-        num_kv_heads: model.local_kv_heads(),
-        head_dim: cfg.head_dim,
-        block_size: config.scheduler.block_size,
-        dtype: model.dtype(),
-    };
+    let layout = KvLayout::for_model(&model, config.scheduler.block_size);
     // One block more than the scheduler hands out: padding rows of graph-replayed steps use it.
     let mut store = PagedKvStore::new(layout, config.num_blocks + 1, model.device())?;
     store.set_kernels(model.kernels());
+    // Weights and cache were made on this thread; the engine thread uses them next. The device
+    // has one stream for every thread (see DeviceSpec::open), so stream order already keeps them
+    // in order: this wait makes it explicit, once, before any step.
+    model.device().synchronize()?;
     tracing::info!(
         blocks = config.num_blocks,
         block_size = layout.block_size,
@@ -181,15 +176,9 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
         .name("engine".into())
         .spawn(move || {
             let mut model = model;
+            let mut store = store;
             let graphs = if config.decode_graphs && model.kernels() == KernelMode::Fused {
-                let (bs, scratch) = (config.scheduler.block_size, config.num_blocks as u32);
-                match DecodeGraphs::new(&mut model, &DEFAULT_BUCKETS, bs, scratch) {
-                    Ok(g) => Some(g),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "decode graphs off");
-                        None
-                    }
-                }
+                start_graphs(&mut model, &mut store, &config)
             } else {
                 None
             };
@@ -204,7 +193,6 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
                 model,
                 store,
                 graphs,
-                decode_graph_steps: 0,
                 scheduler,
                 commands: rx,
                 stats,
@@ -221,6 +209,35 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
     Ok((handle, thread))
 }
 
+/// The decode-graph runner, with every batch bucket captured up front on CUDA (a capture costs
+/// several eager steps; paying it at start keeps it out of the first requests' latency).
+fn start_graphs(model: &mut Model, store: &mut PagedKvStore, config: &EngineConfig) -> Option<DecodeGraphs> {
+    let (bs, scratch) = (config.scheduler.block_size, config.num_blocks as u32);
+    let mut graphs = match DecodeGraphs::new(model, &DEFAULT_BUCKETS, bs, scratch) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!(error = %e, "decode graphs off");
+            return None;
+        }
+    };
+    if model.device().is_cuda() {
+        let started = Instant::now();
+        match graphs.warm_up(model, store) {
+            Ok(n) => tracing::info!(
+                captured = n,
+                buckets = DEFAULT_BUCKETS.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "decode graphs captured"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "decode graph warm-up failed; decode graphs off");
+                return None;
+            }
+        }
+    }
+    Some(graphs)
+}
+
 /// How one sampled row's token is chosen.
 #[derive(Clone, Copy)]
 enum Pick {
@@ -230,12 +247,18 @@ enum Pick {
     Row(usize),
 }
 
+/// A step's choices: per planned row, its pick (`None` where the chunk samples nothing).
+struct Picks {
+    rows: Vec<Option<Pick>>,
+    /// The rows the host sampler reads, copied from the device.
+    host_rows: Vec<Vec<f32>>,
+}
+
 struct Engine {
     model: Model,
     store: PagedKvStore,
     /// Decode steps from CUDA graphs, when on.
     graphs: Option<DecodeGraphs>,
-    decode_graph_steps: u64,
     scheduler: Scheduler,
     commands: UnboundedReceiver<Command>,
     stats: Arc<Mutex<Stats>>,
@@ -250,7 +273,7 @@ struct Engine {
 }
 
 impl Engine {
-    fn run(mut self) {
+    fn run(mut self) -> Model {
         loop {
             if self.scheduler.is_idle() {
                 self.publish_stats(0);
@@ -259,7 +282,7 @@ impl Engine {
                     Some(c) => self.handle(c),
                     None => {
                         self.tell_followers(&Message::Stop);
-                        return;
+                        return self.model;
                     }
                 }
             }
@@ -273,8 +296,8 @@ impl Engine {
             }
             let started = Instant::now();
             let generated = self.step(&plan);
-            if let Some(m) = &self.config.metrics {
-                m.step(plan.len(), started.elapsed().as_secs_f64());
+            if let Some(o) = &self.config.observer {
+                o.step(plan.len(), started.elapsed().as_secs_f64());
             }
             self.publish_stats(generated);
             if self.group_broken {
@@ -284,7 +307,7 @@ impl Engine {
                     |_| true,
                     |s| s.finish(FinishReason::Error, Some("a tensor-parallel rank failed".into())),
                 );
-                return;
+                return self.model;
             }
         }
     }
@@ -332,36 +355,19 @@ impl Engine {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Submit(req) => {
-                let NewRequest { request_id, prompt, params, events } = *req;
-                let s = &self.scheduler;
-                if s.running.iter().chain(&s.waiting).any(|q| q.request_id == request_id) {
+                if self.scheduler.sequences().any(|q| q.request_id == req.request_id) {
                     // Cancel finds requests by id, so two live requests may not share one.
-                    let _ = events.send(Event::Finished {
+                    let _ = req.events.send(Event::Finished {
                         reason: FinishReason::Error,
                         cached_prompt_tokens: 0,
-                        message: Some(format!("request_id {request_id:?} is already in use")),
+                        message: Some(format!("request_id {:?} is already in use", req.request_id)),
                     });
                     return;
                 }
-                let rope_alpha = self.model.config().ntk_alpha(prompt.len());
+                let rope_alpha = self.model.config().ntk_alpha(req.prompt.len());
+                let kv = KvKey { root_hash: root_hash(self.model_salt, rope_alpha), rope_alpha };
                 self.next_id += 1;
-                self.scheduler.waiting.push_back(Sequence {
-                    id: self.next_id,
-                    request_id,
-                    prompt_len: prompt.len(),
-                    sampler: SeqSampler::new(params.sampling, &prompt),
-                    tokens: prompt,
-                    computed: 0,
-                    blocks: Vec::new(),
-                    block_hashes: Vec::new(),
-                    root_hash: root_hash(self.model_salt, rope_alpha),
-                    rope_alpha,
-                    max_new_tokens: params.max_new_tokens,
-                    stop_token_ids: params.stop_token_ids,
-                    events,
-                    arrived: Instant::now(),
-                    cached_prompt_tokens: None,
-                });
+                self.scheduler.enqueue(Sequence::new(self.next_id, *req, kv));
             }
             // Applied at once, in command order: a cancel cannot reach a later request that
             // reuses the id.
@@ -374,7 +380,7 @@ impl Engine {
     /// Requests whose client went away leave within one step; dropping them returns their
     /// blocks.
     fn drop_disconnected(&mut self) {
-        if self.scheduler.running.iter().chain(&self.scheduler.waiting).any(|s| s.events.is_closed()) {
+        if self.scheduler.sequences().any(|s| s.events.is_closed()) {
             self.scheduler.remove_where(|s| s.events.is_closed(), drop);
         }
     }
@@ -382,14 +388,18 @@ impl Engine {
     /// Runs one forward over `plan`, samples where a sequence's chunk ends its known tokens, and
     /// streams and finishes. Returns how many tokens were generated.
     fn step(&mut self, plan: &[Planned]) -> usize {
-        match self.forward_and_sample(plan) {
+        let result = self.forward(plan).and_then(|logits| {
+            let picks = self.pick_tokens(plan, &logits)?;
+            Ok(self.advance(plan, picks))
+        });
+        match result {
             Ok(n) => n,
             Err(e) => {
                 if e.kind() == crate::error::ErrorKind::Unavailable {
                     self.group_broken = true;
                 }
                 tracing::error!(error = %e, "step failed; failing its sequences");
-                let ids: HashSet<u64> = plan.iter().map(|p| self.scheduler.running[p.index].id).collect();
+                let ids: HashSet<u64> = plan.iter().map(|p| self.scheduler.running()[p.index].id).collect();
                 let msg = e.to_string();
                 self.scheduler
                     .remove_where(|s| ids.contains(&s.id), |s| s.finish(FinishReason::Error, Some(msg.clone())));
@@ -398,8 +408,10 @@ impl Engine {
         }
     }
 
-    fn forward_and_sample(&mut self, plan: &[Planned]) -> Result<usize> {
-        let running = &self.scheduler.running;
+    /// The step's logits, one row per planned sequence: replayed from a decode graph where
+    /// eligible. In a tensor-parallel group the batch goes to the followers first.
+    fn forward(&mut self, plan: &[Planned]) -> Result<Tensor> {
+        let running = self.scheduler.running();
         let mut tokens = Vec::with_capacity(plan.iter().map(|p| p.len).sum::<usize>());
         let mut chunks = Vec::with_capacity(plan.len());
         let mut tables = Vec::with_capacity(plan.len());
@@ -409,97 +421,87 @@ impl Engine {
             chunks.push(SeqChunk { seq_id: s.id, context_len: s.computed, len: p.len, rope_alpha: s.rope_alpha });
             tables.push(s.blocks.iter().map(|b| b.id()).collect::<Vec<u32>>());
         }
-        let step_plan = StepPlan { tokens, chunks, tables };
+        let batch = StepPlan { tokens, chunks, tables };
         if self.model.comm().world_size() > 1 {
             // Followers run the same forward on their shards; the plan travels first.
-            self.model.comm().broadcast_bytes(0, step_plan.encode())?;
+            self.model.comm().broadcast_bytes(0, batch.encode())?;
         }
-        let logits = match self.graphs.as_mut().filter(|g| g.eligible(&self.model, &step_plan.chunks)) {
-            Some(graphs) => {
-                self.decode_graph_steps += 1;
-                let (tokens, chunks, tables) = (&step_plan.tokens, &step_plan.chunks, &step_plan.tables);
-                graphs.run(&mut self.model, &mut self.store, tokens, chunks, tables)?
-            }
+        match self.graphs.as_mut().filter(|g| g.eligible(&self.model, &batch.chunks)) {
+            Some(graphs) => graphs.run(&mut self.model, &mut self.store, &batch.tokens, &batch.chunks, &batch.tables),
             None => {
-                let mut step = self.store.step(&step_plan.chunks, &step_plan.tables)?;
-                self.model.forward(&step_plan.tokens, &step_plan.chunks, &mut step)?
+                let mut step = self.store.step(&batch.chunks, &batch.tables)?;
+                self.model.forward(&batch.tokens, &batch.chunks, &mut step)
             }
-        };
-        // Rows whose chunk completes the sequence's known tokens produce a token.
-        let sampled: Vec<usize> = (0..plan.len())
-            .filter(|&k| running[plan[k].index].computed + plan[k].len == running[plan[k].index].tokens.len())
-            .collect();
-        // Each sampled row is chosen on the device when the fused kernels run and its request
-        // needs nothing of the host (so a request's tokens never depend on its batch); the rest
-        // go by argmax on the device, or by the host sampler on a copy of just their rows.
+        }
+    }
+
+    /// A token for each row whose chunk completes its sequence's known tokens. A row is chosen
+    /// on the device when the fused kernels run and its request needs nothing of the host (so
+    /// a request's tokens never depend on its batch); the rest go by argmax on the device, or by
+    /// the host sampler on a copy of just their rows.
+    fn pick_tokens(&self, plan: &[Planned], logits: &Tensor) -> Result<Picks> {
+        let running = self.scheduler.running();
+        let sampled: Vec<usize> =
+            (0..plan.len()).filter(|&k| running[plan[k].index].samples_after(plan[k].len)).collect();
         let fused = self.model.kernels() == KernelMode::Fused;
         let (on_device, on_host): (Vec<usize>, Vec<usize>) =
             sampled.iter().partition(|&&k| fused && running[plan[k].index].sampler.params().is_device_samplable());
-        let select = |ks: &[usize]| -> Result<candle_core::Tensor> {
+        let select = |ks: &[usize]| -> Result<Tensor> {
             if ks.len() == plan.len() {
                 return Ok(logits.clone());
             }
             let idx: Vec<u32> = ks.iter().map(|&k| k as u32).collect();
-            Ok(logits.index_select(&candle_core::Tensor::from_vec(idx, ks.len(), logits.device())?, 0)?)
+            Ok(logits.index_select(&Tensor::from_vec(idx, ks.len(), logits.device())?, 0)?)
         };
-        let mut picks: Vec<Option<Pick>> = vec![None; plan.len()];
+        let mut picks = Picks { rows: vec![None; plan.len()], host_rows: Vec::new() };
         if !on_device.is_empty() {
             let draws: Vec<_> = on_device.iter().map(|&k| running[plan[k].index].sampler.device_draw()).collect();
             let ids = crate::kernels::sample_rows(&select(&on_device)?, &draws)?;
             for (&k, id) in on_device.iter().zip(ids) {
-                picks[k] = Some(Pick::Id(id));
+                picks.rows[k] = Some(Pick::Id(id));
             }
         }
-        let mut host_rows = Vec::new();
         if !on_host.is_empty() {
             let rows = select(&on_host)?;
             if on_host.iter().all(|&k| running[plan[k].index].sampler.params().is_plain_greedy()) {
                 let ids: Vec<u32> = rows.argmax(D::Minus1)?.to_vec1()?;
                 for (&k, id) in on_host.iter().zip(ids) {
-                    picks[k] = Some(Pick::Id(id));
+                    picks.rows[k] = Some(Pick::Id(id));
                 }
             } else {
-                host_rows = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                picks.host_rows = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
                 for (i, &k) in on_host.iter().enumerate() {
-                    picks[k] = Some(Pick::Row(i));
+                    picks.rows[k] = Some(Pick::Row(i));
                 }
             }
         }
+        Ok(picks)
+    }
 
+    /// Moves every planned sequence past its chunk, streams the picked tokens and finishes the
+    /// sequences that are done. Returns how many tokens were generated.
+    fn advance(&mut self, plan: &[Planned], picks: Picks) -> usize {
         let max_context = self.model.config().max_context();
         let mut finished = Vec::new();
-        for (k, p) in plan.iter().enumerate() {
-            let seq = &mut self.scheduler.running[p.index];
-            seq.computed += p.len;
-            self.scheduler.blocks.register_full_blocks(seq);
-            if seq.computed != seq.tokens.len() {
-                continue;
-            }
-            let (token, logprob, top) = match picks[k] {
-                Some(Pick::Id(id)) => {
+        let mut generated = 0;
+        for (p, pick) in plan.iter().zip(picks.rows) {
+            let seq = self.scheduler.advance(p.index, p.len);
+            let Some(pick) = pick else { continue };
+            let (token, logprob, top) = match pick {
+                Pick::Id(id) => {
                     seq.sampler.accept(id);
-                    (id, f32::NAN, Vec::new())
+                    (id, None, Vec::new())
                 }
-                Some(Pick::Row(i)) => {
-                    let s = seq.sampler.sample(&host_rows[i], &mut self.scratch);
+                Pick::Row(i) => {
+                    let s = seq.sampler.sample(&picks.host_rows[i], &mut self.scratch);
                     (s.token, s.logprob, s.top)
                 }
-                None => unreachable!("every sampled row has a pick"),
             };
-            seq.tokens.push(token);
-            let _ = seq.events.send(Event::Token { token, logprob, top });
-            let reason = if seq.stop_token_ids.contains(&token) {
-                Some(FinishReason::Stop)
-            } else if seq.generated() >= seq.max_new_tokens || seq.tokens.len() >= max_context {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if let Some(r) = reason {
-                finished.push((seq.id, r));
+            generated += 1;
+            if let Some(reason) = seq.push_token(token, logprob, top, max_context) {
+                finished.push((seq.id, reason));
             }
         }
-        let generated = sampled.len();
         if !finished.is_empty() {
             self.scheduler.remove_where(
                 |s| finished.iter().any(|(id, _)| *id == s.id),
@@ -509,7 +511,7 @@ impl Engine {
                 },
             );
         }
-        Ok(generated)
+        generated
     }
 
     fn publish_stats(&mut self, generated: usize) {
@@ -522,18 +524,21 @@ impl Engine {
         let span = self.recent.front().map_or(0.0, |(t, _)| now.duration_since(*t).as_secs_f64());
         let tokens: usize = self.recent.iter().map(|(_, n)| n).sum();
         let s = &self.scheduler;
+        let graphs = self.graphs.as_ref().map(DecodeGraphs::counts).unwrap_or_default();
+        let blocks = s.blocks();
         let snapshot = Stats {
-            running: s.running.len(),
-            waiting: s.waiting.len(),
-            free_blocks: s.blocks.available(),
-            total_blocks: s.blocks.pool.total(),
-            cached_blocks: s.blocks.prefix.len(),
-            prefix_cache_hit_rate: s.blocks.prefix.hit_rate(),
-            prefix_hit_tokens: s.blocks.prefix.hit_tokens(),
-            prefix_query_tokens: s.blocks.prefix.queried_tokens(),
+            running: s.running().len(),
+            waiting: s.waiting_len(),
+            free_blocks: blocks.available(),
+            total_blocks: blocks.pool.total(),
+            cached_blocks: blocks.prefix.len(),
+            prefix_cache_hit_rate: blocks.prefix.hit_rate(),
+            prefix_hit_tokens: blocks.prefix.hit_tokens(),
+            prefix_query_tokens: blocks.prefix.queried_tokens(),
             tokens_per_s: if span > 0.0 { tokens as f64 / span } else { 0.0 },
-            preemptions: s.preemptions,
-            decode_graph_steps: self.decode_graph_steps,
+            preemptions: s.preemptions(),
+            graph_replays: graphs.replays,
+            graph_eager_steps: graphs.eager_steps,
             model_name: self.config.model_name.clone(),
             max_context: self.model.config().max_context(),
         };

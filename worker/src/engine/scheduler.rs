@@ -75,12 +75,12 @@ impl BlockManager {
 }
 
 pub struct Scheduler {
-    pub config: SchedulerConfig,
-    pub blocks: BlockManager,
-    pub waiting: VecDeque<Sequence>,
+    config: SchedulerConfig,
+    blocks: BlockManager,
+    waiting: VecDeque<Sequence>,
     /// In admission order: the last is the first to be preempted.
-    pub running: Vec<Sequence>,
-    pub preemptions: u64,
+    running: Vec<Sequence>,
+    preemptions: u64,
 }
 
 impl Scheduler {
@@ -96,6 +96,42 @@ impl Scheduler {
 
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Queues a new sequence behind the waiting ones.
+    pub fn enqueue(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq);
+    }
+
+    /// The running sequences; a [`Planned`] index points here.
+    pub fn running(&self) -> &[Sequence] {
+        &self.running
+    }
+
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Every live sequence, running then waiting.
+    pub fn sequences(&self) -> impl Iterator<Item = &Sequence> {
+        self.running.iter().chain(&self.waiting)
+    }
+
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    /// Records that `running[index]` computed `len` more tokens (its full blocks join the prefix
+    /// cache) and returns it.
+    pub fn advance(&mut self, index: usize, len: usize) -> &mut Sequence {
+        let seq = &mut self.running[index];
+        seq.computed += len;
+        self.blocks.register_full_blocks(seq);
+        seq
     }
 
     /// Removes every sequence `drop_if` selects, from both queues, handing each to `on_removed`.
@@ -179,27 +215,15 @@ impl Scheduler {
 mod tests {
     use super::*;
     use crate::engine::prefix_cache::root_hash;
-    use crate::sampling::{SamplingParams, SeqSampler};
+    use crate::engine::sequence::{KvKey, NewRequest};
+    use crate::generate::GenerateParams;
+    use crate::sampling::SamplingParams;
 
     fn seq(id: u64, prompt: Vec<u32>) -> Sequence {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        Sequence {
-            id,
-            request_id: id.to_string(),
-            prompt_len: prompt.len(),
-            sampler: SeqSampler::new(SamplingParams::greedy(), &prompt),
-            tokens: prompt,
-            computed: 0,
-            blocks: vec![],
-            block_hashes: vec![],
-            root_hash: root_hash(0, 1.0),
-            rope_alpha: 1.0,
-            max_new_tokens: 100,
-            stop_token_ids: vec![],
-            events: tx,
-            arrived: std::time::Instant::now(),
-            cached_prompt_tokens: None,
-        }
+        let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let params = GenerateParams { max_new_tokens: 100, sampling: SamplingParams::greedy(), stop_token_ids: vec![] };
+        let request = NewRequest { request_id: id.to_string(), prompt, params, events };
+        Sequence::new(id, request, KvKey { root_hash: root_hash(0, 1.0), rope_alpha: 1.0 })
     }
 
     fn sched(blocks: usize, max_batch_tokens: usize, max_seqs: usize) -> Scheduler {
@@ -210,12 +234,10 @@ mod tests {
     /// yields one new token.
     fn run(s: &mut Scheduler, plan: &[Planned]) {
         for p in plan {
-            let seq = &mut s.running[p.index];
-            seq.computed += p.len;
+            let seq = s.advance(p.index, p.len);
             if seq.computed == seq.tokens.len() {
                 seq.tokens.push(7);
             }
-            s.blocks.register_full_blocks(&mut s.running[p.index]);
         }
     }
 

@@ -157,10 +157,29 @@ const BISECT_STEPS: usize = 30;
 /// id order, at which the running kept mass passes `u` times the kept mass.
 pub fn sample_row(logits: &[f32], params: DrawParams) -> u32 {
     let best = super::super::sampling::argmax(logits);
-    if params.temperature < 1e-5 || logits.is_empty() {
-        return best;
+    let Some((p, thr)) = kept_probs(logits, params) else { return best };
+    let r = params.u * p.iter().filter(|&&v| v >= thr).sum::<f32>();
+    let mut running = 0f32;
+    let mut last = best;
+    for (i, &v) in p.iter().enumerate() {
+        if v >= thr && v > 0.0 {
+            running += v;
+            last = i as u32;
+            if r < running {
+                return i as u32;
+            }
+        }
     }
-    let max = logits[best as usize];
+    last
+}
+
+/// The unnormalised probabilities `p` of a sampled row and the threshold a token's `p` must
+/// reach to be kept; `None` for a greedy row.
+pub fn kept_probs(logits: &[f32], params: DrawParams) -> Option<(Vec<f32>, f32)> {
+    if params.temperature < 1e-5 || logits.is_empty() {
+        return None;
+    }
+    let max = logits[super::super::sampling::argmax(logits) as usize];
     let inv_t = 1.0 / params.temperature;
     let p: Vec<f32> = logits.iter().map(|&x| ((x - max) * inv_t).exp()).collect();
     let bisect = |mut lo: f32, keep: &dyn Fn(f32) -> bool| {
@@ -189,17 +208,5 @@ pub fn sample_row(logits: &[f32], params: DrawParams) -> u32 {
     } else {
         base
     };
-    let r = params.u * mass_from(thr);
-    let mut running = 0f32;
-    let mut last = best;
-    for (i, &v) in p.iter().enumerate() {
-        if v >= thr && v > 0.0 {
-            running += v;
-            last = i as u32;
-            if r < running {
-                return i as u32;
-            }
-        }
-    }
-    last
+    Some((p, thr))
 }

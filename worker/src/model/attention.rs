@@ -236,9 +236,9 @@ mod tests {
     fn matches_definition_with_gqa_and_context() -> Result<()> {
         let dev = Device::Cpu;
         let (hq, hkv, n, ctx, d) = (4, 2, 3, 5, 8);
-        let q = Tensor::randn(0f32, 1.0, (hq, n, d), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (hkv, ctx + n, d), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (hkv, ctx + n, d), &dev)?;
+        let q = crate::test_util::randn(&[hq, n, d], DType::F32, &dev);
+        let k = crate::test_util::randn(&[hkv, ctx + n, d], DType::F32, &dev);
+        let v = crate::test_util::randn(&[hkv, ctx + n, d], DType::F32, &dev);
         let mask = causal_mask(n, ctx, &dev)?;
         let got = causal_attention(&q, &k, &v, mask.as_ref(), 0.3)?.to_vec3::<f32>()?;
         let want = naive(&q.to_vec3()?, &k.to_vec3()?, &v.to_vec3()?, ctx, 0.3);

@@ -32,6 +32,18 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// The layout of `model`'s cache on this rank (its share of the KV heads, its dtype).
+    pub fn for_model(model: &super::Model, block_size: usize) -> Self {
+        let cfg = model.config();
+        KvLayout {
+            num_layers: cfg.num_layers,
+            num_kv_heads: model.local_kv_heads(),
+            head_dim: cfg.head_dim,
+            block_size,
+            dtype: model.dtype(),
+        }
+    }
+
     /// Bytes one block takes across all layers, keys and values.
     pub fn block_bytes(&self) -> usize {
         2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes()
