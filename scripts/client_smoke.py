@@ -46,4 +46,6 @@ with grpc.insecure_channel(grpc_addr) as channel:
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = [s.name for r in responses for s in r.list_services_response.service]
     assert "qwen.serve.v1.Generation" in services, services
+    # Only what the port serves: the worker's service shares the descriptor set but not the port.
+    assert "qwen.worker.v1.Worker" not in services, services
 print("openai client and grpc reflection (v1alpha): ok")

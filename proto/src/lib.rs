@@ -3,6 +3,13 @@
 
 pub mod codec;
 
+/// Limits both sides of the worker contract enforce: the router refuses a request beyond them
+/// with the field's name, and the worker refuses it again should one arrive directly.
+pub mod limits {
+    /// Most alternatives a request may ask for per token (`top_logprobs`).
+    pub const MAX_TOP_LOGPROBS: u32 = 20;
+}
+
 /// `qwen.worker.v1`: generation on one model replica.
 pub mod worker {
     tonic::include_proto!("qwen.worker.v1");

@@ -18,10 +18,11 @@ use tracing::Instrument;
 use crate::admission::{Admission, AdmissionConfig};
 use crate::error::{Result, RouterError};
 use crate::metrics::{Api, RequestTimers, RouterMetrics};
+use crate::models::ModelInfo;
 use crate::policy::RouteRequest;
 use crate::pool::{Group, Pool};
 use crate::stop::StopMatcher;
-use crate::validate::Prepared;
+use crate::validate::{prepare_choices, Options, Prepared, Prompt};
 
 #[derive(Debug, Clone, Copy)]
 pub struct GenerateConfig {
@@ -108,6 +109,24 @@ impl RequestMeta {
     }
 }
 
+/// A request as an API front end hands it over, in neutral terms.
+pub struct Job {
+    /// The model the client named (not yet looked up).
+    pub model: String,
+    /// An error when the front end could not map the request's prompt (a missing prompt, an
+    /// unknown role): refused in [`Router::start`], so it counts as the request's outcome too.
+    pub prompt: Result<Prompt>,
+    pub options: Options,
+    /// Choices to generate from the one prompt.
+    pub n: u32,
+}
+
+/// A started request: the model it runs on and its choices' generations.
+pub struct Started {
+    pub model: Arc<ModelInfo>,
+    pub generations: Vec<Generation>,
+}
+
 /// A running request: its chunks in order, then `Done` (or an error).
 pub struct Generation {
     pub id: String,
@@ -155,6 +174,20 @@ impl Router {
             cfg,
             next_id: AtomicU64::new(0),
         }
+    }
+
+    /// Every API's one way in: the model looked up by name, the request checked and tokenized
+    /// once for all its choices, a refusal counted as the request's outcome, then each choice
+    /// started (its own outcome counted when it ends).
+    pub async fn start(self: &Arc<Self>, job: Job, meta: RequestMeta) -> Result<Started> {
+        let choices = self
+            .pool
+            .model(&job.model)
+            .and_then(|model| prepare_choices(model, job.prompt?, job.options, job.n))
+            .inspect_err(|e| self.metrics.request(&job.model, meta.api, Err(e)))?;
+        let model = choices[0].model.clone();
+        let started = futures::future::join_all(choices.into_iter().map(|c| self.generate(c, meta))).await;
+        Ok(Started { model, generations: started.into_iter().collect::<Result<Vec<_>>>()? })
     }
 
     /// Starts `req` and waits for its first chunk, so that a request that cannot start at all

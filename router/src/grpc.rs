@@ -15,10 +15,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
-use crate::generate::{Chunk, Finish, Generation, RequestMeta, Router, TokenLogprob, Usage};
+use crate::generate::{Chunk, Finish, Generation, Job, RequestMeta, Router, TokenLogprob, Usage};
 use crate::metrics::Api;
 use crate::template::Message;
-use crate::validate::{prepare, Options, Prompt};
+use crate::validate::{role, Options, Prompt};
 use qwen_telemetry::TraceContext;
 
 pub struct PublicService {
@@ -30,24 +30,14 @@ impl PublicService {
         PublicService { router }
     }
 
-    async fn start(&self, meta: RequestMeta, job: Job<'_>) -> Result<Generation, Status> {
-        let api = meta.api;
-        let prepared = self
-            .router
-            .pool
-            .model(job.model)
-            .and_then(|info| prepare(info, job.prompt?, options(job.options.unwrap_or_default())))
-            .inspect_err(|e| self.router.metrics.request(job.model, api, Err(e)))
-            .map_err(|e| e.to_status())?;
-        self.router.generate(prepared, meta).await.map_err(|e| e.to_status())
+    async fn start(&self, meta: RequestMeta, job: Job) -> Result<Generation, Status> {
+        let mut started = self.router.start(job, meta).await.map_err(|e| e.to_status())?;
+        started.generations.pop().ok_or_else(|| Status::internal("no generation started"))
     }
 }
 
-/// What to generate, as the request said it.
-struct Job<'a> {
-    model: &'a str,
-    prompt: Result<Prompt, RouterError>,
-    options: Option<GenerationOptions>,
+fn job(model: &str, prompt: Result<Prompt, RouterError>, options: Option<GenerationOptions>) -> Job {
+    Job { model: model.to_string(), prompt, options: options.map(self::options).unwrap_or_default(), n: 1 }
 }
 
 fn options(o: GenerationOptions) -> Options {
@@ -79,8 +69,13 @@ fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, Router
     }
 }
 
-fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Prompt {
-    Prompt::Chat(messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect())
+fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Result<Prompt, RouterError> {
+    let messages = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| Ok(Message { role: role(i, &m.role)?, content: m.content }))
+        .collect::<Result<_, RouterError>>()?;
+    Ok(Prompt::Chat(messages))
 }
 
 /// Trace context and deadline from the request's metadata.
@@ -204,7 +199,7 @@ impl GenerationApi for PublicService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         let meta = request_meta(&request, Api::GrpcGenerate);
         let r = request.into_inner();
-        let job = Job { model: &r.model, prompt: generate_prompt(r.prompt), options: r.options };
+        let job = job(&r.model, generate_prompt(r.prompt), r.options);
         let generation = self.start(meta, job).await?;
         unary(r.model, generation).await
     }
@@ -214,7 +209,7 @@ impl GenerationApi for PublicService {
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
         let meta = request_meta(&request, Api::GrpcGenerate);
         let r = request.into_inner();
-        let job = Job { model: &r.model, prompt: generate_prompt(r.prompt), options: r.options };
+        let job = job(&r.model, generate_prompt(r.prompt), r.options);
         let generation = self.start(meta, job).await?;
         let group = generation.group.clone();
         Ok(with_group(Response::new(streaming(generation)), &group))
@@ -223,7 +218,7 @@ impl GenerationApi for PublicService {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
         let r = request.into_inner();
-        let job = Job { model: &r.model, prompt: Ok(chat_prompt(r.messages)), options: r.options };
+        let job = job(&r.model, chat_prompt(r.messages), r.options);
         let generation = self.start(meta, job).await?;
         unary(r.model, generation).await
     }
@@ -233,7 +228,7 @@ impl GenerationApi for PublicService {
     async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
         let r = request.into_inner();
-        let job = Job { model: &r.model, prompt: Ok(chat_prompt(r.messages)), options: r.options };
+        let job = job(&r.model, chat_prompt(r.messages), r.options);
         let generation = self.start(meta, job).await?;
         let group = generation.group.clone();
         Ok(with_group(Response::new(streaming(generation)), &group))

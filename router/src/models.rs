@@ -19,6 +19,8 @@ pub struct ModelInfo {
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// `None` when there is no tokenizer to encode a rendered chat with.
     pub chat_template: Option<ChatTemplate>,
+    /// When this router learnt the model (Unix seconds): `created` in `/v1/models`.
+    pub learned_at: u64,
 }
 
 /// A model's tokenizer and chat template from a local directory (`--tokenizer NAME=DIR`),
@@ -72,6 +74,7 @@ impl ModelInfo {
             eos_token_ids: info.eos_token_ids.clone(),
             tokenizer,
             chat_template,
+            learned_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         })
     }
 

@@ -13,6 +13,14 @@ use crate::generate::Router;
 use crate::grpc::PublicService;
 use crate::pool::{Member, Pool};
 
+/// The gRPC services the public port serves, as reflection lists them.
+const SERVED: [&str; 4] = [
+    "qwen.serve.v1.Generation",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -59,9 +67,13 @@ async fn serve_grpc(listener: TcpListener, router: Arc<Router>, cancel: Cancella
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GenerationServer<PublicService>>().await;
     // Both reflection versions: grpcurl and Python's reflection client still speak v1alpha.
+    // Only what this port serves is listed: the descriptor set also holds the worker's service.
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(qwen_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        SERVED.iter().fold(
+            b.register_encoded_file_descriptor_set(qwen_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(*name),
+        )
     };
     let v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1();
     let v1alpha = reflection(tonic_reflection::server::Builder::configure()).build_v1alpha();

@@ -4,7 +4,7 @@
 //! default system prompt, as its `make_context` builds.
 
 use minijinja::{context, Environment};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RouterError};
 
@@ -14,9 +14,33 @@ pub const CHATML: &str = "{% for m in messages %}\
 <|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// Who speaks a chat message; templates see the lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub const NAMES: &'static str = "system, user, assistant, tool";
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Message {
-    pub role: String,
+    pub role: Role,
     pub content: String,
 }
 
@@ -54,7 +78,7 @@ mod tests {
     use super::*;
 
     fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
-        pairs.iter().map(|(r, c)| Message { role: r.to_string(), content: c.to_string() }).collect()
+        pairs.iter().map(|(r, c)| Message { role: Role::parse(r).unwrap(), content: c.to_string() }).collect()
     }
 
     #[test]

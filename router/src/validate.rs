@@ -7,11 +7,12 @@ use qwen_proto::worker::{GenerateRequest as WorkerRequest, SamplingParams as Wor
 
 use crate::error::{Result, RouterError};
 use crate::models::ModelInfo;
-use crate::template::Message;
+use crate::template::{Message, Role};
 
+pub use qwen_proto::limits::MAX_TOP_LOGPROBS;
 pub const MAX_STOP_STRINGS: usize = 16;
-pub const MAX_TOP_LOGPROBS: u32 = 20;
-const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+/// Most choices (`n`) one request may ask for.
+pub const MAX_N: u32 = 16;
 
 #[derive(Clone)]
 pub enum Prompt {
@@ -41,12 +42,68 @@ pub struct Options {
 }
 
 /// A checked request, ready to route.
+#[derive(Clone)]
 pub struct Prepared {
     pub model: Arc<ModelInfo>,
     pub prompt: Vec<u32>,
     pub worker: WorkerRequest,
     pub stop: Vec<String>,
     pub session_key: Option<String>,
+}
+
+/// `n` choices of one prompt: checked and tokenized once, each choice its own sample (seed `s`
+/// becomes `s + i`, still reproducible).
+pub fn prepare_choices(model: Arc<ModelInfo>, prompt: Prompt, opts: Options, n: u32) -> Result<Vec<Prepared>> {
+    if n == 0 || n > MAX_N {
+        return Err(RouterError::invalid("n", format!("{n}: must be in 1..={MAX_N}")));
+    }
+    let first = prepare(model, prompt, opts)?;
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 1..n {
+        let mut choice = first.clone();
+        if let Some(s) = choice.worker.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
+            *s = s.wrapping_add(u64::from(i));
+        }
+        out.push(choice);
+    }
+    out.insert(0, first);
+    Ok(out)
+}
+
+/// A chat message's role as the gRPC API spells it (HTTP's is typed by serde).
+pub fn role(index: usize, name: &str) -> Result<Role> {
+    Role::parse(name).ok_or_else(|| {
+        RouterError::invalid(format!("messages[{index}].role"), format!("{name:?} is not one of {}", Role::NAMES))
+    })
+}
+
+/// What /v1/completions accepts beyond the shared options, checked here with the rest.
+pub struct CompletionExtras<'a> {
+    pub echo: bool,
+    pub suffix: Option<&'a str>,
+    pub best_of: Option<u32>,
+    pub n: u32,
+    /// Prompts in the request when it sent a batch.
+    pub batch: Option<usize>,
+}
+
+pub fn completion_extras(e: CompletionExtras<'_>) -> Result<()> {
+    if e.echo {
+        return Err(RouterError::invalid("echo", "not supported"));
+    }
+    if e.suffix.is_some_and(|s| !s.is_empty()) {
+        return Err(RouterError::invalid("suffix", "not supported"));
+    }
+    if e.best_of.is_some_and(|b| b != e.n) {
+        return Err(RouterError::invalid("best_of", "only best_of = n is supported"));
+    }
+    if e.batch.is_some_and(|n| n != 1) {
+        return Err(RouterError::invalid(
+            "prompt",
+            "batches of more than one prompt are not supported; send one per request",
+        ));
+    }
+    Ok(())
 }
 
 pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, opts: Options) -> Result<Prepared> {
@@ -129,12 +186,6 @@ fn encode_prompt(model: &ModelInfo, prompt: Prompt) -> Result<Vec<u32>> {
             if messages.is_empty() {
                 return Err(RouterError::invalid("messages", "must not be empty"));
             }
-            if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
-                return Err(RouterError::invalid(
-                    format!("messages[{i}].role"),
-                    format!("{:?} is not one of {}", m.role, ROLES.join(", ")),
-                ));
-            }
             let template = model.chat_template.as_ref().ok_or_else(|| {
                 RouterError::invalid("messages", format!("model `{}` has no tokenizer for chat", model.name))
             })?;
@@ -198,6 +249,7 @@ mod tests {
             eos_token_ids: vec![1],
             tokenizer: None,
             chat_template: None,
+            learned_at: 0,
         })
     }
 
@@ -255,7 +307,38 @@ mod tests {
         assert_eq!(field_of(prepare(model(), Prompt::Text("hi".into()), Options::default())), "prompt");
         assert_eq!(field_of(prepare(model(), Prompt::Text(String::new()), Options::default())), "prompt");
         assert_eq!(field_of(prepare(model(), Prompt::Chat(vec![]), Options::default())), "messages");
-        let bad_role = vec![Message { role: "wizard".into(), content: "x".into() }];
-        assert_eq!(field_of(prepare(model(), Prompt::Chat(bad_role), Options::default())), "messages[0].role");
+        let err = role(3, "wizard").unwrap_err();
+        assert!(matches!(&err, RouterError::Invalid { field, .. } if field == "messages[3].role"), "{err}");
+        assert_eq!(role(0, "tool").unwrap(), Role::Tool);
+    }
+
+    #[test]
+    fn choices_share_one_prompt_and_get_their_own_seeds() {
+        let opts = Options { seed: Some(7), ..Default::default() };
+        let choices = prepare_choices(model(), Prompt::Ids(vec![5, 6]), opts, 3).unwrap();
+        let seeds: Vec<_> = choices.iter().map(|c| c.worker.sampling.unwrap().seed).collect();
+        assert_eq!(seeds, [Some(7), Some(8), Some(9)]);
+        assert!(choices.iter().all(|c| c.prompt == [5, 6]));
+        for n in [0, MAX_N + 1] {
+            let r = prepare_choices(model(), Prompt::Ids(vec![1]), Options::default(), n);
+            assert_eq!(field_of(r.map(|mut v| v.remove(0))), "n");
+        }
+    }
+
+    #[test]
+    fn completion_extras_name_their_field() {
+        let ok = || CompletionExtras { echo: false, suffix: None, best_of: None, n: 2, batch: None };
+        assert!(completion_extras(ok()).is_ok());
+        assert!(
+            completion_extras(CompletionExtras { best_of: Some(2), suffix: Some(""), batch: Some(1), ..ok() }).is_ok()
+        );
+        let field = |e: CompletionExtras| match completion_extras(e) {
+            Err(RouterError::Invalid { field, .. }) => field,
+            other => panic!("{:?}", other.err()),
+        };
+        assert_eq!(field(CompletionExtras { echo: true, ..ok() }), "echo");
+        assert_eq!(field(CompletionExtras { suffix: Some("x"), ..ok() }), "suffix");
+        assert_eq!(field(CompletionExtras { best_of: Some(3), ..ok() }), "best_of");
+        assert_eq!(field(CompletionExtras { batch: Some(2), ..ok() }), "prompt");
     }
 }

@@ -128,6 +128,25 @@ async fn grpc_and_http_return_the_workers_tokens() {
         assert_eq!(streamed_text, resp.text);
         assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], json!("length"));
     }
+    // Logprobs: a stream's text_offset goes on across chunks (from the completion's start), as
+    // the unary response's does.
+    let body = merge(greedy_json(6), json!({"prompt": cases()[0].0, "logprobs": 2}));
+    let (status, unary) = post(&r, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{unary}");
+    let events = post_stream(&r, "/v1/completions", merge(body, json!({"stream": true}))).await;
+    let offsets: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["text_offset"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(offsets.len(), 6, "{events:?}");
+    assert_eq!(Value::Array(offsets), unary["choices"][0]["logprobs"]["text_offset"], "{unary}");
+    // /v1/models: `created` is when the router learnt the model, a real time.
+    let models: Value = reqwest::get(format!("{}/v1/models", r.http)).await.unwrap().json().await.unwrap();
+    let created = models["data"][0]["created"].as_u64().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(created <= now && created + 600 > now, "{models}");
     // Text in: the router's tokenizer gives the prompt the fixture's reference gave.
     let tp = &golden(MODEL)["text_prompt"];
     let text = tp["text"].as_str().unwrap();

@@ -53,7 +53,7 @@ impl Default for SamplingParams {
 const GREEDY_BELOW: f64 = 1e-5;
 
 /// Most alternatives a request may ask for with each token.
-pub const MAX_TOP_LOGPROBS: usize = 20;
+pub const MAX_TOP_LOGPROBS: usize = qwen_proto::limits::MAX_TOP_LOGPROBS as usize;
 
 impl SamplingParams {
     pub fn greedy() -> Self {

@@ -17,20 +17,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router as Routes;
 use futures::stream::{self, Stream, StreamExt};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorKind, RouterError};
-use crate::generate::{Chunk, Collected, Finish, Generation, RequestMeta, Router, TokenLogprob};
+use crate::generate::{Chunk, Collected, Generation, Job, RequestMeta, Router, Started, TokenLogprob};
 use crate::metrics::{Api as Endpoint, RouterScrape};
 use crate::models::ModelInfo;
-use crate::template::Message;
-use crate::validate::{prepare, Options, Prompt};
+use crate::template::{Message, Role};
+use crate::validate::{completion_extras, CompletionExtras, Options, Prompt};
 use qwen_telemetry::TraceContext;
-use types::{ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, PromptInput, Sampling, Usage};
-
-pub const MAX_N: u32 = 16;
+use types::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatLogprobs, ChatRequest, ChatTokenLogprob, CompletionChoice,
+    CompletionLogprobs, CompletionRequest, Delta, ErrorBody, ErrorDetail, FinishReason, ModelCard, ModelList,
+    PromptInput, Sampling, StreamError, TopLogprob, Usage,
+};
 
 pub struct HttpConfig {
     pub router: Arc<Router>,
@@ -100,18 +102,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The body as JSON, with OpenAI-shaped errors for oversized and malformed bodies.
+/// The body as JSON, with OpenAI-shaped errors for oversized and malformed bodies; a value of
+/// the wrong shape names its field (`messages[0].role`) as `param`.
 fn parse<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| ApiError::new(r.status(), "invalid_request_error", r.body_text(), None))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid JSON body: {e}"), None)
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let param = (path != ".").then_some(path);
+        let at = param.as_deref().map(|p| format!(" at {p}")).unwrap_or_default();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("invalid JSON body{at}: {}", e.inner()),
+            param,
+        )
     })
-}
-
-fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-    RouterError::invalid(field, message).into()
 }
 
 fn now() -> u64 {
@@ -140,76 +148,6 @@ fn options(s: &Sampling, headers: &HeaderMap) -> Options {
     }
 }
 
-/// What both endpoints run: `n` generations of one prompt.
-struct Plan {
-    model: Arc<ModelInfo>,
-    prompt: Prompt,
-    opts: Options,
-    n: u32,
-    meta: RequestMeta,
-}
-
-async fn start(router: &Arc<Router>, plan: Plan) -> Result<Vec<Generation>, ApiError> {
-    if plan.n == 0 || plan.n > MAX_N {
-        return Err(invalid("n", format!("{}: must be in 1..={MAX_N}", plan.n)));
-    }
-    let meta = plan.meta;
-    let starts = (0..plan.n).map(|i| {
-        let mut opts = plan.opts.clone();
-        // Each choice its own sample, still reproducible for a given seed.
-        opts.seed = opts.seed.map(|s| s.wrapping_add(i as u64));
-        let prepared = prepare(plan.model.clone(), plan.prompt.clone(), opts)
-            .inspect_err(|e| router.metrics.request(&plan.model.name, meta.api, Err(e)));
-        async move { router.generate(prepared?, meta).await }
-    });
-    let results = futures::future::join_all(starts).await;
-    results.into_iter().collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
-}
-
-fn finish_str(f: Option<Finish>) -> Value {
-    match f {
-        Some(Finish::Length) => json!("length"),
-        Some(Finish::Stop) => json!("stop"),
-        None => Value::Null,
-    }
-}
-
-fn token_text(model: &ModelInfo, id: u32) -> String {
-    model.tokenizer.as_ref().and_then(|t| t.decode(&[id]).ok()).unwrap_or_default()
-}
-
-fn completion_logprobs(model: &ModelInfo, l: &[TokenLogprob], offset: usize) -> Value {
-    let tokens: Vec<String> = l.iter().map(|t| token_text(model, t.token_id)).collect();
-    let mut text_offset = Vec::with_capacity(tokens.len());
-    let mut at = offset;
-    for t in &tokens {
-        text_offset.push(at);
-        at += t.len();
-    }
-    json!({
-        "tokens": tokens,
-        "token_logprobs": l.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": l.iter().map(|t| t.top.iter().map(|(id, lp)| (token_text(model, *id), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
-        "text_offset": text_offset,
-    })
-}
-
-fn chat_logprobs(model: &ModelInfo, l: &[TokenLogprob]) -> Value {
-    let entry = |id: u32, lp: f32| {
-        let token = token_text(model, id);
-        json!({"token": token, "logprob": lp, "bytes": token.as_bytes()})
-    };
-    let content: Vec<Value> = l
-        .iter()
-        .map(|t| {
-            let mut e = entry(t.token_id, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|(id, lp)| entry(*id, *lp)).collect();
-            e
-        })
-        .collect();
-    json!({ "content": content })
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Api {
     /// `logprobs`: Some(top-N) when the client asked for logprobs.
@@ -221,44 +159,56 @@ enum Api {
     },
 }
 
+impl Api {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Api::Completions { .. }, _) => "text_completion",
+            (Api::Chat { .. }, false) => "chat.completion",
+            (Api::Chat { .. }, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+/// How a request wants its answer.
+struct Reply {
+    api: Api,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Reply {
+    fn new(api: Api, s: &Sampling) -> Self {
+        Reply { api, stream: s.stream, include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage) }
+    }
+}
+
 async fn completions(
     State(router): State<Arc<Router>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
-    if req.echo {
-        return Err(invalid("echo", "not supported"));
-    }
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(invalid("suffix", "not supported"));
-    }
-    if req.best_of.is_some_and(|b| b != req.sampling.n.unwrap_or(1)) {
-        return Err(invalid("best_of", "only best_of = n is supported"));
-    }
-    let prompt = match req.prompt {
-        PromptInput::Text(t) => Prompt::Text(t),
-        PromptInput::Ids(ids) => Prompt::Ids(ids),
-        PromptInput::TextBatch(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
-        PromptInput::IdsBatch(mut v) if v.len() == 1 => Prompt::Ids(v.remove(0)),
-        _ => return Err(invalid("prompt", "batches of more than one prompt are not supported; send one per request")),
+    let n = req.sampling.n.unwrap_or(1);
+    let (prompt, batch) = match req.prompt {
+        PromptInput::Text(t) => (Some(Prompt::Text(t)), None),
+        PromptInput::Ids(ids) => (Some(Prompt::Ids(ids)), None),
+        PromptInput::TextBatch(mut v) => (v.pop().map(Prompt::Text), Some(v.len() + 1)),
+        PromptInput::IdsBatch(mut v) => (v.pop().map(Prompt::Ids), Some(v.len() + 1)),
     };
-    let meta = RequestMeta::new(Endpoint::HttpCompletions, TraceContext::from_headers(&headers), None);
-    let model = router.pool.model(&req.model).inspect_err(|e| router.metrics.request(&req.model, meta.api, Err(e)))?;
+    let extras = CompletionExtras { echo: req.echo, suffix: req.suffix.as_deref(), best_of: req.best_of, n, batch };
+    let prompt = completion_extras(extras)
+        .and_then(|()| prompt.ok_or_else(|| RouterError::invalid("prompt", "must not be an empty list")));
     let mut opts = options(&req.sampling, &headers);
     // OpenAI's completions default is 16 tokens.
     opts.max_tokens = Some(req.sampling.max_tokens.unwrap_or(16));
+    let reply = Reply::new(Api::Completions { logprobs: req.logprobs }, &req.sampling);
     opts.stop = req.sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
     if let Some(n) = req.logprobs {
         opts.logprobs = true;
         opts.top_logprobs = n;
     }
-    let api = Api::Completions { logprobs: req.logprobs };
-    let stream = req.sampling.stream;
-    let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-    let n = req.sampling.n.unwrap_or(1);
-    let gens = start(&router, Plan { model: model.clone(), prompt, opts, n, meta }).await?;
-    respond(api, model, req.model, gens, stream, include_usage).await
+    let job = Job { model: req.model, prompt, options: opts, n };
+    run(&router, Endpoint::HttpCompletions, &headers, job, reply).await
 }
 
 async fn chat_completions(
@@ -267,115 +217,166 @@ async fn chat_completions(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.into_iter().enumerate() {
-        let content = match m.content {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s,
-            Some(Value::Array(parts)) => {
-                let mut text = String::new();
-                for (j, p) in parts.iter().enumerate() {
-                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(t)) => text.push_str(t),
-                        _ => {
-                            return Err(invalid(
-                                &format!("messages[{i}].content[{j}]"),
-                                "only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-            Some(_) => return Err(invalid(&format!("messages[{i}].content"), "must be a string or a list of parts")),
-        };
-        messages.push(Message { role: m.role, content });
-    }
-    let meta = RequestMeta::new(Endpoint::HttpChat, TraceContext::from_headers(&headers), None);
-    let model = router.pool.model(&req.model).inspect_err(|e| router.metrics.request(&req.model, meta.api, Err(e)))?;
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| Message { role: m.role, content: m.content.map(types::Content::into_text).unwrap_or_default() })
+        .collect();
     let mut opts = options(&req.sampling, &headers);
     opts.max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let reply = Reply::new(Api::Chat { logprobs: req.logprobs }, &req.sampling);
     opts.stop = req.sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
     opts.logprobs = req.logprobs;
     opts.top_logprobs = req.top_logprobs.unwrap_or(0);
-    let api = Api::Chat { logprobs: req.logprobs };
-    let stream = req.sampling.stream;
-    let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     let n = req.sampling.n.unwrap_or(1);
-    let plan = Plan { model: model.clone(), prompt: Prompt::Chat(messages), opts, n, meta };
-    let gens = start(&router, plan).await?;
-    respond(api, model, req.model, gens, stream, include_usage).await
+    let job = Job { model: req.model, prompt: Ok(Prompt::Chat(messages)), options: opts, n };
+    run(&router, Endpoint::HttpChat, &headers, job, reply).await
 }
 
-async fn respond(
-    api: Api,
-    model: Arc<ModelInfo>,
-    name: String,
-    gens: Vec<Generation>,
-    stream: bool,
-    include_usage: bool,
+/// Both endpoints' common tail: start the job through the router's one entry point, then
+/// answer in one body or as a stream.
+async fn run(
+    router: &Arc<Router>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    job: Job,
+    reply: Reply,
 ) -> Result<Response, ApiError> {
-    let id = gens.first().map(|g| g.id.clone()).unwrap_or_default();
-    let groups: Vec<&str> = gens.iter().map(|g| g.group.as_ref()).collect();
+    let name = job.model.clone();
+    let meta = RequestMeta::new(endpoint, TraceContext::from_headers(headers), None);
+    let Started { model, generations } = router.start(job, meta).await?;
+    let id = generations.first().map(|g| g.id.clone()).unwrap_or_default();
+    let groups: Vec<&str> = generations.iter().map(|g| g.group.as_ref()).collect();
     let group_header = axum::http::HeaderValue::from_str(&groups.join(",")).ok();
-    let created = now();
-    let with_group = |mut r: Response| {
-        if let Some(v) = group_header.clone() {
-            r.headers_mut().insert(crate::grpc::GROUP_HEADER, v);
-        }
-        r
+    let head = Head { api: reply.api, id, created: now(), name };
+    let mut response = if reply.stream {
+        let cfg = SseConfig { head, model, include_usage: reply.include_usage };
+        Sse::new(sse(cfg, generations)).into_response()
+    } else {
+        let collected = futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await?;
+        whole(&head, &model, collected)
     };
-    if stream {
-        let events = sse(SseConfig { api, model, name, id, created, include_usage }, gens);
-        return Ok(with_group(Sse::new(events).into_response()));
+    if let Some(v) = group_header {
+        response.headers_mut().insert(crate::grpc::GROUP_HEADER, v);
     }
-    let collected: Vec<Collected> = futures::future::try_join_all(gens.into_iter().map(Generation::collect)).await?;
+    Ok(response)
+}
+
+/// What every response and chunk of one request repeats.
+struct Head {
+    api: Api,
+    id: String,
+    created: u64,
+    name: String,
+}
+
+impl Head {
+    fn body<C>(&self, chunk: bool, choices: Vec<C>, usage: Option<crate::generate::Usage>) -> types::Response<C> {
+        types::Response {
+            id: self.id.clone(),
+            object: self.api.object(chunk),
+            created: self.created,
+            model: self.name.clone(),
+            choices,
+            usage: usage.map(Usage::from),
+        }
+    }
+}
+
+fn whole(head: &Head, model: &ModelInfo, collected: Vec<Collected>) -> Response {
     let mut usage = crate::generate::Usage::default();
-    let choices: Vec<Value> = collected
+    for c in &collected {
+        usage.add_choice(c.usage);
+    }
+    let choices = collected.into_iter().enumerate();
+    match head.api {
+        Api::Completions { logprobs } => {
+            let choices: Vec<CompletionChoice> = choices
+                .map(|(index, c)| CompletionChoice {
+                    index,
+                    logprobs: logprobs.map(|_| completion_logprobs(model, &c.logprobs, &mut 0)),
+                    text: c.text,
+                    finish_reason: c.finish.map(FinishReason::from),
+                    token_ids: c.token_ids,
+                })
+                .collect();
+            axum::Json(head.body(false, choices, Some(usage))).into_response()
+        }
+        Api::Chat { logprobs } => {
+            let choices: Vec<ChatChoice> = choices
+                .map(|(index, c)| ChatChoice {
+                    index,
+                    logprobs: logprobs.then(|| chat_logprobs(model, &c.logprobs)),
+                    message: AssistantMessage { role: Role::Assistant, content: c.text },
+                    finish_reason: c.finish.map(FinishReason::from),
+                    token_ids: c.token_ids,
+                })
+                .collect();
+            axum::Json(head.body(false, choices, Some(usage))).into_response()
+        }
+    }
+}
+
+fn token_text(model: &ModelInfo, id: u32) -> String {
+    model.tokenizer.as_ref().and_then(|t| t.decode(&[id]).ok()).unwrap_or_default()
+}
+
+/// The completions API's logprobs of `l`, whose first token starts at byte `*offset` of the
+/// completion; `*offset` moves past them (a stream carries it from chunk to chunk).
+fn completion_logprobs(model: &ModelInfo, l: &[TokenLogprob], offset: &mut usize) -> CompletionLogprobs {
+    let tokens: Vec<String> = l.iter().map(|t| token_text(model, t.token_id)).collect();
+    let text_offset = tokens
         .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            usage.add_choice(c.usage);
-            match api {
-                Api::Completions { logprobs } => json!({
-                    "index": i,
-                    "text": c.text,
-                    "logprobs": logprobs.map(|_| completion_logprobs(&model, &c.logprobs, 0)),
-                    "finish_reason": finish_str(c.finish),
-                    "token_ids": c.token_ids,
-                }),
-                Api::Chat { logprobs } => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": logprobs.then(|| chat_logprobs(&model, &c.logprobs)),
-                    "finish_reason": finish_str(c.finish),
-                    "token_ids": c.token_ids,
-                }),
-            }
+        .map(|t| {
+            let at = *offset;
+            *offset += t.len();
+            at
         })
         .collect();
-    let object = match api {
-        Api::Completions { .. } => "text_completion",
-        Api::Chat { .. } => "chat.completion",
+    CompletionLogprobs {
+        token_logprobs: l.iter().map(|t| t.logprob).collect(),
+        top_logprobs: l
+            .iter()
+            .map(|t| t.top.iter().map(|(id, lp)| (token_text(model, *id), (*lp).into())).collect())
+            .collect(),
+        tokens,
+        text_offset,
+    }
+}
+
+fn chat_logprobs(model: &ModelInfo, l: &[TokenLogprob]) -> ChatLogprobs {
+    let top = |id: u32, logprob: f32| {
+        let token = token_text(model, id);
+        TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
     };
-    let body = json!({
-        "id": id,
-        "object": object,
-        "created": created,
-        "model": name,
-        "choices": choices,
-        "usage": Usage::from(usage),
-    });
-    Ok(with_group(axum::Json(body).into_response()))
+    let content = l
+        .iter()
+        .map(|t| {
+            let TopLogprob { token, logprob, bytes } = top(t.token_id, t.logprob);
+            let top_logprobs = t.top.iter().map(|(id, lp)| top(*id, *lp)).collect();
+            ChatTokenLogprob { token, logprob, bytes, top_logprobs }
+        })
+        .collect();
+    ChatLogprobs { content }
 }
 
 struct SseConfig {
-    api: Api,
+    head: Head,
     model: Arc<ModelInfo>,
-    name: String,
-    id: String,
-    created: u64,
     include_usage: bool,
+}
+
+fn data(value: &impl Serialize) -> Event {
+    Event::default().data(serde_json::to_string(value).unwrap_or_default())
+}
+
+/// One choice's stream state: the role still to announce (chat), the byte offset of its next
+/// token in the completion (completions' `text_offset`), and whether it has finished.
+struct ChoiceState {
+    generation: Generation,
+    role_pending: bool,
+    offset: usize,
+    done: bool,
 }
 
 /// Each choice's chunks as SSE events, interleaved as they come, then the usage chunk (when
@@ -383,101 +384,87 @@ struct SseConfig {
 /// them on the workers.
 fn sse(cfg: SseConfig, gens: Vec<Generation>) -> impl Stream<Item = Result<Event, Infallible>> {
     let cfg = Arc::new(cfg);
-    let per_choice = gens.into_iter().enumerate().map(|(i, g)| {
-        let first_chat_delta = matches!(cfg.api, Api::Chat { .. });
-        stream::unfold((g, first_chat_delta, false), move |(mut g, mut role_pending, done)| async move {
-            if done {
-                return None;
+    let usage = Arc::new(std::sync::Mutex::new(crate::generate::Usage::default()));
+    let (choice_cfg, choice_usage) = (cfg.clone(), usage.clone());
+    let per_choice = gens.into_iter().enumerate().map(move |(i, generation)| {
+        let (cfg, usage) = (choice_cfg.clone(), choice_usage.clone());
+        let role_pending = matches!(cfg.head.api, Api::Chat { .. });
+        let state = ChoiceState { generation, role_pending, offset: 0, done: false };
+        stream::unfold(state, move |mut st| {
+            let (cfg, usage) = (cfg.clone(), usage.clone());
+            async move {
+                if st.done {
+                    return None;
+                }
+                let item = st.generation.next().await?;
+                st.done = !matches!(item, Ok(Chunk::Delta { .. }));
+                let event = match item {
+                    Ok(chunk) => chunk_event(&cfg, i, chunk, &mut st, &usage),
+                    Err(e) => data(&StreamError { error: ApiError::from(e).body.error }),
+                };
+                Some((Ok(event), st))
             }
-            let item = g.next().await?;
-            let finished = !matches!(item, Ok(Chunk::Delta { .. }));
-            let with_role = std::mem::take(&mut role_pending);
-            Some(((i, item, with_role), (g, role_pending, finished)))
         })
         .boxed()
     });
-    let usage = Arc::new(std::sync::Mutex::new(crate::generate::Usage::default()));
-    let body_cfg = cfg.clone();
-    let body_usage = usage.clone();
-    let events = stream::select_all(per_choice).map(move |(i, item, with_role)| {
-        let cfg = &body_cfg;
-        let chunk = match item {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                let err: ApiError = e.into();
-                return Ok(Event::default().data(json!({"error": err.body.error}).to_string()));
-            }
-        };
-        let (text, token_ids, logprobs, finish) = match chunk {
-            Chunk::Delta { text, token_ids, logprobs } => (text, token_ids, logprobs, None),
-            Chunk::Done { finish, usage: u } => {
-                body_usage.lock().unwrap_or_else(|p| p.into_inner()).add_choice(u);
-                (String::new(), Vec::new(), Vec::new(), Some(finish))
-            }
-        };
-        let choice = match cfg.api {
-            Api::Completions { logprobs: want } => json!({
-                "index": i,
-                "text": text,
-                "logprobs": want.filter(|_| !logprobs.is_empty()).map(|_| completion_logprobs(&cfg.model, &logprobs, 0)),
-                "finish_reason": finish_str(finish),
-                "token_ids": token_ids,
-            }),
-            Api::Chat { logprobs: want } => {
-                let mut delta = serde_json::Map::new();
-                if with_role {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if finish.is_none() {
-                    delta.insert("content".into(), json!(text));
-                }
-                json!({
-                    "index": i,
-                    "delta": delta,
-                    "logprobs": (want && !logprobs.is_empty()).then(|| chat_logprobs(&cfg.model, &logprobs)),
-                    "finish_reason": finish_str(finish),
-                    "token_ids": token_ids,
-                })
-            }
-        };
-        Ok(Event::default().data(chunk_json(cfg, vec![choice], None).to_string()))
-    });
-    let tail_cfg = cfg.clone();
     let tail = stream::once(async move {
         let u = *usage.lock().unwrap_or_else(|p| p.into_inner());
-        tail_cfg.include_usage.then(|| Ok(Event::default().data(chunk_json(&tail_cfg, vec![], Some(u)).to_string())))
+        cfg.include_usage.then(|| Ok(data(&cfg.head.body::<CompletionChoice>(true, vec![], Some(u)))))
     })
     .filter_map(|e| async move { e })
     .chain(stream::once(async { Ok(Event::default().data("[DONE]")) }));
-    events.chain(tail)
+    stream::select_all(per_choice).chain(tail)
 }
 
-fn chunk_json(cfg: &SseConfig, choices: Vec<Value>, usage: Option<crate::generate::Usage>) -> Value {
-    let object = match cfg.api {
-        Api::Completions { .. } => "text_completion",
-        Api::Chat { .. } => "chat.completion.chunk",
+/// One chunk of choice `index` as its API's stream event.
+fn chunk_event(
+    cfg: &SseConfig,
+    index: usize,
+    chunk: Chunk,
+    st: &mut ChoiceState,
+    usage: &std::sync::Mutex<crate::generate::Usage>,
+) -> Event {
+    let (text, token_ids, logprobs, finish) = match chunk {
+        Chunk::Delta { text, token_ids, logprobs } => (text, token_ids, logprobs, None),
+        Chunk::Done { finish, usage: u } => {
+            usage.lock().unwrap_or_else(|p| p.into_inner()).add_choice(u);
+            (String::new(), Vec::new(), Vec::new(), Some(FinishReason::from(finish)))
+        }
     };
-    let mut v = json!({
-        "id": cfg.id,
-        "object": object,
-        "created": cfg.created,
-        "model": cfg.name,
-        "choices": choices,
-    });
-    if let Some(u) = usage {
-        v["usage"] = json!(Usage::from(u));
+    match cfg.head.api {
+        Api::Completions { logprobs: want } => {
+            let logprobs = want
+                .filter(|_| !logprobs.is_empty())
+                .map(|_| completion_logprobs(&cfg.model, &logprobs, &mut st.offset));
+            let choice = CompletionChoice { index, text, logprobs, finish_reason: finish, token_ids };
+            data(&cfg.head.body(true, vec![choice], None))
+        }
+        Api::Chat { logprobs: want } => {
+            let delta = Delta {
+                role: std::mem::take(&mut st.role_pending).then_some(Role::Assistant),
+                content: finish.is_none().then_some(text),
+            };
+            let logprobs = (want && !logprobs.is_empty()).then(|| chat_logprobs(&cfg.model, &logprobs));
+            let choice = ChatChunkChoice { index, delta, logprobs, finish_reason: finish, token_ids };
+            data(&cfg.head.body(true, vec![choice], None))
+        }
     }
-    v
 }
 
 async fn models(State(router): State<Arc<Router>>) -> Response {
-    let data: Vec<Value> = router
+    let data = router
         .pool
         .models()
         .into_iter()
-        .map(|(m, _)| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "qwen-serve", "max_model_len": m.max_context}))
+        .map(|(m, _)| ModelCard {
+            id: m.name.clone(),
+            object: "model",
+            created: m.learned_at,
+            owned_by: "qwen-serve",
+            max_model_len: m.max_context,
+        })
         .collect();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    axum::Json(ModelList { object: "list", data }).into_response()
 }
 
 async fn health(State(router): State<Arc<Router>>) -> Response {

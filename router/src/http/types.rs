@@ -2,7 +2,8 @@
 //! sampling fields (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids).
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+use crate::template::Role;
 
 /// `prompt` of /v1/completions: a string, token ids, or a batch of either (batches of one only).
 #[derive(Debug, Deserialize)]
@@ -76,9 +77,33 @@ pub struct CompletionRequest {
 
 #[derive(Debug, Deserialize)]
 pub struct ChatMessage {
-    pub role: String,
-    /// A string, or a list of content parts of which only `text` parts are supported.
-    pub content: Option<Value>,
+    pub role: Role,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// A message's content: a string, or a list of content parts of which only `text` parts are
+/// supported (an image part fails to parse, naming the field).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+}
+
+impl Content {
+    pub fn into_text(self) -> String {
+        match self {
+            Content::Text(t) => t,
+            Content::Parts(parts) => parts.into_iter().map(|ContentPart::Text { text }| text).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,4 +155,126 @@ pub struct ErrorDetail {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<String>,
+}
+
+/// `finish_reason` as OpenAI spells it.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Length,
+    Stop,
+}
+
+impl From<crate::generate::Finish> for FinishReason {
+    fn from(f: crate::generate::Finish) -> Self {
+        match f {
+            crate::generate::Finish::Length => FinishReason::Length,
+            crate::generate::Finish::Stop => FinishReason::Stop,
+        }
+    }
+}
+
+/// A /v1/completions response or stream chunk (`object` tells which API).
+#[derive(Debug, Serialize)]
+pub struct Response<C> {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    pub token_ids: Vec<u32>,
+}
+
+/// The completions API's logprobs: parallel lists per token, alternatives as token → logprob.
+#[derive(Debug, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Where each token starts in the completion's text, in bytes.
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    pub token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: Delta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    pub token_ids: Vec<u32>,
+}
+
+/// What a chat stream chunk adds: the role in the first, text in the rest.
+#[derive(Debug, Default, Serialize)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub max_model_len: usize,
+}
+
+/// An error inside an event stream (the response has already started).
+#[derive(Debug, Serialize)]
+pub struct StreamError {
+    pub error: ErrorDetail,
 }
