@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod keys;
 pub mod lease;
 pub mod rendezvous;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use etcd_client::Client;

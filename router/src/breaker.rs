@@ -17,16 +17,6 @@ pub enum BreakerState {
     HalfOpen,
 }
 
-impl BreakerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half_open",
-        }
-    }
-}
-
 #[derive(Debug)]
 enum Inner {
     Closed {

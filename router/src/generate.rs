@@ -109,6 +109,16 @@ impl RequestMeta {
     }
 }
 
+/// What `/metrics` renders: the metrics after a refresh from the router's live state.
+pub struct RouterScrape(pub Arc<Router>);
+
+impl qwen_telemetry::exposition::Scrape for RouterScrape {
+    fn render(&self) -> String {
+        self.0.metrics.refresh(&self.0.admission, &self.0.pool);
+        self.0.metrics.render()
+    }
+}
+
 /// A request as an API front end hands it over, in neutral terms.
 pub struct Job {
     /// The model the client named (not yet looked up).

@@ -9,12 +9,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use qwen_telemetry::exposition::{render, Scrape};
+use qwen_telemetry::exposition::render;
 use qwen_telemetry::histogram::latency_buckets;
 use qwen_telemetry::AtomicHistogram;
 
+use crate::admission::Admission;
 use crate::error::RouterError;
-use crate::generate::Router;
+use crate::pool::Pool;
 
 /// Which front-end call a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -170,13 +171,14 @@ impl RouterMetrics {
         self.etcd_connected.set(i64::from(yes));
     }
 
-    fn refresh(&self, router: &Router) {
-        self.in_flight.set(router.admission.in_flight() as i64);
-        self.queued.set(router.admission.queued() as i64);
+    /// Gauges read from the live state, just before a scrape renders them.
+    pub fn refresh(&self, admission: &Admission, pool: &Pool) {
+        self.in_flight.set(admission.in_flight() as i64);
+        self.queued.set(admission.queued() as i64);
         self.group_healthy.clear();
         self.group_in_flight.clear();
         self.group_breaker_open.clear();
-        for g in router.pool.snapshot() {
+        for g in pool.snapshot() {
             let l = GroupLabels { group: g.name.to_string() };
             self.group_healthy.get_or_create(&l).set(i64::from(g.is_healthy()));
             self.group_in_flight.get_or_create(&l).set(g.load().in_flight as i64);
@@ -184,14 +186,9 @@ impl RouterMetrics {
             self.group_breaker_open.get_or_create(&l).set(i64::from(open));
         }
     }
-}
 
-/// What `/metrics` renders: the metrics after a refresh from the router's live state.
-pub struct RouterScrape(pub Arc<Router>);
-
-impl Scrape for RouterScrape {
-    fn render(&self) -> String {
-        self.0.metrics.refresh(&self.0);
-        render(&self.0.metrics.registry)
+    /// The exposition text of every metric.
+    pub fn render(&self) -> String {
+        render(&self.registry)
     }
 }

@@ -129,10 +129,6 @@ impl Pool {
         Pool { cfg, local_tokenizers, groups: RwLock::default(), models: RwLock::default(), policy }
     }
 
-    pub fn policy_name(&self) -> &'static str {
-        self.policy.name()
-    }
-
     fn groups(&self) -> Vec<Arc<Group>> {
         self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }

@@ -1,5 +1,6 @@
 //! Which device a worker computes on, as given on the command line: `cpu`, `cuda` (GPU 0) or
 //! `cuda:N`.
+#![allow(unsafe_code)] // turning off candle's event tracking
 
 use std::fmt;
 use std::str::FromStr;

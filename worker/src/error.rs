@@ -23,20 +23,6 @@ pub enum ErrorKind {
     Internal,
 }
 
-impl ErrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Io => "io",
-            ErrorKind::Config => "config",
-            ErrorKind::Weights => "weights",
-            ErrorKind::Tokenizer => "tokenizer",
-            ErrorKind::InvalidInput => "invalid_input",
-            ErrorKind::Unavailable => "unavailable",
-            ErrorKind::Internal => "internal",
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {path}: {source}")]

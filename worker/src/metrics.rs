@@ -41,9 +41,11 @@ pub struct WorkerMetrics {
     prefix_hit_tokens: Counter,
     prefix_query_tokens: Counter,
     preemptions: Counter,
+    graph_replays: Counter,
+    graph_eager_steps: Counter,
     registered: Gauge<i64, AtomicI64>,
     /// Engine counters already exported, to turn cumulative snapshots into increments.
-    exported: Mutex<(u64, u64, u64)>,
+    exported: Mutex<[u64; 5]>,
     stats: Mutex<Option<StatsView>>,
 }
 
@@ -79,8 +81,10 @@ impl WorkerMetrics {
             prefix_hit_tokens: Counter::default(),
             prefix_query_tokens: Counter::default(),
             preemptions: Counter::default(),
+            graph_replays: Counter::default(),
+            graph_eager_steps: Counter::default(),
             registered: Gauge::default(),
-            exported: Mutex::new((0, 0, 0)),
+            exported: Mutex::new([0; 5]),
             stats: Mutex::new(None),
             registry: Registry::default(),
         };
@@ -108,6 +112,9 @@ impl WorkerMetrics {
             m.prefix_query_tokens.clone(),
         );
         registry.register("preemptions", "Sequences preempted for KV space", m.preemptions.clone());
+        registry.register("decode_graph_replays", "Decode steps replayed from a CUDA graph", m.graph_replays.clone());
+        let eager = "Decode steps run eagerly from the CUDA-graph buffers (no graph for them, or no GPU)";
+        registry.register("decode_graph_eager_steps", eager, m.graph_eager_steps.clone());
         registry.register("etcd_registered", "1 while the group's record is in etcd", m.registered.clone());
         Arc::new(WorkerMetrics { registry, ..m })
     }
@@ -143,10 +150,17 @@ impl WorkerMetrics {
         self.kv_used.set(s.total_blocks.saturating_sub(s.free_blocks) as i64);
         self.kv_cached.set(s.cached_blocks as i64);
         let mut last = self.exported.lock().unwrap_or_else(|p| p.into_inner());
-        let now = (s.prefix_hit_tokens, s.prefix_query_tokens, s.preemptions);
-        self.prefix_hit_tokens.inc_by(now.0.saturating_sub(last.0));
-        self.prefix_query_tokens.inc_by(now.1.saturating_sub(last.1));
-        self.preemptions.inc_by(now.2.saturating_sub(last.2));
+        let now = [s.prefix_hit_tokens, s.prefix_query_tokens, s.preemptions, s.graph_replays, s.graph_eager_steps];
+        let counters = [
+            &self.prefix_hit_tokens,
+            &self.prefix_query_tokens,
+            &self.preemptions,
+            &self.graph_replays,
+            &self.graph_eager_steps,
+        ];
+        for ((counter, now), last) in counters.into_iter().zip(now).zip(last.iter()) {
+            counter.inc_by(now.saturating_sub(*last));
+        }
         *last = now;
     }
 }

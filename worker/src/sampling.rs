@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::error::{Error, Result};
+pub use crate::kernels::reference::argmax;
 
 /// How one request's next tokens are chosen. Neutral values switch each stage off.
 #[derive(Debug, Clone, PartialEq)]
@@ -253,17 +254,6 @@ impl SeqSampler {
         }
         probs.last().map_or(0, |x| x.1)
     }
-}
-
-/// Index of the largest value; the lowest index among equals.
-pub fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// log-sum-exp of `row` and its `n` most likely entries as (id, logprob).

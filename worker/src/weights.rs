@@ -1,6 +1,7 @@
 //! Memory-mapped safetensors checkpoints: one `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`. Tensors are read by name with their expected shape and
 //! converted to the compute dtype on the target device; every failure names file and tensor.
+#![allow(unsafe_code)] // memory-mapped checkpoints
 
 use std::collections::HashMap;
 use std::ops::Range;

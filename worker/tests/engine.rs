@@ -65,6 +65,23 @@ fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, FinishReason, usize) 
     }
 }
 
+/// Submits `n` greedy requests over `name`'s golden cases, `stagger × i` apart, and checks that
+/// each gets its golden tokens; returns once the engine is idle.
+fn expect_goldens(e: &EngineHandle, name: &str, n: usize, stagger: Duration) {
+    let cases = goldens(name);
+    let streams: Vec<_> = (0..n)
+        .map(|i| {
+            let (prompt, want) = &cases[i % cases.len()];
+            std::thread::sleep(stagger * i as u32);
+            (submit(e, &format!("r{i}"), prompt, want.len(), SamplingParams::greedy()), want.clone())
+        })
+        .collect();
+    for (i, (rx, want)) in streams.into_iter().enumerate() {
+        assert_eq!(collect(rx).0, want, "{name}: request {i}");
+    }
+    wait_idle(e);
+}
+
 fn wait_idle(e: &EngineHandle) {
     for _ in 0..200 {
         let s = e.stats();
@@ -192,19 +209,8 @@ fn fused_kernels_and_device_sampling_through_the_engine() {
 #[test]
 fn decode_graph_buffers_keep_outputs_identical() {
     for name in ["qwen2-gqa", "qwen3"] {
-        let cases = goldens(name);
         let e = engine_with(name, (96, 4, 64), KernelMode::Fused, true, &Device::Cpu);
-        let streams: Vec<_> = (0..5)
-            .map(|i| {
-                let (prompt, want) = &cases[i % cases.len()];
-                std::thread::sleep(Duration::from_millis(2 * i as u64));
-                (submit(&e, &format!("r{i}"), prompt, want.len(), SamplingParams::greedy()), want.clone())
-            })
-            .collect();
-        for (i, (rx, want)) in streams.into_iter().enumerate() {
-            assert_eq!(collect(rx).0, want, "{name}: request {i}");
-        }
-        wait_idle(&e);
+        expect_goldens(&e, name, 5, Duration::from_millis(2));
         let stats = e.stats();
         assert_eq!(stats.free_blocks, 96);
         assert!(stats.graph_eager_steps > 10 && stats.graph_replays == 0, "{name}: {stats:?}");
@@ -217,27 +223,10 @@ fn decode_graph_buffers_keep_outputs_identical() {
 #[cfg(feature = "cuda")]
 #[test]
 fn decode_graphs_on_the_gpu_replay_and_keep_goldens() {
-    let gpu = match qwen_worker::device::DeviceSpec::Cuda(0).open() {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(std::env::var("QWEN_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU: {e}");
-            eprintln!("skipped: no GPU ({e})");
-            return;
-        }
-    };
+    let Some(gpu) = common::gpu() else { return };
     for name in ["qwen2-gqa", "qwen3", "qwen2-tied-bf16-sharded"] {
-        let cases = goldens(name);
         let e = engine_with(name, (96, 4, 64), KernelMode::Fused, true, &gpu);
-        let streams: Vec<_> = (0..6)
-            .map(|i| {
-                let (prompt, want) = &cases[i % cases.len()];
-                (submit(&e, &format!("r{i}"), prompt, want.len(), SamplingParams::greedy()), want.clone())
-            })
-            .collect();
-        for (i, (rx, want)) in streams.into_iter().enumerate() {
-            assert_eq!(collect(rx).0, want, "{name}: request {i}");
-        }
-        wait_idle(&e);
+        expect_goldens(&e, name, 6, Duration::ZERO);
         let stats = e.stats();
         assert!(stats.graph_replays > 0, "{name}: graphs asked for, none replayed: {stats:?}");
         assert_eq!(stats.graph_eager_steps, 0, "{name}: a capture fell back to eager: {stats:?}");

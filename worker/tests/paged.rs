@@ -137,14 +137,7 @@ fn fused_path_on_the_cpu_matches_the_plain_path() {
 #[cfg(feature = "cuda")]
 #[test]
 fn fused_path_on_the_gpu_matches_the_cpu() {
-    let gpu = match qwen_worker::device::DeviceSpec::Cuda(0).open() {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(std::env::var("QWEN_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU: {e}");
-            eprintln!("skipped: no GPU ({e})");
-            return;
-        }
-    };
+    let Some(gpu) = common::gpu() else { return };
     for name in FIXTURES {
         let (_, cpu_logits, want) = run_fixture(name, CPU_F32);
         let f32_run = Run { device: &gpu, dtype: DType::F32, kernels: KernelMode::Fused };

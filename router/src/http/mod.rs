@@ -22,8 +22,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorKind, RouterError};
-use crate::generate::{Chunk, Collected, Generation, Job, RequestMeta, Router, Started, TokenLogprob};
-use crate::metrics::{Api as Endpoint, RouterScrape};
+use crate::generate::{Chunk, Collected, Generation, Job, RequestMeta, Router, RouterScrape, Started, TokenLogprob};
+use crate::metrics::Api as Endpoint;
 use crate::models::ModelInfo;
 use crate::template::{Message, Role};
 use crate::validate::{completion_extras, CompletionExtras, Options, Prompt};

@@ -8,6 +8,7 @@
 //! collective; when the oldest one has been pending longer than the timeout it aborts the
 //! communicator (which makes the stuck kernels return) and every later collective on this rank
 //! fails with [`CommError::Timeout`]. This is the only file holding `unsafe` for NCCL.
+#![allow(unsafe_code)] // NCCL calls
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,6 +1,7 @@
 //! Launches of the kernels in `worker/kernels/*.cu` (PTX built by `build.rs`). The one place with
 //! `unsafe` for kernel launches: each launch passes device pointers whose extents the callers in
 //! `kernels/mod.rs` have checked against the shapes given.
+#![allow(unsafe_code)] // kernel launches
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};

@@ -47,7 +47,7 @@ pub fn supports_attention(group: usize, head_dim: usize) -> bool {
 }
 
 fn invalid(field: &'static str, message: String) -> Error {
-    Error::InvalidInput { field, message }
+    Error::Internal { what: field, message }
 }
 
 fn same_dtype(field: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {

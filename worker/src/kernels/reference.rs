@@ -131,6 +131,17 @@ pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[Attn
     out
 }
 
+/// Index of the largest value; the lowest index among equals.
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Per-row sampling parameters, as the sampling kernel reads them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DrawParams {
@@ -156,7 +167,7 @@ const BISECT_STEPS: usize = 30;
 /// min-p and top-p as one threshold on `p = exp((x - max) / temperature)` and the first token, in
 /// id order, at which the running kept mass passes `u` times the kept mass.
 pub fn sample_row(logits: &[f32], params: DrawParams) -> u32 {
-    let best = super::super::sampling::argmax(logits);
+    let best = argmax(logits);
     let Some((p, thr)) = kept_probs(logits, params) else { return best };
     let r = params.u * p.iter().filter(|&&v| v >= thr).sum::<f32>();
     let mut running = 0f32;
@@ -179,7 +190,7 @@ pub fn kept_probs(logits: &[f32], params: DrawParams) -> Option<(Vec<f32>, f32)>
     if params.temperature < 1e-5 || logits.is_empty() {
         return None;
     }
-    let max = logits[super::super::sampling::argmax(logits) as usize];
+    let max = logits[argmax(logits) as usize];
     let inv_t = 1.0 / params.temperature;
     let p: Vec<f32> = logits.iter().map(|&x| ((x - max) * inv_t).exp()).collect();
     let bisect = |mut lo: f32, keep: &dyn Fn(f32) -> bool| {

@@ -100,7 +100,7 @@ impl ContiguousKvCache {
         let layers = self.seqs.entry(seq.seq_id).or_insert_with(|| (0..self.num_layers).map(|_| None).collect());
         let slot = layers
             .get_mut(layer)
-            .ok_or(Error::InvalidInput { field: "layer", message: format!("layer {layer} out of range") })?;
+            .ok_or(Error::Internal { what: "layer", message: format!("layer {layer} out of range") })?;
         let have = slot.as_ref().map_or(0, |l| l.len);
         let (hkv, n, d) = k.dims3()?;
         let needed = have + n;
@@ -133,8 +133,8 @@ impl Attention for ContiguousKvCache {
         for seq in &meta.seqs {
             let have = self.layer_len(seq.seq_id, layer);
             if have != seq.context_len {
-                return Err(Error::InvalidInput {
-                    field: "context_len",
+                return Err(Error::Internal {
+                    what: "context_len",
                     message: format!(
                         "sequence {} claims {} cached tokens but the cache holds {have}",
                         seq.seq_id, seq.context_len

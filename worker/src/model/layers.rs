@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Attention, BatchMeta};
-use super::parallel::{self, Shard};
 use crate::comm::Comm;
 use crate::error::Result;
 use crate::kernels::{self, KernelMode};
@@ -38,8 +37,8 @@ impl Linear {
             0 => None,
             n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
             _ => {
-                return Err(crate::error::Error::InvalidInput {
-                    field: "bias",
+                return Err(crate::error::Error::Internal {
+                    what: "bias",
                     message: "projections to fuse must all have a bias or none".into(),
                 })
             }
@@ -295,57 +294,4 @@ impl<A: SelfAttention> DecoderStack<A> {
         // Vocab-parallel head: each rank's slice of the vocabulary, gathered in rank order.
         Ok(ctx.comm.all_gather(&self.lm_head.forward(&normed_last)?, 1)?)
     }
-}
-
-/// Where a family keeps its tensors; `{i}` in `layer` is the block index.
-pub struct TensorNames {
-    pub embed: &'static str,
-    pub layer: &'static str,
-    pub input_norm: &'static str,
-    pub post_attn_norm: &'static str,
-    pub gate: &'static str,
-    pub up: &'static str,
-    pub down: &'static str,
-    pub final_norm: &'static str,
-    pub lm_head: &'static str,
-}
-
-/// Loads this rank's part of a decoder stack whose attention blocks come from
-/// `load_attn(prefix)`, `prefix` being the block's tensor-name prefix. The embedding is
-/// replicated; the MLP and LM head are split per `shard`.
-pub fn load_stack<A>(
-    w: &Weights,
-    cfg: &crate::config::ModelConfig,
-    names: &TensorNames,
-    shard: Shard,
-    load_attn: impl Fn(&str) -> Result<A>,
-) -> Result<DecoderStack<A>> {
-    let (h, eps, ff) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.mlp_hidden);
-    let embed = w.get(names.embed, &[cfg.vocab_size, h])?;
-    let mut blocks = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let p = names.layer.replace("{i}", &i.to_string());
-        let ff_part = [shard.split(ff)];
-        blocks.push(Block {
-            input_norm: RmsNorm::load(w, &format!("{p}.{}", names.input_norm), h, eps)?,
-            attn: load_attn(&p)?,
-            post_attn_norm: RmsNorm::load(w, &format!("{p}.{}", names.post_attn_norm), h, eps)?,
-            mlp: Mlp {
-                gate_up: Linear::concat(&[
-                    parallel::column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
-                    parallel::column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
-                ])?,
-                ff: ff_part[0].len(),
-                down: parallel::row(w, &format!("{p}.{}", names.down), ff, h, ff_part[0].clone(), false, shard)?,
-            },
-        });
-    }
-    // Tied checkpoints usually omit lm_head (it is the embedding); some still store a copy.
-    let vocab_part = [shard.split(cfg.vocab_size)];
-    let lm_head = if cfg.tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head)) {
-        Linear::new(w.get_ranges(names.embed, &[cfg.vocab_size, h], 0, &vocab_part)?, None)
-    } else {
-        parallel::column(w, names.lm_head, h, cfg.vocab_size, &vocab_part, false)?
-    };
-    Ok(DecoderStack { embed, blocks, final_norm: RmsNorm::load(w, names.final_norm, h, eps)?, lm_head })
 }

@@ -196,15 +196,15 @@ impl Model {
 
     fn check_batch(&self, tokens: &[u32], seqs: &[SeqChunk]) -> Result<()> {
         if seqs.is_empty() || seqs.iter().any(|s| s.len == 0) {
-            return Err(Error::InvalidInput {
-                field: "seqs",
+            return Err(Error::Internal {
+                what: "seqs",
                 message: "a batch needs at least one sequence, each with at least one token".into(),
             });
         }
         let total: usize = seqs.iter().map(|s| s.len).sum();
         if total != tokens.len() {
-            return Err(Error::InvalidInput {
-                field: "token_ids",
+            return Err(Error::Internal {
+                what: "token_ids",
                 message: format!("{} tokens given but the sequences cover {total}", tokens.len()),
             });
         }
@@ -212,14 +212,14 @@ impl Model {
         let mut ids = std::collections::HashSet::with_capacity(seqs.len());
         for s in seqs {
             if !ids.insert(s.seq_id) {
-                return Err(Error::InvalidInput {
-                    field: "seqs",
+                return Err(Error::Internal {
+                    what: "seqs",
                     message: format!("sequence {} appears twice in one batch", s.seq_id),
                 });
             }
             if s.context_len.saturating_add(s.len) > max_ctx {
-                return Err(Error::InvalidInput {
-                    field: "seqs",
+                return Err(Error::Internal {
+                    what: "seqs",
                     message: format!(
                         "sequence {} would reach {} tokens; the model's context length is {max_ctx}",
                         s.seq_id,
@@ -228,8 +228,8 @@ impl Model {
                 });
             }
             if !(s.rope_alpha.is_finite() && s.rope_alpha >= 1.0) {
-                return Err(Error::InvalidInput {
-                    field: "rope_alpha",
+                return Err(Error::Internal {
+                    what: "rope_alpha",
                     message: format!("{} must be a finite number >= 1", s.rope_alpha),
                 });
             }

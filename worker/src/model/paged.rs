@@ -81,8 +81,8 @@ impl PagedKvStore {
     /// uses block table `tables[i]`.
     pub fn step<'a, T: AsRef<[u32]>>(&'a mut self, seqs: &[SeqChunk], tables: &[T]) -> Result<PagedStep<'a>> {
         if tables.len() != seqs.len() {
-            return Err(Error::InvalidInput {
-                field: "block_tables",
+            return Err(Error::Internal {
+                what: "block_tables",
                 message: format!("{} tables for {} sequences", tables.len(), seqs.len()),
             });
         }
@@ -91,8 +91,8 @@ impl PagedKvStore {
             let table = table.as_ref();
             let total = seq.context_len + seq.len;
             if table.len() * self.block_size < total {
-                return Err(Error::InvalidInput {
-                    field: "block_tables",
+                return Err(Error::Internal {
+                    what: "block_tables",
                     message: format!(
                         "sequence {} needs {total} slots but its {} blocks hold {}",
                         seq.seq_id,
@@ -102,8 +102,8 @@ impl PagedKvStore {
                 });
             }
             if let Some(&bad) = table.iter().find(|&&b| b as usize >= self.num_blocks) {
-                return Err(Error::InvalidInput {
-                    field: "block_tables",
+                return Err(Error::Internal {
+                    what: "block_tables",
                     message: format!("block {bad} out of range (0..{})", self.num_blocks),
                 });
             }
@@ -154,8 +154,8 @@ impl PagedKvStore {
     /// buffers of a CUDA graph); its block ids are checked against the store.
     pub fn step_prepared(&mut self, batch: AttnBatch) -> Result<PagedStep<'_>> {
         if let Some(&bad) = batch.seqs.iter().flat_map(|s| &s.blocks).find(|&&b| b as usize >= self.num_blocks) {
-            return Err(Error::InvalidInput {
-                field: "block_tables",
+            return Err(Error::Internal {
+                what: "block_tables",
                 message: format!("block {bad} out of range (0..{})", self.num_blocks),
             });
         }

@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use super::layers::Linear;
+use super::layers::{Block, DecoderStack, Linear, Mlp, RmsNorm};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -125,6 +125,59 @@ pub fn row(
     let weight = w.get_ranges(&format!("{prefix}.weight"), &[out_dim, in_dim], 1, &[cols])?;
     let bias = if bias && shard.rank == 0 { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
     Ok(Linear::new(weight, bias))
+}
+
+/// Where a family keeps its tensors; `{i}` in `layer` is the block index.
+pub struct TensorNames {
+    pub embed: &'static str,
+    pub layer: &'static str,
+    pub input_norm: &'static str,
+    pub post_attn_norm: &'static str,
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+    pub final_norm: &'static str,
+    pub lm_head: &'static str,
+}
+
+/// Loads this rank's part of a decoder stack whose attention blocks come from
+/// `load_attn(prefix)`, `prefix` being the block's tensor-name prefix. The embedding is
+/// replicated; the MLP and LM head are split per `shard`.
+pub fn load_stack<A>(
+    w: &Weights,
+    cfg: &crate::config::ModelConfig,
+    names: &TensorNames,
+    shard: Shard,
+    load_attn: impl Fn(&str) -> Result<A>,
+) -> Result<DecoderStack<A>> {
+    let (h, eps, ff) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.mlp_hidden);
+    let embed = w.get(names.embed, &[cfg.vocab_size, h])?;
+    let mut blocks = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = names.layer.replace("{i}", &i.to_string());
+        let ff_part = [shard.split(ff)];
+        blocks.push(Block {
+            input_norm: RmsNorm::load(w, &format!("{p}.{}", names.input_norm), h, eps)?,
+            attn: load_attn(&p)?,
+            post_attn_norm: RmsNorm::load(w, &format!("{p}.{}", names.post_attn_norm), h, eps)?,
+            mlp: Mlp {
+                gate_up: Linear::concat(&[
+                    column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
+                    column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
+                ])?,
+                ff: ff_part[0].len(),
+                down: row(w, &format!("{p}.{}", names.down), ff, h, ff_part[0].clone(), false, shard)?,
+            },
+        });
+    }
+    // Tied checkpoints usually omit lm_head (it is the embedding); some still store a copy.
+    let vocab_part = [shard.split(cfg.vocab_size)];
+    let lm_head = if cfg.tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head)) {
+        Linear::new(w.get_ranges(names.embed, &[cfg.vocab_size, h], 0, &vocab_part)?, None)
+    } else {
+        column(w, names.lm_head, h, cfg.vocab_size, &vocab_part, false)?
+    };
+    Ok(DecoderStack { embed, blocks, final_norm: RmsNorm::load(w, names.final_norm, h, eps)?, lm_head })
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 use candle_core::Tensor;
 
 use super::attention::{Attention, LayerQkv};
-use super::layers::{load_stack, DecoderStack, Linear, SelfAttention, StepContext, TensorNames};
-use super::parallel::{self, column, row, rows, Shard};
+use super::layers::{DecoderStack, Linear, SelfAttention, StepContext};
+use super::parallel::{self, column, load_stack, row, rows, Shard, TensorNames};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::Weights;

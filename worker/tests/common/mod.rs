@@ -24,3 +24,17 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
+
+/// GPU 0 opened as the worker opens it, or `None` (with a note) where there is none; with
+/// `QWEN_REQUIRE_GPU=1` a missing GPU fails the test instead.
+#[cfg(feature = "cuda")]
+pub fn gpu() -> Option<candle_core::Device> {
+    match qwen_worker::device::DeviceSpec::Cuda(0).open() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(std::env::var("QWEN_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU: {e}");
+            eprintln!("skipped: no GPU ({e})");
+            None
+        }
+    }
+}
