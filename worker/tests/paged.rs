@@ -159,4 +159,8 @@ fn a_table_too_short_or_out_of_range_is_refused() {
     assert!(err.to_string().contains("needs 5 slots"), "{err}");
     let err = store.step(&seqs, &[[0, 7]]).err().unwrap();
     assert!(err.to_string().contains("block 7 out of range"), "{err}");
+    // The engine builds the tables: a bad one is the worker's bug, never the client's
+    // INVALID_ARGUMENT.
+    assert_eq!(err.kind(), qwen_worker::error::ErrorKind::Internal);
+    assert_eq!(qwen_worker::server::status(&err).code(), tonic::Code::Internal);
 }

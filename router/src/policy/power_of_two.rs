@@ -2,16 +2,40 @@
 //! balanced as least-load, but replicas acting on the same stale loads do not all pile onto the
 //! one group that looked idlest.
 
-use rand::Rng;
+use std::sync::Mutex;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use super::{Candidate, Policy, RouteRequest};
 
 #[derive(Debug, Default)]
-pub struct PowerOfTwo;
+pub struct PowerOfTwo {
+    /// A fixed sequence of draws (tests); `None` draws from the thread's generator.
+    seeded: Option<Mutex<StdRng>>,
+}
 
 impl PowerOfTwo {
     pub fn new() -> Self {
-        PowerOfTwo
+        PowerOfTwo { seeded: None }
+    }
+
+    /// Draws from a generator seeded with `seed`: the same picks on every run.
+    pub fn with_seed(seed: u64) -> Self {
+        PowerOfTwo { seeded: Some(Mutex::new(StdRng::seed_from_u64(seed))) }
+    }
+
+    fn two_of(&self, n: usize) -> (usize, usize) {
+        let draw = |rng: &mut dyn rand::RngCore| {
+            let a = rng.random_range(0..n);
+            // Draw from the n - 1 others and skip over `a`, so the two are distinct without retrying.
+            let b = rng.random_range(0..n - 1);
+            (a, if b >= a { b + 1 } else { b })
+        };
+        match &self.seeded {
+            Some(rng) => draw(&mut *rng.lock().unwrap_or_else(|p| p.into_inner())),
+            None => draw(&mut rand::rng()),
+        }
     }
 }
 
@@ -25,13 +49,7 @@ impl Policy for PowerOfTwo {
         if n <= 1 {
             return 0;
         }
-        let mut rng = rand::rng();
-        let a = rng.random_range(0..n);
-        // Draw from the n - 1 others and skip over `a`, so the two are distinct without retrying.
-        let mut b = rng.random_range(0..n - 1);
-        if b >= a {
-            b += 1;
-        }
+        let (a, b) = self.two_of(n);
         if candidates[b].load.score() < candidates[a].load.score() {
             b
         } else {
@@ -49,7 +67,7 @@ mod tests {
 
     #[test]
     fn heaviest_is_rarely_chosen() {
-        let p2c = PowerOfTwo::new();
+        let p2c = PowerOfTwo::with_seed(1);
         let cands = candidates(&[3, 10, 4]);
         let mut counts = [0usize; 3];
         let rounds = 3000;
@@ -64,7 +82,7 @@ mod tests {
 
     #[test]
     fn equal_loads_use_every_group() {
-        let p2c = PowerOfTwo::new();
+        let p2c = PowerOfTwo::with_seed(2);
         let cands = candidates(&[1, 1, 1, 1]);
         let mut counts = [0usize; 4];
         for _ in 0..2000 {
