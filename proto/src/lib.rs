@@ -8,6 +8,18 @@ pub mod codec;
 pub mod limits {
     /// Most alternatives a request may ask for per token (`top_logprobs`).
     pub const MAX_TOP_LOGPROBS: u32 = 20;
+    /// Most `stop_token_ids` of one request (each sampled token is checked against them).
+    pub const MAX_STOP_TOKEN_IDS: usize = 256;
+    /// Longest `request_id`; it may hold only ASCII letters, digits and `-_.:`, so that it can
+    /// be logged and echoed as it is.
+    pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+    /// Whether `id` is a `request_id` both sides accept.
+    pub fn valid_request_id(id: &str) -> bool {
+        !id.is_empty()
+            && id.len() <= MAX_REQUEST_ID_LEN
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    }
 }
 
 /// `qwen.worker.v1`: generation on one model replica.

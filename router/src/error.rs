@@ -30,11 +30,23 @@ impl ErrorKind {
     }
 }
 
+/// Longest piece of a client's value an error message repeats.
+const MAX_ECHO: usize = 64;
+
+/// A client's value as error messages may repeat it: quoted, escaped (no newline or control
+/// character gets through), and cut after [`MAX_ECHO`] characters.
+pub fn echo(value: &str) -> String {
+    let cut: String = value.chars().take(MAX_ECHO).collect();
+    let more = if value.chars().nth(MAX_ECHO).is_some() { "..." } else { "" };
+    format!("{:?}{more}", cut)
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RouterError {
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
-    #[error("model `{0}` is not served here (list the models with ListModels or GET /v1/models)")]
+    /// The name as [`echo`] gives it.
+    #[error("model {0} is not served here (list the models with ListModels or GET /v1/models)")]
     UnknownModel(String),
     #[error("the router is at capacity; retry after {}s", retry_after.as_secs())]
     Overloaded { retry_after: Duration },
@@ -115,3 +127,16 @@ impl RouterError {
 }
 
 pub type Result<T, E = RouterError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_values_are_escaped_and_cut() {
+        assert_eq!(echo("qwen"), "\"qwen\"");
+        assert_eq!(echo("a\nb"), "\"a\\nb\"");
+        let long = echo(&"x".repeat(1 << 20));
+        assert!(long.len() < 80 && long.ends_with("..."), "{long}");
+    }
+}

@@ -190,12 +190,11 @@ impl Router {
     /// once for all its choices, a refusal counted as the request's outcome, then each choice
     /// started (its own outcome counted when it ends).
     pub async fn start(self: &Arc<Self>, job: Job, meta: RequestMeta) -> Result<Started> {
-        let choices = self
-            .pool
-            .model(&job.model)
-            .and_then(|model| prepare_choices(model, job.prompt?, job.options, job.n))
-            .inspect_err(|e| self.metrics.request(&job.model, meta.api, Err(e)))?;
-        let model = choices[0].model.clone();
+        let model = self.pool.model(&job.model).inspect_err(|e| self.metrics.request(None, meta.api, Err(e)))?;
+        let choices = job
+            .prompt
+            .and_then(|prompt| prepare_choices(model.clone(), prompt, job.options, job.n))
+            .inspect_err(|e| self.metrics.request(Some(&model.name), meta.api, Err(e)))?;
         let started = futures::future::join_all(choices.into_iter().map(|c| self.generate(c, meta))).await;
         Ok(Started { model, generations: started.into_iter().collect::<Result<Vec<_>>>()? })
     }
@@ -219,7 +218,7 @@ impl Router {
                 Some(d) => tokio::time::timeout_at(d.into(), run).await.unwrap_or(Err(RouterError::Deadline)),
                 None => run.await,
             };
-            router.metrics.request(&model, meta.api, result.as_ref().copied());
+            router.metrics.request(Some(&model), meta.api, result.as_ref().copied());
             if let Err(e) = result {
                 tracing::info!(error = %e, "request failed");
                 let _ = tx.send(Err(e)).await;

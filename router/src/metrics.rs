@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use qwen_telemetry::exposition::render;
+use qwen_telemetry::exposition::{label, render};
 use qwen_telemetry::histogram::latency_buckets;
 use qwen_telemetry::AtomicHistogram;
 
@@ -37,8 +37,13 @@ impl Api {
     }
 }
 
+/// The `model` label of a request whose model is not served: client-chosen names never become
+/// label values (they are unbounded).
+pub const UNKNOWN_MODEL: &str = "unknown";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// A served model's name, or [`UNKNOWN_MODEL`].
     pub model: String,
     pub api: &'static str,
     /// ok, cancelled (client went away), or the error kind.
@@ -131,7 +136,7 @@ impl RouterMetrics {
     }
 
     pub fn timers(&self, model: &str) -> RequestTimers {
-        let l = ModelLabels { model: model.to_string() };
+        let l = ModelLabels { model: label(model) };
         RequestTimers {
             ttft: self.ttft.get_or_create(&l).clone(),
             itl: self.itl.get_or_create(&l).clone(),
@@ -144,7 +149,7 @@ impl RouterMetrics {
     }
 
     pub fn routed(&self, group: &str) {
-        self.routed.get_or_create(&GroupLabels { group: group.to_string() }).inc();
+        self.routed.get_or_create(&GroupLabels { group: label(group) }).inc();
     }
 
     pub fn retried(&self) {
@@ -152,19 +157,21 @@ impl RouterMetrics {
     }
 
     pub fn tokens(&self, model: &str, prompt: u64, generated: u64) {
-        let l = ModelLabels { model: model.to_string() };
+        let l = ModelLabels { model: label(model) };
         self.prompt_tokens.get_or_create(&l).inc_by(prompt);
         self.generation_tokens.get_or_create(&l).inc_by(generated);
     }
 
-    /// A request ended: `Ok(true)` complete, `Ok(false)` the client left first.
-    pub fn request(&self, model: &str, api: Api, result: Result<bool, &RouterError>) {
+    /// A request ended: `Ok(true)` complete, `Ok(false)` the client left first. `model` is the
+    /// served model's name; `None` where the request named none that is served.
+    pub fn request(&self, model: Option<&str>, api: Api, result: Result<bool, &RouterError>) {
         let outcome = match result {
             Ok(true) => "ok",
             Ok(false) => "cancelled",
             Err(e) => e.kind().as_str(),
         };
-        self.requests.get_or_create(&RequestLabels { model: model.to_string(), api: api.as_str(), outcome }).inc();
+        let model = model.map_or_else(|| UNKNOWN_MODEL.to_string(), label);
+        self.requests.get_or_create(&RequestLabels { model, api: api.as_str(), outcome }).inc();
     }
 
     pub fn set_etcd_connected(&self, yes: bool) {
@@ -179,7 +186,7 @@ impl RouterMetrics {
         self.group_in_flight.clear();
         self.group_breaker_open.clear();
         for g in pool.snapshot() {
-            let l = GroupLabels { group: g.name.to_string() };
+            let l = GroupLabels { group: label(&g.name) };
             self.group_healthy.get_or_create(&l).set(i64::from(g.is_healthy()));
             self.group_in_flight.get_or_create(&l).set(g.load().in_flight as i64);
             let open = g.breaker_state() != crate::breaker::BreakerState::Closed;

@@ -177,7 +177,7 @@ impl Pool {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
-            .ok_or_else(|| RouterError::UnknownModel(name.to_string()))
+            .ok_or_else(|| RouterError::UnknownModel(crate::error::echo(name)))
     }
 
     /// Models with at least one healthy group, with that count.

@@ -41,6 +41,30 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
+/// Longest label value kept; longer ones are cut (with `...`) so no value can bloat a scrape.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// A label value safe to expose: backslash, double quote and newline escaped as the text format
+/// requires (prometheus-client writes values as they are), at most [`MAX_LABEL_LEN`] characters.
+/// Every label value that did not come from a fixed set goes through here.
+pub fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(MAX_LABEL_LEN + 8));
+    for (i, c) in value.chars().enumerate() {
+        if i == MAX_LABEL_LEN {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The `/metrics` route, to merge into an existing axum app.
 pub fn route<S: Clone + Send + Sync + 'static>(source: Arc<dyn Scrape>) -> axum::Router<S> {
     axum::Router::new().route(
@@ -79,5 +103,12 @@ mod tests {
         assert!(text.contains("# TYPE x_depth gauge\nx_depth 0\n"), "{text}");
         assert!(text.contains("x_h_bucket{le=\"+Inf\"} 0"), "{text}");
         assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_bounded() {
+        assert_eq!(label("qwen2.5-7b"), "qwen2.5-7b");
+        assert_eq!(label("a\"b\\c\nd\re"), "a\\\"b\\\\c\\nd e");
+        assert_eq!(label(&"x".repeat(10_000)).len(), MAX_LABEL_LEN + 3);
     }
 }

@@ -164,6 +164,35 @@ async fn prometheus_scrapes_router_and_worker() {
     assert!(used > 0.0);
 }
 
+/// Client-chosen model names never become label values: 2,000 unknown names (one with a newline
+/// and quotes, which would break the text format) leave `/metrics` with the same series, all
+/// counted under `model="unknown"`, and promtool still accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_model_names_never_become_labels() {
+    let w = WorkerProcess::start(MODEL, &[]);
+    let r = RouterProcess::start(&["--worker", bare(&w.addr)]);
+    wait_ready(&r).await;
+    let http = reqwest::Client::new();
+    let ask = |model: String| {
+        let req = http.post(format!("{}/v1/completions", r.http)).json(&json!({"model": model, "prompt": [1]}));
+        async move { assert_eq!(req.send().await.unwrap().status().as_u16(), 404) }
+    };
+    ask("first-unknown".into()).await;
+    let one = r#"model="unknown",api="http_completions",outcome="not_found"} 1"#;
+    let before = scrape_when(&format!("{}/metrics", r.http), one).await;
+    assert!(before.contains(one), "{before}");
+    ask("evil\"}\nqwen_serve_router_forged_total 1\n#".into()).await;
+    for batch in 0..40 {
+        futures::future::join_all((0..50).map(|i| ask(format!("client-name-{batch}-{i}")))).await;
+    }
+    let all = r#"model="unknown",api="http_completions",outcome="not_found"} 2002"#;
+    let after = scrape_when(&format!("{}/metrics", r.http), all).await;
+    assert!(after.contains(all), "{after}");
+    assert_eq!(after.lines().count(), before.lines().count());
+    assert!(!after.contains("client-name") && !after.contains("forged") && !after.contains("evil"), "{after}");
+    promtool_check(&after);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_traceparent_reaches_the_workers_logs() {
     // The worker logs JSON lines to a file we read afterwards.

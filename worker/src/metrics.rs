@@ -62,7 +62,8 @@ impl WorkerMetrics {
     pub fn new(model: &str) -> Arc<Self> {
         let mut registry = Registry::with_prefix_and_labels(
             "qwen_serve_worker",
-            [(std::borrow::Cow::Borrowed("model"), std::borrow::Cow::Owned(model.to_string()))].into_iter(),
+            [(std::borrow::Cow::Borrowed("model"), std::borrow::Cow::Owned(qwen_telemetry::exposition::label(model)))]
+                .into_iter(),
         );
         let m = WorkerMetrics {
             requests: Family::default(),

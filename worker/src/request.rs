@@ -3,6 +3,7 @@
 //! field. Shape checks against the model (empty prompt, token ids, context) follow in
 //! `GenerateParams::validate`.
 
+use qwen_proto::limits::{valid_request_id, MAX_REQUEST_ID_LEN, MAX_STOP_TOKEN_IDS};
 use qwen_proto::worker::GenerateRequest;
 
 use crate::config::GenerationConfig;
@@ -12,6 +13,17 @@ use crate::sampling::SamplingParams;
 
 fn invalid(field: &'static str, message: impl Into<String>) -> Error {
     Error::InvalidInput { field, message: message.into() }
+}
+
+/// A client-given request id must be short and plain (it is logged and echoed).
+pub fn check_request_id(id: &str) -> Result<()> {
+    if valid_request_id(id) {
+        return Ok(());
+    }
+    Err(invalid(
+        "request_id",
+        format!("must be 1 to {MAX_REQUEST_ID_LEN} characters of ASCII letters, digits and -_.:"),
+    ))
 }
 
 pub fn to_generate_params(req: &GenerateRequest, defaults: &GenerationConfig) -> Result<GenerateParams> {
@@ -44,6 +56,12 @@ pub fn to_generate_params(req: &GenerateRequest, defaults: &GenerationConfig) ->
         logprobs: req.logprobs.then_some(top_logprobs),
     };
     sampling.validate()?;
+    if !req.request_id.is_empty() {
+        check_request_id(&req.request_id)?;
+    }
+    if req.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(invalid("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids")));
+    }
     let mut stop_token_ids = req.stop_token_ids.clone();
     if !req.ignore_eos {
         stop_token_ids.extend(&defaults.eos_token_ids);
@@ -55,6 +73,20 @@ pub fn to_generate_params(req: &GenerateRequest, defaults: &GenerationConfig) ->
 mod tests {
     use super::*;
     use qwen_proto::worker::SamplingParams as PbSampling;
+
+    #[test]
+    fn request_ids_and_stop_ids_are_bounded() {
+        let ok = GenerateRequest { request_id: "cmpl-1f.2:a_b".into(), ..Default::default() };
+        assert!(to_generate_params(&ok, &GenerationConfig::default()).is_ok());
+        for id in ["a\nforged log line", &"x".repeat(MAX_REQUEST_ID_LEN + 1), "sp ace"] {
+            let req = GenerateRequest { request_id: id.into(), ..Default::default() };
+            let err = to_generate_params(&req, &GenerationConfig::default()).unwrap_err();
+            assert!(err.to_string().contains("request_id"), "{err}");
+        }
+        let many = GenerateRequest { stop_token_ids: vec![1; MAX_STOP_TOKEN_IDS + 1], ..Default::default() };
+        let err = to_generate_params(&many, &GenerationConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("stop_token_ids"), "{err}");
+    }
 
     fn sampling_defaults() -> GenerationConfig {
         GenerationConfig {

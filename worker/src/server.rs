@@ -149,9 +149,7 @@ impl Worker for WorkerService {
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         let id = request.into_inner().request_id;
-        if id.is_empty() {
-            return Err(Status::invalid_argument("request_id: must not be empty"));
-        }
+        crate::request::check_request_id(&id).map_err(|e| status(&e))?;
         self.engine.cancel(&id).map_err(|e| status(&e))?;
         Ok(Response::new(CancelResponse {}))
     }
