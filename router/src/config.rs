@@ -79,6 +79,17 @@ pub struct RouterArgs {
     /// Largest HTTP request body accepted.
     #[arg(long, env = "QWEN_ROUTER_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Longest wait for a request's first token on one group before it moves to another (or
+    /// fails UNAVAILABLE). Generous: a long prompt on a large model prefills for minutes.
+    #[arg(long, env = "QWEN_ROUTER_FIRST_TOKEN_TIMEOUT_SECS", default_value_t = 600)]
+    pub first_token_timeout_secs: u64,
+    /// Longest gap between two tokens of a stream before it ends UNAVAILABLE (a frozen worker).
+    #[arg(long, env = "QWEN_ROUTER_INTER_TOKEN_TIMEOUT_SECS", default_value_t = 120)]
+    pub inter_token_timeout_secs: u64,
+    /// Name the serving worker group in an `x-qwen-serve-group` response header (debugging);
+    /// off by default, as group names are internal.
+    #[arg(long, env = "QWEN_ROUTER_EXPOSE_GROUP")]
+    pub expose_group: bool,
 }
 
 pub enum Discovery {
@@ -143,6 +154,8 @@ impl RouterArgs {
             ("--unhealthy-after", self.unhealthy_after as u64),
             ("--breaker-failures", self.breaker_failures as u64),
             ("--max-body-bytes", self.max_body_bytes as u64),
+            ("--first-token-timeout-secs", self.first_token_timeout_secs),
+            ("--inter-token-timeout-secs", self.inter_token_timeout_secs),
         ] {
             if v == 0 {
                 return Err(format!("{flag}: must be at least 1"));
@@ -185,6 +198,9 @@ impl RouterArgs {
             },
             generate: GenerateConfig {
                 max_attempts: self.max_attempts,
+                first_token_timeout: Duration::from_secs(self.first_token_timeout_secs),
+                inter_token_timeout: Duration::from_secs(self.inter_token_timeout_secs),
+                expose_group: self.expose_group,
                 admission: AdmissionConfig {
                     max_in_flight: self.max_in_flight,
                     max_queued: self.max_queued,

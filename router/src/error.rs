@@ -52,7 +52,8 @@ pub enum RouterError {
     Overloaded { retry_after: Duration },
     #[error("no worker group can serve model `{0}` right now")]
     NoGroup(String),
-    #[error("worker group `{group}`: {message}")]
+    /// `group` is for logs: clients are not told internal group names.
+    #[error("worker: {message}")]
     Worker { group: String, code: tonic::Code, message: String },
     #[error("the request's deadline passed")]
     Deadline,

@@ -28,6 +28,13 @@ use crate::validate::{prepare_choices, Options, Prepared, Prompt};
 pub struct GenerateConfig {
     /// Groups tried before giving up on a request that has produced no token.
     pub max_attempts: usize,
+    /// Longest wait for the first token on one group: past it (or once the group turns
+    /// unhealthy) the request moves to another group.
+    pub first_token_timeout: Duration,
+    /// Longest gap between tokens before the stream ends UNAVAILABLE.
+    pub inter_token_timeout: Duration,
+    /// Whether responses name the serving group (`x-qwen-serve-group`).
+    pub expose_group: bool,
     pub admission: AdmissionConfig,
 }
 
@@ -89,7 +96,7 @@ pub struct Router {
     pub pool: Arc<Pool>,
     pub admission: Admission,
     pub metrics: Arc<RouterMetrics>,
-    cfg: GenerateConfig,
+    pub cfg: GenerateConfig,
     next_id: AtomicU64,
 }
 
@@ -261,13 +268,23 @@ impl Router {
             tried.push(group.name.clone());
             self.metrics.routed(&group.name);
             let _in_flight = group.begin();
-            let call = Call { request_id: format!("{request_id}-{attempt}"), deadline: meta.deadline, trace: outgoing };
+            let call = Call {
+                request_id: format!("{request_id}-{attempt}"),
+                deadline: meta.deadline,
+                trace: outgoing,
+                first_token_timeout: self.cfg.first_token_timeout,
+            };
             match start(&group, &req, call).await {
                 Ok((first, stream)) => {
                     group.breaker.success();
                     let _ = group_tx.send(group.name.clone());
                     let timers = self.metrics.timers(&req.model.name);
-                    let relay = Relay { group: &group.name, timers: &timers, arrived: meta.arrived };
+                    let relay = Relay {
+                        group: &group.name,
+                        timers: &timers,
+                        arrived: meta.arrived,
+                        inter_token_timeout: self.cfg.inter_token_timeout,
+                    };
                     let (completed, usage) = forward(&req, relay, first, stream, tx).await?;
                     self.metrics.tokens(
                         &req.model.name,
@@ -313,7 +330,11 @@ struct Call {
     request_id: String,
     deadline: Option<Instant>,
     trace: TraceContext,
+    first_token_timeout: Duration,
 }
+
+/// How often a request waiting for its first token looks at its group's health.
+const HEALTH_WATCH: Duration = Duration::from_millis(250);
 
 /// Opens the worker stream and waits for its first message.
 async fn start(
@@ -329,8 +350,34 @@ async fn start(
         request.set_timeout(d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
     }
     call.trace.to_metadata(request.metadata_mut());
-    let mut stream = group.client().generate(request).await.map_err(|s| classify(group, s))?.into_inner();
-    match stream.message().await {
+    let give_up = Instant::now() + call.first_token_timeout;
+    let retry = |message: String| {
+        Attempt::Retry(RouterError::Worker { group: group.name.to_string(), code: tonic::Code::Unavailable, message })
+    };
+    // A frozen worker may accept the call and never answer: the first message is awaited only
+    // while the group stays healthy, and no longer than the first-token timeout; then the
+    // request moves on (dropping the stream cancels it on the worker).
+    let first = async {
+        let mut stream = group.client().generate(request).await.map_err(|s| classify(group, s))?.into_inner();
+        let message = stream.message().await;
+        Ok((stream, message))
+    };
+    tokio::pin!(first);
+    let (stream, message) = loop {
+        tokio::select! {
+            result = &mut first => break result?,
+            _ = tokio::time::sleep(HEALTH_WATCH) => {
+                if !group.is_healthy() {
+                    return Err(retry("the group turned unhealthy before the first token".into()));
+                }
+                if Instant::now() >= give_up {
+                    let secs = call.first_token_timeout.as_secs();
+                    return Err(retry(format!("no first token within {secs} s (--first-token-timeout-secs)")));
+                }
+            }
+        }
+    };
+    match message {
         Ok(Some(first)) if failed_finish(&first) => Err(Attempt::Retry(RouterError::Worker {
             group: group.name.to_string(),
             code: tonic::Code::Unavailable,
@@ -355,6 +402,7 @@ struct Relay<'a> {
     group: &'a str,
     timers: &'a RequestTimers,
     arrived: Instant,
+    inter_token_timeout: Duration,
 }
 
 /// Relays the worker's stream as text chunks until it finishes, a stop string matches, or the
@@ -442,10 +490,14 @@ async fn forward(
             let sent = tx.send(Ok(Chunk::Done { finish, usage })).await.is_ok();
             return Ok((sent, usage));
         }
-        msg = match stream.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Err(group_error("the worker's stream ended without a finish".into())),
-            Err(s) => return Err(group_error(format!("the worker failed mid-stream: {}", s.message()))),
+        msg = match tokio::time::timeout(relay.inter_token_timeout, stream.message()).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => return Err(group_error("the worker's stream ended without a finish".into())),
+            Ok(Err(s)) => return Err(group_error(format!("the worker failed mid-stream: {}", s.message()))),
+            Err(_) => {
+                let secs = relay.inter_token_timeout.as_secs();
+                return Err(group_error(format!("no token for {secs} s (--inter-token-timeout-secs)")));
+            }
         };
     }
 }

@@ -128,16 +128,28 @@ fn logprobs(l: Vec<TokenLogprob>) -> Vec<PbLogprob> {
 /// Response metadata naming the group that served the request.
 pub const GROUP_HEADER: &str = "x-qwen-serve-group";
 
-fn with_group<T>(mut response: Response<T>, group: &str) -> Response<T> {
-    if let Ok(v) = group.parse() {
-        response.metadata_mut().insert(GROUP_HEADER, v);
+impl PublicService {
+    /// `response`, naming the group that served it when `--expose-group` says so.
+    fn with_group<T>(&self, mut response: Response<T>, group: &str) -> Response<T> {
+        if let Some(v) = self.router.cfg.expose_group.then(|| group.parse().ok()).flatten() {
+            response.metadata_mut().insert(GROUP_HEADER, v);
+        }
+        response
     }
-    response
+
+    async fn unary(&self, model: String, generation: Generation) -> Result<Response<GenerateResponse>, Status> {
+        let group = generation.group.clone();
+        Ok(self.with_group(unary(model, generation).await?, &group))
+    }
+
+    fn streaming(&self, generation: Generation) -> Response<ChunkStream> {
+        let group = generation.group.clone();
+        self.with_group(Response::new(streaming(generation)), &group)
+    }
 }
 
 async fn unary(model: String, generation: Generation) -> Result<Response<GenerateResponse>, Status> {
     let id = generation.id.clone();
-    let group = generation.group.clone();
     let prompt_token_ids = generation.prompt.clone();
     let c = generation.collect().await.map_err(|e| e.to_status())?;
     let response = Response::new(GenerateResponse {
@@ -150,7 +162,7 @@ async fn unary(model: String, generation: Generation) -> Result<Response<Generat
         logprobs: logprobs(c.logprobs),
         prompt_token_ids,
     });
-    Ok(with_group(response, &group))
+    Ok(response)
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
@@ -201,7 +213,7 @@ impl GenerationApi for PublicService {
         let r = request.into_inner();
         let job = job(&r.model, generate_prompt(r.prompt), r.options);
         let generation = self.start(meta, job).await?;
-        unary(r.model, generation).await
+        self.unary(r.model, generation).await
     }
 
     type GenerateStreamStream = ChunkStream;
@@ -211,8 +223,7 @@ impl GenerationApi for PublicService {
         let r = request.into_inner();
         let job = job(&r.model, generate_prompt(r.prompt), r.options);
         let generation = self.start(meta, job).await?;
-        let group = generation.group.clone();
-        Ok(with_group(Response::new(streaming(generation)), &group))
+        Ok(self.streaming(generation))
     }
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
@@ -220,7 +231,7 @@ impl GenerationApi for PublicService {
         let r = request.into_inner();
         let job = job(&r.model, chat_prompt(r.messages), r.options);
         let generation = self.start(meta, job).await?;
-        unary(r.model, generation).await
+        self.unary(r.model, generation).await
     }
 
     type ChatStreamStream = ChunkStream;
@@ -230,8 +241,7 @@ impl GenerationApi for PublicService {
         let r = request.into_inner();
         let job = job(&r.model, chat_prompt(r.messages), r.options);
         let generation = self.start(meta, job).await?;
-        let group = generation.group.clone();
-        Ok(with_group(Response::new(streaming(generation)), &group))
+        Ok(self.streaming(generation))
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {

@@ -370,15 +370,110 @@ async fn backpressure_deadlines_and_disconnects() {
     let mut req = tonic::Request::new(ids_request(&[5, 6, 7], greedy_options(8)));
     req.set_timeout(Duration::from_millis(300));
     let e = c.generate(req).await.unwrap_err();
+    // The same over HTTP with the x-request-timeout header: 504 (or 503 once the stopped group
+    // is seen unhealthy), not a hang.
+    let asked = Instant::now();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", r.http))
+        .header("x-request-timeout", "0.3")
+        .json(&json!({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 8}))
+        .send()
+        .await
+        .unwrap();
     signal(w.pid(), "CONT");
     assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
+    assert!(matches!(resp.status().as_u16(), 503 | 504), "{}", resp.status());
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", r.http))
+        .header("x-request-timeout", "soon")
+        .json(&json!({"model": MODEL, "prompt": [1], "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+}
+
+/// A frozen worker (SIGSTOP) holds nothing forever: its streams in flight end UNAVAILABLE after
+/// the inter-token timeout, requests waiting for their first token on it move to the other
+/// group once it turns unhealthy and complete there, and group names stay internal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_holds_no_request() {
+    let a = WorkerProcess::start(MODEL, &[]);
+    let b = WorkerProcess::start(MODEL, &[]);
+    let r = RouterProcess::start(&[
+        "--worker",
+        bare(&a.addr),
+        "--worker",
+        bare(&b.addr),
+        "--policy",
+        "round-robin",
+        "--inter-token-timeout-secs",
+        "3",
+    ]);
+    wait_for_groups(&r, 2).await;
+    let c = grpc(&r).await;
+    // Long streams on both groups, started before the freeze.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let resp = c.clone().generate_stream(ids_request(&[5, 6, 7], greedy_options(240))).await.unwrap();
+        assert!(resp.metadata().get("x-qwen-serve-group").is_none(), "group names are internal by default");
+        let mut s = resp.into_inner();
+        s.next().await.unwrap().unwrap();
+        streams.push(s);
+    }
+    signal(a.pid(), "STOP");
+    let started = Instant::now();
+    // New requests: those routed to the frozen group before it is marked unhealthy move on.
+    let (prompt, greedy) = cases().remove(0);
+    let news = futures::future::join_all((0..8).map(|_| {
+        let mut c = c.clone();
+        let req = ids_request(&prompt, greedy_options(greedy.len() as u32));
+        async move { c.generate(req).await }
+    }))
+    .await;
+    for resp in news {
+        assert_eq!(resp.expect("finished on the healthy group").into_inner().token_ids, greedy);
+    }
+    // Streams on the frozen group end UNAVAILABLE; the others run on.
+    let mut ended = 0;
+    for mut s in streams {
+        let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match s.next().await {
+                    Some(Ok(m)) if m.finish_reason != 0 => return Ok(()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
+            }
+        })
+        .await
+        .expect("no stream is held past the timeouts");
+        if let Err(e) = outcome {
+            assert_eq!(e.code(), Code::Unavailable, "{e}");
+            assert!(!e.message().contains(bare(&a.addr)), "{}", e.message());
+            ended += 1;
+        }
+    }
+    assert!(ended >= 1, "a stream on the frozen worker ended UNAVAILABLE");
+    assert!(started.elapsed() < Duration::from_secs(40));
+    signal(a.pid(), "CONT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_group_fails_only_its_streams_and_leaves_routing() {
     let a = WorkerProcess::start(MODEL, &[]);
     let b = WorkerProcess::start(MODEL, &[]);
-    let r = RouterProcess::start(&["--worker", bare(&a.addr), "--worker", bare(&b.addr), "--policy", "round-robin"]);
+    let r = RouterProcess::start(&[
+        "--worker",
+        bare(&a.addr),
+        "--worker",
+        bare(&b.addr),
+        "--policy",
+        "round-robin",
+        "--expose-group",
+    ]);
     wait_for_groups(&r, 2).await;
     let c = grpc(&r).await;
     let open = |c: &GenerationClient<Channel>| {
@@ -444,7 +539,15 @@ async fn a_killed_group_fails_only_its_streams_and_leaves_routing() {
 async fn cache_aware_keeps_a_shared_prefix_on_one_group() {
     let a = WorkerProcess::start(MODEL, &[]);
     let b = WorkerProcess::start(MODEL, &[]);
-    let r = RouterProcess::start(&["--worker", bare(&a.addr), "--worker", bare(&b.addr), "--policy", "cache-aware"]);
+    let r = RouterProcess::start(&[
+        "--worker",
+        bare(&a.addr),
+        "--worker",
+        bare(&b.addr),
+        "--policy",
+        "cache-aware",
+        "--expose-group",
+    ]);
     wait_for_groups(&r, 2).await;
     let mut c = grpc(&r).await;
     // Four "documents" of 48 tokens, each asked about 8 times with a different 4-token question.

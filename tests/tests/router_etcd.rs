@@ -83,7 +83,15 @@ async fn groups_come_and_go_through_etcd() {
     let mut etcd = EtcdServer::start().expect("etcd");
     let a = start_worker(&etcd, "ga");
     let _b = start_worker(&etcd, "gb");
-    let r = RouterProcess::start(&["--etcd", &etcd.endpoint, "--policy", "round-robin", "--relist-secs", "2"]);
+    let r = RouterProcess::start(&[
+        "--etcd",
+        &etcd.endpoint,
+        "--policy",
+        "round-robin",
+        "--relist-secs",
+        "2",
+        "--expose-group",
+    ]);
     wait_groups(&r, 2, Duration::from_secs(20)).await;
     let groups = served_by(&r, 4).await;
     assert!(groups.contains(&"ga".to_string()) && groups.contains(&"gb".to_string()), "{groups:?}");
@@ -118,7 +126,7 @@ async fn a_draining_group_leaves_routing_and_finishes_its_streams() {
     let etcd = EtcdServer::start().expect("etcd");
     let mut a = start_worker(&etcd, "drain-a");
     let _b = start_worker(&etcd, "drain-b");
-    let r = RouterProcess::start(&["--etcd", &etcd.endpoint, "--policy", "round-robin"]);
+    let r = RouterProcess::start(&["--etcd", &etcd.endpoint, "--policy", "round-robin", "--expose-group"]);
     wait_groups(&r, 2, Duration::from_secs(20)).await;
     // Streams on both; the client reads slowly, so the one on drain-a is running at SIGTERM.
     let mut on_a = None;

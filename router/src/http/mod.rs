@@ -243,11 +243,12 @@ async fn run(
     reply: Reply,
 ) -> Result<Response, ApiError> {
     let name = job.model.clone();
-    let meta = RequestMeta::new(endpoint, TraceContext::from_headers(headers), None);
+    let meta = RequestMeta::new(endpoint, TraceContext::from_headers(headers), deadline(headers)?);
     let Started { model, generations } = router.start(job, meta).await?;
     let id = generations.first().map(|g| g.id.clone()).unwrap_or_default();
     let groups: Vec<&str> = generations.iter().map(|g| g.group.as_ref()).collect();
-    let group_header = axum::http::HeaderValue::from_str(&groups.join(",")).ok();
+    let group_header =
+        router.cfg.expose_group.then(|| axum::http::HeaderValue::from_str(&groups.join(",")).ok()).flatten();
     let head = Head { api: reply.api, id, created: now(), name };
     let mut response = if reply.stream {
         let cfg = SseConfig { head, model, include_usage: reply.include_usage };
@@ -260,6 +261,19 @@ async fn run(
         response.headers_mut().insert(crate::grpc::GROUP_HEADER, v);
     }
     Ok(response)
+}
+
+/// The header a client bounds its request's total time with, in seconds (like gRPC's
+/// `grpc-timeout`): past it the request ends 504 / with a stream error, and the worker drops it.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout";
+
+fn deadline(headers: &HeaderMap) -> Result<Option<std::time::Instant>, ApiError> {
+    let Some(v) = headers.get(TIMEOUT_HEADER) else { return Ok(None) };
+    let secs = v.to_str().ok().and_then(|s| s.trim().parse::<f64>().ok()).filter(|s| s.is_finite() && *s > 0.0);
+    let Some(secs) = secs else {
+        return Err(RouterError::invalid(TIMEOUT_HEADER, "must be a positive number of seconds").into());
+    };
+    Ok(std::time::Instant::now().checked_add(std::time::Duration::from_secs_f64(secs.min(1e9))))
 }
 
 /// What every response and chunk of one request repeats.
