@@ -98,6 +98,8 @@ pub struct Router {
     pub metrics: Arc<RouterMetrics>,
     pub cfg: GenerateConfig,
     next_id: AtomicU64,
+    /// Tokenizations running at once (one per core).
+    tokenizing: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a request came from and what travels with it.
@@ -190,6 +192,9 @@ impl Router {
             metrics: RouterMetrics::new(),
             cfg,
             next_id: AtomicU64::new(0),
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )),
         }
     }
 
@@ -198,12 +203,30 @@ impl Router {
     /// started (its own outcome counted when it ends).
     pub async fn start(self: &Arc<Self>, job: Job, meta: RequestMeta) -> Result<Started> {
         let model = self.pool.model(&job.model).inspect_err(|e| self.metrics.request(None, meta.api, Err(e)))?;
-        let choices = job
-            .prompt
-            .and_then(|prompt| prepare_choices(model.clone(), prompt, job.options, job.n))
+        let choices = self
+            .prepare(model.clone(), job)
+            .await
             .inspect_err(|e| self.metrics.request(Some(&model.name), meta.api, Err(e)))?;
         let started = futures::future::join_all(choices.into_iter().map(|c| self.generate(c, meta))).await;
         Ok(Started { model, generations: started.into_iter().collect::<Result<Vec<_>>>()? })
+    }
+
+    /// Checks and tokenizes `job` off the async threads (a long prompt costs CPU seconds), at
+    /// most one job per core at a time, so big prompts cannot stall other requests' streams.
+    async fn prepare(&self, model: Arc<ModelInfo>, job: Job) -> Result<Vec<Prepared>> {
+        let prompt = job.prompt?;
+        let permit = self
+            .tokenizing
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RouterError::Internal("the tokenizer pool is closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            prepare_choices(model, prompt, job.options, job.n)
+        })
+        .await
+        .map_err(|e| RouterError::Internal(format!("tokenizing: {e}")))?
     }
 
     /// Starts `req` and waits for its first chunk, so that a request that cannot start at all

@@ -21,6 +21,10 @@ pub struct ModelInfo {
     pub chat_template: Option<ChatTemplate>,
     /// When this router learnt the model (Unix seconds): `created` in `/v1/models`.
     pub learned_at: u64,
+    /// The tokenizer's longest token in bytes: text longer than `3 × max_context × this` cannot
+    /// fit the context (NFC normalisation shrinks text at most threefold) and is refused
+    /// without being tokenized.
+    pub max_token_bytes: usize,
 }
 
 /// A model's tokenizer and chat template from a local directory (`--tokenizer NAME=DIR`),
@@ -67,7 +71,9 @@ impl ModelInfo {
             // The original Qwen-Chat and other template-less checkpoints speak ChatML.
             (Some(_), true) => Some(ChatTemplate::new(CHATML)?),
         };
+        let max_token_bytes = tokenizer.as_ref().map_or(1, |t| t.max_token_bytes().max(1));
         Ok(ModelInfo {
+            max_token_bytes,
             name: info.model_name.clone(),
             max_context: info.max_context as usize,
             vocab_size: info.vocab_size as usize,

@@ -182,6 +182,7 @@ fn encode_prompt(model: &ModelInfo, prompt: Prompt) -> Result<Vec<u32>> {
             if text.is_empty() {
                 return Err(RouterError::invalid("prompt", "must not be empty"));
             }
+            fits(model, "prompt", &text)?;
             // Client text is text: a literal "<|im_start|>" in it is not the special token.
             encode(model, "prompt", &text, false)
         }
@@ -216,6 +217,7 @@ fn encode_chat(
         messages.iter().enumerate().map(|(i, m)| Message { role: m.role, content: marker(i) }).collect();
     let skeleton = template.render(&marked)?;
     let real = template.render(&messages)?;
+    fits(model, "messages", &real)?;
     let mut ids = Vec::with_capacity(real.len() / 3);
     let mut rebuilt = String::with_capacity(real.len());
     let mut rest = skeleton.as_str();
@@ -249,6 +251,23 @@ fn encode_chat(
         }
     }
     markup(&real)
+}
+
+/// Refuses, before tokenizing it, text too long to fit the model's context in any tokenization.
+fn fits(model: &ModelInfo, field: &str, text: &str) -> Result<()> {
+    let at_least = text.len() / 3 / model.max_token_bytes.max(1);
+    if at_least >= model.max_context {
+        return Err(RouterError::invalid(
+            field,
+            format!(
+                "{} bytes of text are at least {at_least} tokens; model `{}` has a context of {} tokens",
+                text.len(),
+                model.name,
+                model.max_context
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn encode(model: &ModelInfo, field: &str, text: &str, allow_special: bool) -> Result<Vec<u32>> {
@@ -305,6 +324,7 @@ mod tests {
             tokenizer: None,
             chat_template: None,
             learned_at: 0,
+            max_token_bytes: 1,
         })
     }
 
@@ -379,6 +399,7 @@ mod tests {
             tokenizer: Some(tok.clone()),
             chat_template: Some(crate::template::ChatTemplate::new(template).unwrap()),
             learned_at: 0,
+            max_token_bytes: tok.max_token_bytes(),
         };
         (Arc::new(model), tok)
     }
@@ -402,6 +423,18 @@ mod tests {
         let whole = model.chat_template.as_ref().unwrap().render(&benign).unwrap();
         let p = prepare(model, Prompt::Chat(benign), Options::default()).unwrap();
         assert_eq!(p.prompt, tok.encode(&whole, true).unwrap());
+    }
+
+    #[test]
+    fn text_that_cannot_fit_is_refused_before_tokenizing() {
+        let (model, _) = chat_model(crate::template::CHATML);
+        let limit = 3 * model.max_context * model.max_token_bytes;
+        let err = prepare(model.clone(), Prompt::Text("a".repeat(limit)), Options::default()).err().unwrap();
+        assert!(
+            matches!(&err, RouterError::Invalid { field, message } if field == "prompt" && message.contains("bytes"))
+        );
+        let err = prepare(model, Prompt::Chat(user(&"a".repeat(limit))), Options::default()).err().unwrap();
+        assert!(matches!(&err, RouterError::Invalid { field, .. } if field == "messages"), "{err}");
     }
 
     #[test]

@@ -316,6 +316,14 @@ async fn bad_input_gets_4xx_or_invalid_argument_naming_the_field() {
         ("/v1/completions", json!({"model": MODEL, "prompt": [100000]}), 400, "prompt"),
         ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "max_tokens": 1000}), 400, "max_tokens"),
         ("/v1/completions", json!({"model": MODEL, "prompt": ""}), 400, "prompt"),
+        // Fields that change the output are refused by name, never silently dropped.
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}),
+            400,
+            "tools",
+        ),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "logit_bias": {"1": 5}}), 400, "logit_bias"),
     ];
     for (path, body, want, param) in cases {
         let (status, v) = raw(path, body.to_string()).await;
@@ -325,6 +333,24 @@ async fn bad_input_gets_4xx_or_invalid_argument_naming_the_field() {
     }
     let (status, v) = raw("/v1/completions", json!({"prompt": "hi"}).to_string()).await;
     assert_eq!(status, 400, "missing model: {v}");
+    // Bookkeeping fields of OpenAI's platform change nothing and are accepted.
+    let body = json!({"model": MODEL, "prompt": [1], "max_tokens": 1, "metadata": {"a": "b"}, "store": false});
+    assert_eq!(raw("/v1/completions", body.to_string()).await.0, 200);
+    // Only JSON bodies, uncompressed: a cross-site form post or a gzip body is not read.
+    let body = json!({"model": MODEL, "prompt": [1], "max_tokens": 1}).to_string();
+    for (name, value) in [("content-type", "text/plain"), ("content-type", "application/x-www-form-urlencoded")] {
+        let resp = http.post(format!("{}/v1/completions", r.http)).header(name, value).body(body.clone()).send().await;
+        assert_eq!(resp.unwrap().status().as_u16(), 415, "{value}");
+    }
+    let resp = http
+        .post(format!("{}/v1/completions", r.http))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
     let mut c = grpc(&r).await;
     let no_prompt = GenerateRequest { model: MODEL.into(), prompt: None, options: None };
     let e = c.generate(no_prompt).await.unwrap_err();
@@ -365,7 +391,7 @@ async fn backpressure_deadlines_and_disconnects() {
     // The client goes away: the worker drops the request well before 240 tokens.
     drop(long);
     wait_idle(&w).await;
-    // A deadline the worker cannot meet (it is stopped): DEADLINE_EXCEEDED, not a hang.
+    // A deadline the worker cannot meet (it is stopped): an error within the deadline, not a hang.
     signal(w.pid(), "STOP");
     let mut req = tonic::Request::new(ids_request(&[5, 6, 7], greedy_options(8)));
     req.set_timeout(Duration::from_millis(300));
@@ -381,7 +407,8 @@ async fn backpressure_deadlines_and_disconnects() {
         .await
         .unwrap();
     signal(w.pid(), "CONT");
-    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
+    // Whichever comes first: the deadline, or the stopped group seen unhealthy (no other group).
+    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable), "{e:?}");
     assert!(matches!(resp.status().as_u16(), 503 | 504), "{}", resp.status());
     assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
     let resp = reqwest::Client::new()

@@ -79,6 +79,16 @@ impl Tokenizer {
         }
     }
 
+    /// An upper bound on the bytes one token stands for (the longest vocabulary entry; for
+    /// byte-level vocabularies each stored character is one byte, at most its UTF-8 length).
+    /// Walks the vocabulary: call once per tokenizer.
+    pub fn max_token_bytes(&self) -> usize {
+        match self {
+            Tokenizer::Hf(t) => t.get_vocab(true).keys().map(String::len).max().unwrap_or(1),
+            Tokenizer::Tiktoken(t) => t.max_token_bytes(),
+        }
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match self {
             Tokenizer::Hf(t) => t.token_to_id(token),

@@ -26,6 +26,7 @@ pub struct QwenTiktoken {
     bpe: CoreBPE,
     specials: FxHashMap<String, u32>,
     vocab_size: usize,
+    max_token_bytes: usize,
 }
 
 impl QwenTiktoken {
@@ -76,9 +77,10 @@ impl QwenTiktoken {
         let specials: FxHashMap<String, u32> =
             special_tokens().into_iter().enumerate().map(|(i, s)| (s, (n + i) as u32)).collect();
         let vocab_size = n + specials.len();
+        let max_token_bytes = ranks.keys().map(Vec::len).chain(specials.keys().map(String::len)).max().unwrap_or(1);
         let bpe = CoreBPE::new(ranks, specials.clone(), PATTERN)
             .map_err(|e| Error::Malformed { path: path.to_path_buf(), message: e.to_string() })?;
-        Ok(QwenTiktoken { bpe, specials, vocab_size })
+        Ok(QwenTiktoken { bpe, specials, vocab_size, max_token_bytes })
     }
 
     /// Encodes `text` after NFC normalisation (as Qwen's `tokenization_qwen.py` does);
@@ -112,6 +114,11 @@ impl QwenTiktoken {
             token: e.token,
             vocab: self.vocab_size,
         })
+    }
+
+    /// Bytes of the longest token.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -103,10 +103,26 @@ impl IntoResponse for ApiError {
 }
 
 /// The body as JSON, with OpenAI-shaped errors for oversized and malformed bodies; a value of
-/// the wrong shape names its field (`messages[0].role`) as `param`.
+/// the wrong shape names its field (`messages[0].role`) as `param`. Only `application/json`
+/// bodies without a content encoding are read (415 otherwise): a cross-site form post or a
+/// gzip body is refused, not parsed.
 fn parse<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, ApiError> {
+    let unsupported = |message: String, param: &str| {
+        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", message, Some(param.into()))
+    };
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(unsupported("the body must be JSON with Content-Type: application/json".into(), "Content-Type"));
+    }
+    if let Some(encoding) = headers.get(axum::http::header::CONTENT_ENCODING) {
+        if !encoding.to_str().is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity")) {
+            return Err(unsupported("compressed bodies are not accepted".into(), "Content-Encoding"));
+        }
+    }
     let bytes = body.map_err(|r| ApiError::new(r.status(), "invalid_request_error", r.body_text(), None))?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -120,6 +136,17 @@ fn parse<T: serde::de::DeserializeOwned>(
             param,
         )
     })
+}
+
+fn refuse_unsupported(s: &Sampling) -> Result<(), ApiError> {
+    match s.unsupported_field() {
+        Some(field) => {
+            // Named as `param`: printable ASCII, cut short (the key is the client's).
+            let name: String = field.chars().filter(char::is_ascii_graphic).take(64).collect();
+            Err(RouterError::invalid(name, "is not supported by this server").into())
+        }
+        None => Ok(()),
+    }
 }
 
 fn now() -> u64 {
@@ -187,7 +214,8 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(body)?;
+    let req: CompletionRequest = parse(&headers, body)?;
+    refuse_unsupported(&req.sampling)?;
     let n = req.sampling.n.unwrap_or(1);
     let (prompt, batch) = match req.prompt {
         PromptInput::Text(t) => (Some(Prompt::Text(t)), None),
@@ -216,7 +244,8 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(body)?;
+    let req: ChatRequest = parse(&headers, body)?;
+    refuse_unsupported(&req.sampling)?;
     let messages = req
         .messages
         .into_iter()
