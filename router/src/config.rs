@@ -90,6 +90,19 @@ pub struct RouterArgs {
     /// off by default, as group names are internal.
     #[arg(long, env = "QWEN_ROUTER_EXPOSE_GROUP")]
     pub expose_group: bool,
+    /// Open connections per public port; one more is refused at once (HTTP 503, gRPC closed).
+    /// 0: half of what the open-file limit leaves after 256 for the router's own use.
+    #[arg(long, env = "QWEN_ROUTER_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+    /// HTTP/1 request heads must arrive within this; idle keep-alive connections close after it.
+    #[arg(long, env = "QWEN_ROUTER_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_read_timeout_secs: u64,
+    /// A request body must arrive within this (408 otherwise).
+    #[arg(long, env = "QWEN_ROUTER_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_read_timeout_secs: u64,
+    /// HTTP/2 keep-alive ping interval on both ports; a peer that misses a pong is dropped.
+    #[arg(long, env = "QWEN_ROUTER_KEEPALIVE_SECS", default_value_t = 30)]
+    pub keepalive_secs: u64,
 }
 
 pub enum Discovery {
@@ -107,6 +120,7 @@ pub struct RouterConfig {
     pub pool: PoolConfig,
     pub generate: GenerateConfig,
     pub max_body_bytes: usize,
+    pub conn: crate::conn::ConnConfig,
 }
 
 impl RouterArgs {
@@ -155,6 +169,9 @@ impl RouterArgs {
             ("--breaker-failures", self.breaker_failures as u64),
             ("--max-body-bytes", self.max_body_bytes as u64),
             ("--first-token-timeout-secs", self.first_token_timeout_secs),
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--body-read-timeout-secs", self.body_read_timeout_secs),
+            ("--keepalive-secs", self.keepalive_secs),
             ("--inter-token-timeout-secs", self.inter_token_timeout_secs),
         ] {
             if v == 0 {
@@ -208,6 +225,12 @@ impl RouterArgs {
                 },
             },
             max_body_bytes: self.max_body_bytes,
+            conn: crate::conn::ConnConfig {
+                max_connections: crate::conn::ConnConfig::auto_max_connections(self.max_connections),
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+                body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
+                keepalive_interval: Duration::from_secs(self.keepalive_secs),
+            },
         })
     }
 }

@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod breaker;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod generate;
 pub mod grpc;

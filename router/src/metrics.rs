@@ -41,6 +41,27 @@ impl Api {
 /// label values (they are unbounded).
 pub const UNKNOWN_MODEL: &str = "unknown";
 
+/// A public port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Port {
+    Grpc,
+    Http,
+}
+
+impl Port {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Port::Grpc => "grpc",
+            Port::Http => "http",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub port: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// A served model's name, or [`UNKNOWN_MODEL`].
@@ -83,6 +104,8 @@ pub struct RouterMetrics {
     group_in_flight: Family<GroupLabels, Gauge>,
     group_breaker_open: Family<GroupLabels, Gauge>,
     etcd_connected: Gauge<i64, AtomicI64>,
+    connections_open: Family<PortLabels, Gauge>,
+    connections_refused: Family<PortLabels, Counter>,
 }
 
 /// One request's latency handles, fetched once.
@@ -111,6 +134,8 @@ impl RouterMetrics {
             group_in_flight: Family::default(),
             group_breaker_open: Family::default(),
             etcd_connected: Gauge::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by model, API and outcome", m.requests.clone());
@@ -123,6 +148,9 @@ impl RouterMetrics {
         registry.register("retries", "Attempts moved to another group before the first token", m.retries.clone());
         registry.register("group_routed_requests", "Attempts sent to each group", m.routed.clone());
         registry.register("requests_in_flight", "Requests holding an admission slot", m.in_flight.clone());
+        registry.register("connections_open", "Open client connections per public port", m.connections_open.clone());
+        let refused = "Connections closed at once: the port had --max-connections open";
+        registry.register("connections_refused", refused, m.connections_refused.clone());
         registry.register("requests_queued", "Requests waiting for an admission slot", m.queued.clone());
         registry.register("group_healthy", "1 when the group passes health checks", m.group_healthy.clone());
         registry.register("group_in_flight", "Requests the router has open on the group", m.group_in_flight.clone());
@@ -150,6 +178,18 @@ impl RouterMetrics {
 
     pub fn routed(&self, group: &str) {
         self.routed.get_or_create(&GroupLabels { group: label(group) }).inc();
+    }
+
+    pub fn connection_opened(&self, port: Port) {
+        self.connections_open.get_or_create(&PortLabels { port: port.as_str() }).inc();
+    }
+
+    pub fn connection_closed(&self, port: Port) {
+        self.connections_open.get_or_create(&PortLabels { port: port.as_str() }).dec();
+    }
+
+    pub fn connection_refused(&self, port: Port) {
+        self.connections_refused.get_or_create(&PortLabels { port: port.as_str() }).inc();
     }
 
     pub fn retried(&self) {

@@ -8,9 +8,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Discovery, RouterConfig};
+use crate::conn::{BodyLimits, ConnConfig, Limited};
 use crate::error::{Result, RouterError};
 use crate::generate::Router;
 use crate::grpc::PublicService;
+use crate::metrics::Port;
 use crate::pool::{Member, Pool};
 
 /// The gRPC services the public port serves, as reflection lists them.
@@ -53,16 +55,20 @@ pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Runni
     let grpc_addr = grpc_listener.local_addr().map_err(|e| RouterError::Internal(e.to_string()))?;
     let http_addr = http_listener.local_addr().map_err(|e| RouterError::Internal(e.to_string()))?;
 
-    tasks.push(tokio::spawn(serve_grpc(grpc_listener, router.clone(), cancel.clone())));
-    tasks.push(tokio::spawn(crate::http::serve(
-        http_listener,
-        crate::http::HttpConfig { router: router.clone(), max_body_bytes: cfg.max_body_bytes },
-        cancel.clone(),
-    )));
+    let conn = cfg.conn;
+    let metrics = router.metrics.clone();
+    let grpc_listener = Limited::new(grpc_listener, conn.max_connections, Port::Grpc, metrics.clone());
+    let http_listener = Limited::new(http_listener, conn.max_connections, Port::Http, metrics);
+    tasks.push(tokio::spawn(serve_grpc(grpc_listener, router.clone(), conn, cancel.clone())));
+    let http = crate::http::HttpConfig {
+        router: router.clone(),
+        body: BodyLimits { max_bytes: cfg.max_body_bytes, timeout: conn.body_read_timeout },
+    };
+    tasks.push(tokio::spawn(crate::http::serve(http_listener, http, conn, cancel.clone())));
     Ok(Running { grpc_addr, http_addr, router, tasks, cancel })
 }
 
-async fn serve_grpc(listener: TcpListener, router: Arc<Router>, cancel: CancellationToken) {
+async fn serve_grpc(listener: Limited, router: Arc<Router>, conn: ConnConfig, cancel: CancellationToken) {
     use qwen_proto::serve::generation_server::GenerationServer;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GenerationServer<PublicService>>().await;
@@ -84,9 +90,12 @@ async fn serve_grpc(listener: TcpListener, router: Arc<Router>, cancel: Cancella
             return;
         }
     };
-    // Streamed chunks are small writes: without TCP_NODELAY, Nagle holds them for the peer's ACK.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Accepted sockets have TCP_NODELAY (streamed chunks are small writes: Nagle would hold
+    // them for the peer's ACK) and hold a connection slot until they close.
+    let incoming = listener.into_incoming(conn.header_read_timeout, cancel.clone());
     let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(conn.keepalive_interval))
+        .http2_keepalive_timeout(Some(conn.keepalive_interval / 2))
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha)

@@ -396,8 +396,8 @@ async fn backpressure_deadlines_and_disconnects() {
     let mut req = tonic::Request::new(ids_request(&[5, 6, 7], greedy_options(8)));
     req.set_timeout(Duration::from_millis(300));
     let e = c.generate(req).await.unwrap_err();
-    // The same over HTTP with the x-request-timeout header: 504 (or 503 once the stopped group
-    // is seen unhealthy), not a hang.
+    // The same over HTTP with the x-request-timeout header: an answer within the deadline, not a
+    // hang: 504 (or 503 once the stopped group is seen unhealthy).
     let asked = Instant::now();
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/completions", r.http))
@@ -409,7 +409,8 @@ async fn backpressure_deadlines_and_disconnects() {
     signal(w.pid(), "CONT");
     // Whichever comes first: the deadline, or the stopped group seen unhealthy (no other group).
     assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable), "{e:?}");
-    assert!(matches!(resp.status().as_u16(), 503 | 504), "{}", resp.status());
+    // (429 while the gRPC request's task still holds the only admission slot for a moment.)
+    assert!(matches!(resp.status().as_u16(), 429 | 503 | 504), "{}", resp.status());
     assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/completions", r.http))

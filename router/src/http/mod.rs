@@ -18,8 +18,9 @@ use axum::routing::{get, post};
 use axum::Router as Routes;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::conn::{BodyLimits, ConnConfig, Limited};
 
 use crate::error::{ErrorKind, RouterError};
 use crate::generate::{Chunk, Collected, Generation, Job, RequestMeta, Router, RouterScrape, Started, TokenLogprob};
@@ -36,17 +37,15 @@ use types::{
 
 pub struct HttpConfig {
     pub router: Arc<Router>,
-    pub max_body_bytes: usize,
+    pub body: BodyLimits,
 }
 
-pub async fn serve(listener: TcpListener, cfg: HttpConfig, cancel: CancellationToken) {
-    let app = routes(cfg);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
-        tracing::error!(error = %e, "HTTP server failed");
-    }
+pub async fn serve(listener: Limited, cfg: HttpConfig, conn: ConnConfig, cancel: CancellationToken) {
+    crate::conn::serve_http(listener, routes(cfg), conn, cancel).await;
 }
 
 pub fn routes(cfg: HttpConfig) -> Routes {
+    let body = cfg.body;
     Routes::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -54,7 +53,8 @@ pub fn routes(cfg: HttpConfig) -> Routes {
         .route("/health", get(health))
         .merge(qwen_telemetry::exposition::route(Arc::new(RouterScrape(cfg.router.clone()))))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route", None) })
-        .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
+        .layer(axum::middleware::from_fn(move |request, next| crate::conn::read_body(body, request, next)))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
         .with_state(cfg.router)
 }
 
@@ -72,6 +72,13 @@ impl ApiError {
             body: ErrorBody { error: ErrorDetail { message: message.into(), kind, param, code: None } },
             retry_after: None,
         }
+    }
+}
+
+impl ApiError {
+    /// An `invalid_request_error` with `status` (for the transport's refusals: 408, 413, ...).
+    pub fn plain(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError::new(status, "invalid_request_error", message, None)
     }
 }
 
