@@ -10,6 +10,9 @@ use qwen_proto::worker::worker_client::WorkerClient;
 use qwen_proto::worker::{GenerateRequest, SamplingParams};
 use qwen_tests::{golden, ids, rank_pid, signal, WorkerProcess};
 use tokio_stream::StreamExt;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 fn start_group(etcd: &EtcdServer, group: &str) -> WorkerProcess {
     WorkerProcess::start(
@@ -27,6 +30,8 @@ fn start_group(etcd: &EtcdServer, group: &str) -> WorkerProcess {
             "1000000",
             "--collective-timeout-ms",
             "2000",
+            "--stuck-after-ms",
+            "300",
         ],
     )
 }
@@ -103,7 +108,25 @@ async fn a_stopped_rank_is_caught_by_the_collective_timeout() {
     let rank1 = rank_pid("tp-stop", 1).expect("rank 1 process");
     signal(rank1, "STOP");
     let started = Instant::now();
-    let err = generate(&w.addr, &[1, 2, 3], 4).await.expect_err("a forward needs the stopped rank");
+    let stuck = generate(&w.addr, &[1, 2, 3], 4);
+    // Health follows engine progress: NOT_SERVING while the step waits on the stopped rank,
+    // well before the collective timeout (2 s) ends the group.
+    let health = async {
+        let channel = tonic::transport::Channel::from_shared(w.addr.clone()).unwrap().connect().await.unwrap();
+        let mut h = HealthClient::new(channel);
+        loop {
+            let req = HealthCheckRequest { service: "qwen.worker.v1.Worker".into() };
+            let status = h.check(req).await.map(|r| r.into_inner().status).unwrap_or(-1);
+            if status == ServingStatus::NotServing as i32 {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (err, not_serving) = tokio::join!(stuck, tokio::time::timeout(Duration::from_secs(2), health));
+    let not_serving = not_serving.expect("health turned NOT_SERVING before the collective timeout");
+    assert!(not_serving < Duration::from_millis(1900), "{not_serving:?}");
+    let err = err.expect_err("a forward needs the stopped rank");
     assert!(started.elapsed() < Duration::from_secs(10), "{err:?} after {:?}", started.elapsed());
     let status = exits_within(&mut w, Duration::from_secs(15));
     assert!(!status.success());

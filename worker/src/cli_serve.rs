@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Longest any collective waits for a rank before the group is declared broken.
     #[arg(long, env = "QWEN_COLLECTIVE_TIMEOUT_MS", default_value_t = 10_000)]
     collective_timeout_ms: u64,
+    /// Health turns NOT_SERVING while an engine step has run longer than this (and four times
+    /// the longest recent step): a stopped rank or a hung device leaves routing at once.
+    #[arg(long, env = "QWEN_STUCK_AFTER_MS", default_value_t = 5_000)]
+    stuck_after_ms: u64,
     /// The address routers use to reach this worker (default: the bound --listen address; set it
     /// when listening on 0.0.0.0, e.g. to the pod IP).
     #[arg(long, env = "QWEN_ADVERTISE_ADDR")]
@@ -130,6 +134,7 @@ pub struct ServeConfig {
     scheduler: SchedulerConfig,
     registry: Option<Registry>,
     drain_timeout: std::time::Duration,
+    stuck_after: std::time::Duration,
     metrics_listen: Option<SocketAddr>,
     cuda_graphs: bool,
 }
@@ -225,6 +230,7 @@ impl ServeArgs {
             },
             registry,
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout_secs),
+            stuck_after: std::time::Duration::from_millis(self.stuck_after_ms),
             metrics_listen: self.metrics_listen,
             cuda_graphs: !self.no_cuda_graphs,
         })
@@ -378,7 +384,8 @@ async fn serve_rank0(
         }
         let _ = engine_died_tx.send(());
     });
-    serve(service, listener, stop, DrainConfig { timeout: cfg.drain_timeout, deregister }).await?;
+    let drain = DrainConfig { timeout: cfg.drain_timeout, stuck_after: cfg.stuck_after, deregister };
+    serve(service, listener, stop, drain).await?;
     stop_metrics.cancel();
     watcher.abort();
     if !engine.is_alive() {

@@ -186,6 +186,9 @@ pub enum Stop {
 pub struct DrainConfig {
     /// Longest wait for running requests to finish once draining.
     pub timeout: std::time::Duration,
+    /// Health turns NOT_SERVING while a step has run longer than this and four times the
+    /// longest recent step (a stopped rank, a hung device), and SERVING again when it ends.
+    pub stuck_after: std::time::Duration,
     /// Runs first when draining, e.g. removing the group's record from etcd.
     pub deregister: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
@@ -200,9 +203,12 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     let engine = service.engine.clone();
+    let draining = Arc::new(AtomicBool::new(false));
+    let watch = tokio::spawn(watch_progress(engine.progress(), health.clone(), drain.stuck_after, draining.clone()));
     let shutdown = async move {
         if let Stop::Drain = stop.await {
             tracing::info!("draining: leaving routing, then finishing running requests");
+            draining.store(true, Ordering::Relaxed);
             health.set_not_serving::<WorkerServer<WorkerService>>().await;
             drain.deregister.await;
             let deadline = tokio::time::Instant::now() + drain.timeout;
@@ -221,9 +227,39 @@ pub async fn serve(
     };
     // Token messages are small writes: without TCP_NODELAY, Nagle holds them for the peer's ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(WorkerServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    watch.abort();
+    served
+}
+
+/// Health follows the engine's progress: NOT_SERVING while it is stuck in a step, so routers
+/// stop sending work (and move what waits for a first token) within about `stuck_after`
+/// instead of the whole collective timeout; SERVING again once steps complete (unless draining).
+async fn watch_progress(
+    progress: Arc<crate::engine::runner::Progress>,
+    health: tonic_health::server::HealthReporter,
+    stuck_after: std::time::Duration,
+    draining: Arc<AtomicBool>,
+) {
+    let mut stuck = false;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = progress.is_stuck(stuck_after);
+        if now == stuck || draining.load(Ordering::Relaxed) {
+            continue;
+        }
+        stuck = now;
+        if stuck {
+            let secs = progress.running_for().unwrap_or_default().as_secs_f64();
+            tracing::warn!(step_secs = secs, "engine step is stuck: health NOT_SERVING");
+            health.set_not_serving::<WorkerServer<WorkerService>>().await;
+        } else {
+            tracing::info!("engine steps again: health SERVING");
+            health.set_serving::<WorkerServer<WorkerService>>().await;
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! stats snapshot refreshed once per step.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -72,6 +73,49 @@ pub struct Stats {
     pub max_context: usize,
 }
 
+/// Whether the engine is getting on with its work, lock-free: when the running step began, and
+/// how long steps take. A step that runs far longer than any recent one (a rank stopped, a
+/// device hung) means the engine is stuck, which health checks report.
+pub struct Progress {
+    base: Instant,
+    /// Milliseconds since `base` at the start of the running step, +1; 0 between steps.
+    step_started: AtomicU64,
+    /// The longest recent step, in milliseconds (decays by 1 % a step).
+    longest_step_ms: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress { base: Instant::now(), step_started: AtomicU64::new(0), longest_step_ms: AtomicU64::new(0) }
+    }
+
+    fn begin(&self) {
+        let now = self.base.elapsed().as_millis() as u64 + 1;
+        self.step_started.store(now, Ordering::Relaxed);
+    }
+
+    fn end(&self, took: Duration) {
+        self.step_started.store(0, Ordering::Relaxed);
+        let ms = took.as_millis() as u64;
+        let decayed = self.longest_step_ms.load(Ordering::Relaxed) * 99 / 100;
+        self.longest_step_ms.store(decayed.max(ms), Ordering::Relaxed);
+    }
+
+    /// How long the running step has taken so far; `None` between steps.
+    pub fn running_for(&self) -> Option<Duration> {
+        match self.step_started.load(Ordering::Relaxed) {
+            0 => None,
+            started => Some(self.base.elapsed().saturating_sub(Duration::from_millis(started - 1))),
+        }
+    }
+
+    /// Whether the running step has gone on past `floor` and four times the longest recent step.
+    pub fn is_stuck(&self, floor: Duration) -> bool {
+        let limit = floor.max(Duration::from_millis(4 * self.longest_step_ms.load(Ordering::Relaxed)));
+        self.running_for().is_some_and(|d| d > limit)
+    }
+}
+
 /// Read-only view of the engine's stats snapshot. Unlike an [`EngineHandle`] it does not keep the
 /// engine running (the engine stops when the last handle is dropped).
 #[derive(Clone, Default)]
@@ -88,6 +132,7 @@ impl StatsView {
 pub struct EngineHandle {
     commands: UnboundedSender<Command>,
     stats: Arc<Mutex<Stats>>,
+    progress: Arc<Progress>,
     config: Arc<crate::config::ModelConfig>,
     /// Tokens the whole KV cache holds: the longest sequence that can ever be scheduled.
     kv_capacity_tokens: usize,
@@ -121,6 +166,10 @@ impl EngineHandle {
 
     pub fn stats_view(&self) -> StatsView {
         StatsView(self.stats.clone())
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
     /// True while the engine thread is running.
@@ -166,9 +215,11 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
         max_context: cfg.max_context(),
         ..Stats::default()
     }));
+    let progress = Arc::new(Progress::new());
     let handle = EngineHandle {
         commands: tx,
         stats: stats.clone(),
+        progress: progress.clone(),
         kv_capacity_tokens: config.num_blocks * config.scheduler.block_size,
         config: Arc::new(cfg),
     };
@@ -196,6 +247,7 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
                 scheduler,
                 commands: rx,
                 stats,
+                progress,
                 config,
                 model_salt,
                 next_id: 0,
@@ -262,6 +314,7 @@ struct Engine {
     scheduler: Scheduler,
     commands: UnboundedReceiver<Command>,
     stats: Arc<Mutex<Stats>>,
+    progress: Arc<Progress>,
     config: EngineConfig,
     model_salt: u64,
     next_id: u64,
@@ -295,7 +348,9 @@ impl Engine {
                 continue;
             }
             let started = Instant::now();
+            self.progress.begin();
             let generated = self.step(&plan);
+            self.progress.end(started.elapsed());
             if let Some(o) = &self.config.observer {
                 o.step(plan.len(), started.elapsed().as_secs_f64());
             }
@@ -545,5 +600,23 @@ impl Engine {
         if let Ok(mut st) = self.stats.lock() {
             *st = snapshot;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_far_longer_than_recent_ones_is_stuck() {
+        let p = Progress::new();
+        assert!(!p.is_stuck(Duration::ZERO) && p.running_for().is_none());
+        p.end(Duration::from_millis(5));
+        p.begin();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(p.is_stuck(Duration::from_millis(10)), "30 ms > max(10 ms, 4 x 5 ms)");
+        assert!(!p.is_stuck(Duration::from_secs(1)));
+        p.end(Duration::from_millis(30));
+        assert!(!p.is_stuck(Duration::ZERO), "between steps nothing is stuck");
     }
 }
