@@ -49,3 +49,33 @@ pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
 pub async fn connect(endpoints: &[String]) -> Result<Client> {
     Ok(Client::connect(endpoints, None).await?)
 }
+
+/// Connects to etcd, retrying with backoff (100 ms doubling to 2 s, each try logged) until
+/// `within` has passed: a process started a moment before etcd is reachable (a rollout, a
+/// restart of etcd) waits for it instead of exiting.
+pub async fn connect_with_retry(endpoints: &[String], within: std::time::Duration) -> Result<Client> {
+    let started = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut attempt = 1u32;
+    loop {
+        let left = within.saturating_sub(started.elapsed());
+        // The client connects lazily: a status call proves etcd answers.
+        let probe = async {
+            let mut client = connect(endpoints).await?;
+            client.status().await?;
+            Ok::<_, ClusterError>(client)
+        };
+        let error = match tokio::time::timeout(left.max(pause), probe).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
+        };
+        if started.elapsed() + pause >= within {
+            return Err(ClusterError::Timeout(within, format!("etcd at {endpoints:?} (last error: {error})")));
+        }
+        tracing::warn!(attempt, error = %error, retry_in_ms = pause.as_millis() as u64, "etcd not reachable yet");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+        attempt += 1;
+    }
+}

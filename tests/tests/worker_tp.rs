@@ -14,14 +14,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-fn start_group(etcd: &EtcdServer, group: &str) -> WorkerProcess {
+fn start_group(etcd: &str, group: &str) -> WorkerProcess {
     WorkerProcess::start(
         "qwen2-gqa",
         &[
             "--tp",
             "2",
             "--etcd",
-            &etcd.endpoint,
+            etcd,
             "--group",
             group,
             "--block-size",
@@ -85,7 +85,7 @@ async fn record_gone_within(etcd: &EtcdServer, group: &str, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rank_processes_serve_goldens_and_die_together_on_sigkill() {
     let etcd = EtcdServer::start().expect("etcd");
-    let mut w = start_group(&etcd, "tp-kill");
+    let mut w = start_group(&etcd.endpoint, "tp-kill");
     assert!(record_exists(&etcd, "tp-kill").await);
     let g = golden("qwen2-gqa");
     for c in g["cases"].as_array().unwrap() {
@@ -103,7 +103,7 @@ async fn two_rank_processes_serve_goldens_and_die_together_on_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_rank_is_caught_by_the_collective_timeout() {
     let etcd = EtcdServer::start().expect("etcd");
-    let mut w = start_group(&etcd, "tp-stop");
+    let mut w = start_group(&etcd.endpoint, "tp-stop");
     assert_eq!(generate(&w.addr, &[1, 2, 3], 4).await.unwrap().len(), 4);
     let rank1 = rank_pid("tp-stop", 1).expect("rank 1 process");
     signal(rank1, "STOP");
@@ -132,4 +132,21 @@ async fn a_stopped_rank_is_caught_by_the_collective_timeout() {
     assert!(!status.success());
     signal(rank1, "KILL");
     record_gone_within(&etcd, "tp-stop", Duration::from_secs(6)).await;
+}
+
+/// A group started while etcd is down waits for it (retrying with backoff) instead of exiting,
+/// and serves once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_started_before_etcd_waits_for_it() {
+    let mut etcd = EtcdServer::start().expect("etcd");
+    etcd.stop();
+    let endpoint = etcd.endpoint.clone();
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        etcd.restart().expect("etcd restarts");
+        etcd
+    });
+    let w = start_group(&endpoint, "tp-late");
+    let _etcd = restart.join().unwrap();
+    assert_eq!(generate(&w.addr, &[1, 2, 3], 4).await.unwrap().len(), 4);
 }

@@ -88,6 +88,9 @@ pub struct ServeArgs {
     /// the longest recent step): a stopped rank or a hung device leaves routing at once.
     #[arg(long, env = "QWEN_STUCK_AFTER_MS", default_value_t = 5_000)]
     stuck_after_ms: u64,
+    /// How long a rank keeps retrying etcd at start (with backoff) before giving up.
+    #[arg(long, env = "QWEN_ETCD_START_TIMEOUT_SECS", default_value_t = 60)]
+    etcd_start_timeout_secs: u64,
     /// The address routers use to reach this worker (default: the bound --listen address; set it
     /// when listening on 0.0.0.0, e.g. to the pod IP).
     #[arg(long, env = "QWEN_ADVERTISE_ADDR")]
@@ -196,6 +199,7 @@ impl ServeArgs {
                     comm_listen: self.comm_listen,
                     comm_advertise: self.comm_advertise.clone(),
                     timeout,
+                    etcd_start_timeout: std::time::Duration::from_secs(self.etcd_start_timeout_secs),
                 })
             }
             _ if self.tp > 1 => {

@@ -25,6 +25,8 @@ pub struct RankConfig {
     /// What rank 0 publishes for the other ranks (default: the bound --comm-listen address).
     pub comm_advertise: Option<String>,
     pub timeout: Duration,
+    /// How long to keep trying etcd at start.
+    pub etcd_start_timeout: Duration,
 }
 
 /// Set on the ranks a `--tp` supervisor starts: its PID, so they can follow it out.
@@ -54,7 +56,9 @@ pub fn join_group(
     r: &RankConfig,
     device: &candle_core::Device,
 ) -> anyhow::Result<(Comm, Option<Lease>)> {
-    let client = rt.block_on(qwen_cluster::connect(&r.etcd)).with_context(|| format!("--etcd {:?}", r.etcd))?;
+    let client = rt
+        .block_on(qwen_cluster::connect_with_retry(&r.etcd, r.etcd_start_timeout))
+        .with_context(|| format!("--etcd {:?}", r.etcd))?;
     let tcp = TcpConfig { rank: r.rank, world_size: r.world_size, timeout: r.timeout };
     if r.rank == 0 {
         let listener = TcpListener::bind(r.comm_listen).with_context(|| format!("--comm-listen {}", r.comm_listen))?;
