@@ -106,6 +106,8 @@ pub struct RouterMetrics {
     etcd_connected: Gauge<i64, AtomicI64>,
     connections_open: Family<PortLabels, Gauge>,
     connections_refused: Family<PortLabels, Counter>,
+    /// Groups with a `group_routed_requests` series, so a group's series leaves with it.
+    routed_groups: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// One request's latency handles, fetched once.
@@ -136,6 +138,7 @@ impl RouterMetrics {
             etcd_connected: Gauge::default(),
             connections_open: Family::default(),
             connections_refused: Family::default(),
+            routed_groups: Default::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by model, API and outcome", m.requests.clone());
@@ -177,7 +180,9 @@ impl RouterMetrics {
     }
 
     pub fn routed(&self, group: &str) {
-        self.routed.get_or_create(&GroupLabels { group: label(group) }).inc();
+        let group = label(group);
+        self.routed.get_or_create(&GroupLabels { group: group.clone() }).inc();
+        self.routed_groups.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
     }
 
     pub fn connection_opened(&self, port: Port) {
@@ -225,7 +230,16 @@ impl RouterMetrics {
         self.group_healthy.clear();
         self.group_in_flight.clear();
         self.group_breaker_open.clear();
-        for g in pool.snapshot() {
+        let groups = pool.snapshot();
+        let current: std::collections::HashSet<String> = groups.iter().map(|g| label(&g.name)).collect();
+        self.routed_groups.lock().unwrap_or_else(|p| p.into_inner()).retain(|g| {
+            let keep = current.contains(g);
+            if !keep {
+                self.routed.remove(&GroupLabels { group: g.clone() });
+            }
+            keep
+        });
+        for g in groups {
             let l = GroupLabels { group: label(&g.name) };
             self.group_healthy.get_or_create(&l).set(i64::from(g.is_healthy()));
             self.group_in_flight.get_or_create(&l).set(g.load().in_flight as i64);

@@ -103,6 +103,17 @@ async fn groups_come_and_go_through_etcd() {
     assert!(served_by(&r, 4).await.iter().all(|g| g == "gb"));
     eprintln!("routing stopped {gone:?} after kill -9");
     drop(a);
+    // Its metric series leave with it (per-group series are never left behind).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("{}/metrics", r.http)).await.unwrap().text().await.unwrap();
+        if !text.contains(r#"group="ga""#) {
+            assert!(text.contains(r#"qwen_serve_router_group_routed_requests_total{group="gb"}"#), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "series of the departed group remain:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Restarted under the same name (on a new port): it rejoins.
     let _a = start_worker(&etcd, "ga");
