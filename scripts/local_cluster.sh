@@ -61,7 +61,15 @@ grpc_port=$(port_env QWEN_LOCAL_GRPC_PORT 50050)
 http_port=$(port_env QWEN_LOCAL_HTTP_PORT 8000)
 kv_bytes=${QWEN_LOCAL_KV_CACHE_BYTES:-268435456}
 start_secs=${QWEN_LOCAL_START_SECS:-600}
-command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
+# Before any build: protoc (the build needs it), etcd and curl, or the one command that installs them.
+if ! command -v protoc >/dev/null || ! command -v curl >/dev/null || ! command -v etcd >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    say "installing what the cluster needs: scripts/setup.sh"
+    bash scripts/setup.sh || die "scripts/setup.sh failed"
+  else
+    die "protoc, etcd and curl are needed: run once as root:  sudo scripts/setup.sh"
+  fi
+fi
 for p in "$grpc_port" "$http_port"; do
   if [ "$p" != 0 ] && (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
     die "port $p is in use: set QWEN_LOCAL_GRPC_PORT / QWEN_LOCAL_HTTP_PORT (0: any free port)"
