@@ -32,7 +32,11 @@ fn cases(name: &str) -> Vec<Case> {
 
 /// One rank: its logits for every case's prompt and its greedy continuations.
 fn run_rank(name: &str, comm: Comm, cases: &[Case]) -> Vec<(Vec<f32>, Vec<u32>)> {
-    let mut model = Model::load_sharded(&fixture(name), DType::F32, &Device::Cpu, comm).unwrap();
+    run_rank_in(&fixture(name), comm, cases)
+}
+
+fn run_rank_in(dir: &std::path::Path, comm: Comm, cases: &[Case]) -> Vec<(Vec<f32>, Vec<u32>)> {
+    let mut model = Model::load_sharded(dir, DType::F32, &Device::Cpu, comm).unwrap();
     cases
         .iter()
         .map(|(prompt, _, greedy)| {
@@ -103,6 +107,57 @@ fn every_architecture_matches_goldens_at_every_shardable_tp() {
                     assert!(diff < 1e-4, "{name} tp {tp} rank {r}, prompt {}: max |Δlogit| {diff}", prompt.len());
                     assert_eq!(greedy, want_greedy, "{name} tp {tp} rank {r}, prompt {}", prompt.len());
                 }
+            }
+        }
+    }
+}
+
+/// `name`'s checkpoint with its vocabulary cut to `vocab` rows (as a fine-tune resized to its
+/// tokenizer, e.g. 151,665 tokens, which no power of two divides).
+fn resized_vocab(name: &str, vocab: usize) -> tempfile::TempDir {
+    use safetensors::tensor::TensorView;
+    let src = fixture(name);
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (tensor, view) in st.tensors() {
+        let (mut shape, mut data) = (view.shape().to_vec(), view.data().to_vec());
+        if tensor.contains("embed_tokens") || tensor.contains("lm_head") {
+            data.truncate(data.len() / shape[0] * vocab);
+            shape[0] = vocab;
+        }
+        tensors.push((tensor, view.dtype(), shape, data));
+    }
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = vocab.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// A vocabulary that no group size divides is padded on the last ranks: TP 2 and 4 give the
+/// unsharded logits and greedy tokens (which never pick a padding id).
+#[test]
+fn a_vocabulary_that_does_not_divide_shards_with_padding() {
+    let dir = resized_vocab("qwen2-gqa", 509);
+    let path = std::sync::Arc::new(dir.path().to_path_buf());
+    let prompts: Vec<Case> =
+        cases("qwen2-gqa").into_iter().map(|(p, _, g)| (p.iter().map(|t| t % 509).collect(), vec![], g)).collect();
+    let (p, c) = (path.clone(), prompts.clone());
+    let reference = with_group(1, move |comm| run_rank_in(&p, comm, &c)).remove(0);
+    for tp in [2, 4] {
+        let (p, c) = (path.clone(), prompts.clone());
+        let ranks = with_group(tp, move |comm| run_rank_in(&p, comm, &c));
+        for (r, results) in ranks.iter().enumerate() {
+            for ((logits, greedy), (want_logits, want_greedy)) in results.iter().zip(&reference) {
+                assert_eq!(logits.len(), 509, "tp {tp} rank {r}");
+                let diff = logits.iter().zip(want_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(diff < 1e-4, "tp {tp} rank {r}: max |Δlogit| {diff}");
+                assert_eq!(greedy, want_greedy, "tp {tp} rank {r}");
+                assert!(greedy.iter().all(|&t| t < 509));
             }
         }
     }

@@ -252,7 +252,10 @@ pub struct DecoderStack<A> {
     pub embed: Tensor,
     pub blocks: Vec<Block<A>>,
     pub final_norm: RmsNorm,
+    /// This rank's block of the vocabulary (padded with zero rows where it does not divide).
     pub lm_head: Linear,
+    /// The real vocabulary: gathered logits past it are padding.
+    pub vocab: usize,
 }
 
 impl<A: SelfAttention> DecoderStack<A> {
@@ -291,7 +294,12 @@ impl<A: SelfAttention> DecoderStack<A> {
                 h.index_select(last, 0)?
             }
         };
-        // Vocab-parallel head: each rank's slice of the vocabulary, gathered in rank order.
-        Ok(ctx.comm.all_gather(&self.lm_head.forward(&normed_last)?, 1)?)
+        // Vocab-parallel head: each rank's block of the vocabulary, gathered in rank order, and
+        // the padding of a vocabulary that does not divide cut off.
+        let logits = ctx.comm.all_gather(&self.lm_head.forward(&normed_last)?, 1)?;
+        match logits.dim(1)? {
+            n if n > self.vocab => Ok(logits.narrow(1, 0, self.vocab)?.contiguous()?),
+            _ => Ok(logits),
+        }
     }
 }

@@ -6,6 +6,8 @@
 
 use std::ops::Range;
 
+use candle_core::Tensor;
+
 use super::layers::{Block, DecoderStack, Linear, Mlp, RmsNorm};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -25,6 +27,16 @@ impl Shard {
     pub fn split(&self, n: usize) -> Range<usize> {
         let per = n / self.world;
         self.rank * per..(self.rank + 1) * per
+    }
+
+    /// This rank's share of `n` items in blocks of `ceil(n / world)`, for sizes that need not
+    /// divide (a vocabulary resized to its tokenizer): the real items it owns, and how many
+    /// padding items complete its block (only the last ranks have any).
+    pub fn split_padded(&self, n: usize) -> (Range<usize>, usize) {
+        let per = n.div_ceil(self.world);
+        let start = (self.rank * per).min(n);
+        let end = ((self.rank + 1) * per).min(n);
+        (start..end, per - (end - start))
     }
 }
 
@@ -72,9 +84,7 @@ pub fn check(cfg: &ModelConfig, shard: Shard) -> Result<()> {
     if cfg.mlp_hidden % tp != 0 {
         return refuse("the MLP width", cfg.mlp_hidden);
     }
-    if cfg.vocab_size % tp != 0 {
-        return refuse("vocab_size", cfg.vocab_size);
-    }
+    // Any vocabulary size shards: the LM head is padded to equal blocks (see `load_stack`).
     Ok(())
 }
 
@@ -171,13 +181,22 @@ pub fn load_stack<A>(
         });
     }
     // Tied checkpoints usually omit lm_head (it is the embedding); some still store a copy.
-    let vocab_part = [shard.split(cfg.vocab_size)];
-    let lm_head = if cfg.tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head)) {
-        Linear::new(w.get_ranges(names.embed, &[cfg.vocab_size, h], 0, &vocab_part)?, None)
+    // Vocab-parallel in equal blocks: a vocabulary that does not divide by the group size is
+    // padded with zero rows on the last ranks, and the gathered logits are cut back to it.
+    let (range, pad) = shard.split_padded(cfg.vocab_size);
+    let vocab_part = [range];
+    let weight = if cfg.tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head)) {
+        w.get_ranges(names.embed, &[cfg.vocab_size, h], 0, &vocab_part)?
     } else {
-        column(w, names.lm_head, h, cfg.vocab_size, &vocab_part, false)?
+        w.get_ranges(&format!("{}.weight", names.lm_head), &[cfg.vocab_size, h], 0, &vocab_part)?
     };
-    Ok(DecoderStack { embed, blocks, final_norm: RmsNorm::load(w, names.final_norm, h, eps)?, lm_head })
+    let weight = match pad {
+        0 => weight,
+        _ => Tensor::cat(&[&weight, &Tensor::zeros((pad, h), weight.dtype(), weight.device())?], 0)?,
+    };
+    let lm_head = Linear::new(weight, None);
+    let final_norm = RmsNorm::load(w, names.final_norm, h, eps)?;
+    Ok(DecoderStack { embed, blocks, final_norm, lm_head, vocab: cfg.vocab_size })
 }
 
 #[cfg(test)]
