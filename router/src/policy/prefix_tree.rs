@@ -133,8 +133,9 @@ impl PrefixTree {
         }
         // Group id → index in `groups`; duplicates in `groups` are filled in afterwards.
         let mut slot = vec![usize::MAX; self.groups.len()];
-        for (i, g) in groups.iter().enumerate() {
-            if let Some(id) = self.group_id(g) {
+        let ids: Vec<Option<u32>> = groups.iter().map(|g| self.group_id(g)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(id) = *id {
                 if slot[id as usize] == usize::MAX {
                     slot[id as usize] = i;
                 }
@@ -158,8 +159,9 @@ impl PrefixTree {
             }
             node = child;
         }
-        for i in 0..groups.len() {
-            if let Some(first) = groups[..i].iter().position(|g| *g == groups[i]) {
+        // Linear in the groups: a repeated group takes its first occurrence's length.
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(first) = id.map(|id| slot[id as usize]).filter(|&first| first != i) {
                 lengths[i] = lengths[first];
             }
         }

@@ -197,3 +197,18 @@ fn random_operations_keep_the_invariants() {
         }
     }
 }
+
+#[test]
+fn match_lengths_fills_repeated_and_unknown_groups() {
+    let mut t = PrefixTree::new(1 << 20);
+    t.insert(&[1, 2, 3, 4], "a");
+    t.insert(&[1, 2, 9], "b");
+    let got = t.match_lengths(&[1, 2, 3, 4, 5], &["b", "a", "zz", "a", "b"]);
+    assert_eq!(got, vec![2, 4, 0, 4, 2]);
+    // A thousand candidates, most unknown to the tree: one walk, one pass over the names.
+    let names: Vec<String> = (0..1000).map(|i| format!("g{i}")).collect();
+    let mut refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    refs.push("a");
+    let got = t.match_lengths(&[1, 2, 3], &refs);
+    assert_eq!((got[..1000].iter().sum::<usize>(), got[1000]), (0, 3));
+}
