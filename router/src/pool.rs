@@ -43,6 +43,8 @@ pub struct Member {
 pub struct Group {
     pub name: Arc<str>,
     pub addr: String,
+    /// Shared with every group at the same address.
+    channel: Channel,
     client: WorkerClient<Channel>,
     health: HealthClient<Channel>,
     healthy: AtomicBool,
@@ -63,18 +65,23 @@ impl Drop for InFlight {
     }
 }
 
+/// A (lazy) channel to `addr`.
+fn channel(member: &Member) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", member.addr))
+        .map_err(|e| RouterError::Internal(format!("group {}: address {}: {e}", member.group, member.addr)))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_lazy())
+}
+
 impl Group {
-    fn new(member: &Member, breaker: BreakerConfig) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", member.addr))
-            .map_err(|e| RouterError::Internal(format!("group {}: address {}: {e}", member.group, member.addr)))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
-        Ok(Group {
+    fn new(member: &Member, channel: Channel, breaker: BreakerConfig) -> Self {
+        Group {
             name: member.group.as_str().into(),
             addr: member.addr.clone(),
             client: WorkerClient::new(channel.clone()),
-            health: HealthClient::new(channel),
+            health: HealthClient::new(channel.clone()),
+            channel,
             healthy: AtomicBool::new(false),
             failed_probes: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
@@ -82,7 +89,7 @@ impl Group {
             waiting: AtomicU32::new(0),
             model: RwLock::new(None),
             breaker: Breaker::new(breaker),
-        })
+        }
     }
 
     pub fn client(&self) -> WorkerClient<Channel> {
@@ -122,11 +129,21 @@ pub struct Pool {
     groups: RwLock<BTreeMap<Arc<str>, Arc<Group>>>,
     models: RwLock<HashMap<String, Arc<ModelInfo>>>,
     policy: Box<dyn Policy>,
+    /// Held while a model's Info is fetched: a model first seen on many groups at once is
+    /// learnt from one of them (Info carries megabytes of tokenizer).
+    learning: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
     pub fn new(cfg: PoolConfig, policy: Box<dyn Policy>, local_tokenizers: HashMap<String, LocalTokenizer>) -> Self {
-        Pool { cfg, local_tokenizers, groups: RwLock::default(), models: RwLock::default(), policy }
+        Pool {
+            cfg,
+            local_tokenizers,
+            groups: RwLock::default(),
+            models: RwLock::default(),
+            policy,
+            learning: tokio::sync::Mutex::new(()),
+        }
     }
 
     fn groups(&self) -> Vec<Arc<Group>> {
@@ -149,12 +166,21 @@ impl Pool {
             self.policy.remove_group(&name);
             tracing::info!(group = %name, "group left the pool");
         }
+        // Groups at one address share one connection (one open file, however many groups).
+        let mut channels: HashMap<String, Channel> =
+            groups.values().map(|g| (g.addr.clone(), g.channel.clone())).collect();
         let mut joined = Vec::new();
         for m in members {
             if groups.contains_key(m.group.as_str()) {
                 continue;
             }
-            match Group::new(m, self.cfg.breaker) {
+            let shared = match channels.get(&m.addr) {
+                Some(c) => Ok(c.clone()),
+                None => channel(m).inspect(|c| {
+                    channels.insert(m.addr.clone(), c.clone());
+                }),
+            };
+            match shared.map(|c| Group::new(m, c, self.cfg.breaker)) {
                 Ok(g) => {
                     let g = Arc::new(g);
                     tracing::info!(group = %m.group, addr = %m.addr, "group joined the pool");
@@ -273,8 +299,10 @@ impl Pool {
             .into_inner();
         g.running.store(stats.running, Ordering::Relaxed);
         g.waiting.store(stats.waiting, Ordering::Relaxed);
-        let known = self.models.read().unwrap_or_else(|p| p.into_inner()).contains_key(&stats.model_name);
-        if !known {
+        let known = |pool: &Self| pool.models.read().unwrap_or_else(|p| p.into_inner()).contains_key(&stats.model_name);
+        // One Info per model: the rest wait for it, then find the model known.
+        let _learning = if known(self) { None } else { Some(self.learning.lock().await) };
+        if !known(self) {
             let info = tokio::time::timeout(timeout * 10, client.info(InfoRequest {}))
                 .await
                 .map_err(|_| "info timed out".to_string())?
