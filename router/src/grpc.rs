@@ -36,7 +36,7 @@ impl PublicService {
     }
 }
 
-fn job(model: &str, prompt: Result<Prompt, RouterError>, options: Option<GenerationOptions>) -> Job {
+pub(crate) fn job(model: &str, prompt: Result<Prompt, RouterError>, options: Option<GenerationOptions>) -> Job {
     Job { model: model.to_string(), prompt, options: options.map(self::options).unwrap_or_default(), n: 1 }
 }
 
@@ -61,7 +61,7 @@ fn options(o: GenerationOptions) -> Options {
     }
 }
 
-fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, RouterError> {
+pub(crate) fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, RouterError> {
     match p {
         Some(generate_request::Prompt::Text(t)) => Ok(Prompt::Text(t)),
         Some(generate_request::Prompt::TokenIds(ids)) => Ok(Prompt::Ids(ids.ids)),
@@ -69,7 +69,7 @@ fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, Router
     }
 }
 
-fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Result<Prompt, RouterError> {
+pub(crate) fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Result<Prompt, RouterError> {
     let messages = messages
         .into_iter()
         .enumerate()

@@ -8,6 +8,8 @@ pub mod breaker;
 pub mod config;
 pub mod conn;
 pub mod error;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod generate;
 pub mod grpc;
 pub mod http;

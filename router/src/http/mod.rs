@@ -76,6 +76,11 @@ impl ApiError {
 }
 
 impl ApiError {
+    #[cfg(test)]
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// An `invalid_request_error` with `status` (for the transport's refusals: 408, 413, ...).
     pub fn plain(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError::new(status, "invalid_request_error", message, None)
@@ -204,7 +209,7 @@ impl Api {
 }
 
 /// How a request wants its answer.
-struct Reply {
+pub(crate) struct Reply {
     api: Api,
     stream: bool,
     include_usage: bool,
@@ -221,7 +226,16 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&headers, body)?;
+    let (job, reply) = completion_job(&headers, body)?;
+    run(&router, Endpoint::HttpCompletions, &headers, job, reply).await
+}
+
+/// A /v1/completions body as a job for the router (or a 4xx).
+pub(crate) fn completion_job(
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(Job, Reply), ApiError> {
+    let req: CompletionRequest = parse(headers, body)?;
     refuse_unsupported(&req.sampling)?;
     let n = req.sampling.n.unwrap_or(1);
     let (prompt, batch) = match req.prompt {
@@ -233,7 +247,7 @@ async fn completions(
     let extras = CompletionExtras { echo: req.echo, suffix: req.suffix.as_deref(), best_of: req.best_of, n, batch };
     let prompt = completion_extras(extras)
         .and_then(|()| prompt.ok_or_else(|| RouterError::invalid("prompt", "must not be an empty list")));
-    let mut opts = options(&req.sampling, &headers);
+    let mut opts = options(&req.sampling, headers);
     // OpenAI's completions default is 16 tokens.
     opts.max_tokens = Some(req.sampling.max_tokens.unwrap_or(16));
     let reply = Reply::new(Api::Completions { logprobs: req.logprobs }, &req.sampling);
@@ -242,8 +256,7 @@ async fn completions(
         opts.logprobs = true;
         opts.top_logprobs = n;
     }
-    let job = Job { model: req.model, prompt, options: opts, n };
-    run(&router, Endpoint::HttpCompletions, &headers, job, reply).await
+    Ok((Job { model: req.model, prompt, options: opts, n }, reply))
 }
 
 async fn chat_completions(
@@ -251,22 +264,30 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&headers, body)?;
+    let (job, reply) = chat_job(&headers, body)?;
+    run(&router, Endpoint::HttpChat, &headers, job, reply).await
+}
+
+/// A /v1/chat/completions body as a job for the router (or a 4xx).
+pub(crate) fn chat_job(
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(Job, Reply), ApiError> {
+    let req: ChatRequest = parse(headers, body)?;
     refuse_unsupported(&req.sampling)?;
     let messages = req
         .messages
         .into_iter()
         .map(|m| Message { role: m.role, content: m.content.map(types::Content::into_text).unwrap_or_default() })
         .collect();
-    let mut opts = options(&req.sampling, &headers);
+    let mut opts = options(&req.sampling, headers);
     opts.max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let reply = Reply::new(Api::Chat { logprobs: req.logprobs }, &req.sampling);
     opts.stop = req.sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
     opts.logprobs = req.logprobs;
     opts.top_logprobs = req.top_logprobs.unwrap_or(0);
     let n = req.sampling.n.unwrap_or(1);
-    let job = Job { model: req.model, prompt: Ok(Prompt::Chat(messages)), options: opts, n };
-    run(&router, Endpoint::HttpChat, &headers, job, reply).await
+    Ok((Job { model: req.model, prompt: Ok(Prompt::Chat(messages)), options: opts, n }, reply))
 }
 
 /// Both endpoints' common tail: start the job through the router's one entry point, then
