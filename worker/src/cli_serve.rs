@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// for activations and CUDA graphs).
     #[arg(long, env = "QWEN_KV_CACHE_FRACTION")]
     kv_cache_fraction: Option<f64>,
+    /// Ranks of this group sharing this host's memory (CPU ranks): the host's KV budget is split
+    /// between them, and a start that would overcommit it is refused. `--tp N` sets it to N for
+    /// the ranks it starts; 1 otherwise.
+    #[arg(long, env = "QWEN_RANKS_ON_HOST", default_value_t = 1)]
+    ranks_on_host: usize,
     /// Most tokens in one forward (prefill chunks plus decodes).
     #[arg(long, env = "QWEN_MAX_BATCH_TOKENS", default_value_t = 2048)]
     max_batch_tokens: usize,
@@ -138,6 +143,7 @@ pub struct ServeConfig {
     registry: Option<Registry>,
     drain_timeout: std::time::Duration,
     stuck_after: std::time::Duration,
+    ranks_on_host: usize,
     metrics_listen: Option<SocketAddr>,
     cuda_graphs: bool,
 }
@@ -235,6 +241,7 @@ impl ServeArgs {
             registry,
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout_secs),
             stuck_after: std::time::Duration::from_millis(self.stuck_after_ms),
+            ranks_on_host: self.ranks_on_host.max(1),
             metrics_listen: self.metrics_listen,
             cuda_graphs: !self.no_cuda_graphs,
         })
@@ -329,9 +336,20 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, 
 /// rank must hold as many blocks: rank 0's count (its memory reading) is the group's.
 fn agree_on_blocks(model: &Model, cfg: &ServeConfig, device: &Device) -> anyhow::Result<usize> {
     let layout = KvLayout::for_model(model, cfg.scheduler.block_size);
+    // CPU ranks of one host share its memory: the budget is the host's, split between them. A
+    // GPU rank's memory is its own device's.
+    let sharing = if device.is_cuda() { 1 } else { cfg.ranks_on_host as u64 };
+    let available = free_memory(device)?;
     let kv_cache_bytes = match cfg.kv_cache {
-        KvBudget::Bytes(b) => b,
-        KvBudget::Fraction(f) => (free_memory(device)? as f64 * f) as u64,
+        KvBudget::Bytes(b) => {
+            if b.saturating_mul(sharing) > available {
+                bail!(
+                    "--kv-cache-bytes {b} for each of {sharing} rank(s) on this host exceeds the {available} bytes available"
+                );
+            }
+            b
+        }
+        KvBudget::Fraction(f) => (available as f64 * f) as u64 / sharing,
     };
     let mine = (kv_cache_bytes / layout.block_bytes() as u64) as usize;
     let agreed = model.comm().broadcast_bytes(0, (mine as u64).to_le_bytes().to_vec())?;

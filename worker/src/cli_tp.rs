@@ -112,14 +112,12 @@ pub fn supervise(argv: &[String], tp: usize, group: &GroupName, drain: Duration)
     let mut children: Vec<Child> = Vec::with_capacity(tp);
     for rank in 0..tp {
         let mut cmd = Command::new(&exe);
-        cmd.env_remove("QWEN_TP").env(SUPERVISOR_PID, std::process::id().to_string()).args(&base).args([
-            "--rank",
-            &rank.to_string(),
-            "--world-size",
-            &tp.to_string(),
-            "--group",
-            group.as_str(),
-        ]);
+        cmd.env_remove("QWEN_TP")
+            .env(SUPERVISOR_PID, std::process::id().to_string())
+            // Every rank runs on this host: they split its memory.
+            .env("QWEN_RANKS_ON_HOST", tp.to_string())
+            .args(&base)
+            .args(["--rank", &rank.to_string(), "--world-size", &tp.to_string(), "--group", group.as_str()]);
         if rank == 0 {
             cmd.stdout(Stdio::piped());
         } else {

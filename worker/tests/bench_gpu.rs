@@ -71,3 +71,19 @@ fn serve_on_cuda_without_the_feature_names_the_flag() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--device cuda") && err.contains("without the `cuda` feature"), "{err}");
 }
+
+/// CPU ranks on one host share its memory: a fixed KV cache that the host cannot give every one
+/// of them is refused at start, naming the flag.
+#[test]
+fn a_kv_cache_that_overcommits_the_host_is_refused() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen2-gqa");
+    let out = worker()
+        .args(["serve", "--listen", "127.0.0.1:0", "--device", "cpu", "--ranks-on-host", "1000000"])
+        .args(["--kv-cache-bytes", "1000000000", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kv-cache-bytes") && err.contains("rank(s) on this host"), "{err}");
+}
