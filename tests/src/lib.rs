@@ -193,6 +193,16 @@ impl RouterProcess {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits until `/health` answers 200 (a healthy group serves); panics after 20 s.
+    pub async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let health = format!("{}/health", self.http);
+        while reqwest::get(&health).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+            assert!(std::time::Instant::now() < deadline, "router never became ready");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for RouterProcess {

@@ -2,7 +2,7 @@
 //! lock new clients out (a cap refuses at once, and idle ones are closed), and a declared body
 //! that never arrives is dropped.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use qwen_proto::serve::generation_client::GenerationClient;
 use qwen_proto::serve::ListModelsRequest;
@@ -12,14 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const MODEL: &str = "qwen2-gqa";
-
-async fn wait_ready(r: &RouterProcess) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("{}/health", r.http)).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
-        assert!(Instant::now() < deadline, "router never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// What the server sends on `s` within `wait` (until it closes or the wait ends).
 async fn read_some(s: &mut TcpStream, wait: Duration) -> String {
@@ -50,7 +42,7 @@ async fn idle_connections_cannot_lock_out_new_clients() {
         "--body-read-timeout-secs",
         "1",
     ]);
-    wait_ready(&r).await;
+    r.wait_ready().await;
     // 50 idle sockets on each port: 40 take every slot, the rest are refused at once (HTTP with
     // a 503 in OpenAI's shape, gRPC by closing).
     let mut idle = Vec::new();

@@ -13,14 +13,6 @@ use serde_json::{json, Value};
 
 const MODEL: &str = "qwen2-gqa";
 
-async fn wait_ready(r: &RouterProcess) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("{}/health", r.http)).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
-        assert!(Instant::now() < deadline, "router never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn complete(r: &RouterProcess, traceparent: Option<&str>) {
     let mut req = reqwest::Client::new()
         .post(format!("{}/v1/completions", r.http))
@@ -129,7 +121,7 @@ async fn prometheus_scrapes_router_and_worker() {
     let w = WorkerProcess::start(MODEL, &["--metrics-listen", "127.0.0.1:0"]);
     let worker_metrics = w.metrics.clone().unwrap();
     let r = RouterProcess::start(&["--worker", bare(&w.addr)]);
-    wait_ready(&r).await;
+    r.wait_ready().await;
     for _ in 0..5 {
         complete(&r, None).await;
     }
@@ -171,7 +163,7 @@ async fn prometheus_scrapes_router_and_worker() {
 async fn unknown_model_names_never_become_labels() {
     let w = WorkerProcess::start(MODEL, &[]);
     let r = RouterProcess::start(&["--worker", bare(&w.addr)]);
-    wait_ready(&r).await;
+    r.wait_ready().await;
     let http = reqwest::Client::new();
     let ask = |model: String| {
         let req = http.post(format!("{}/v1/completions", r.http)).json(&json!({"model": model, "prompt": [1]}));
@@ -218,7 +210,7 @@ async fn a_clients_traceparent_reaches_the_workers_logs() {
         .unwrap()
         .to_string();
     let r = RouterProcess::start(&["--worker", &addr, "--log-format", "json"]);
-    wait_ready(&r).await;
+    r.wait_ready().await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     complete(&r, Some(&format!("00-{trace_id}-00f067aa0ba902b7-01"))).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -276,7 +268,7 @@ async fn spans_are_exported_over_otlp_with_the_clients_trace() {
     );
     let w = WorkerProcess::start(MODEL, &["--otlp-endpoint", &endpoint]);
     let r = RouterProcess::start(&["--worker", bare(&w.addr), "--otlp-endpoint", &endpoint]);
-    wait_ready(&r).await;
+    r.wait_ready().await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     complete(&r, Some(&format!("00-{trace_id}-b7ad6b7169203331-01"))).await;
     // (service, span id, parent span id) of every span in the client's trace.

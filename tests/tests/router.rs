@@ -36,6 +36,17 @@ async fn wait_for_groups(r: &RouterProcess, groups: u32) {
     }
 }
 
+/// Two worker groups behind one router with `policy`, plus `extra` router flags; returns once
+/// both groups serve.
+async fn two_groups(policy: &str, extra: &[&str]) -> (WorkerProcess, WorkerProcess, RouterProcess) {
+    let (a, b) = (WorkerProcess::start(MODEL, &[]), WorkerProcess::start(MODEL, &[]));
+    let mut args = vec!["--worker", bare(&a.addr), "--worker", bare(&b.addr), "--policy", policy];
+    args.extend_from_slice(extra);
+    let r = RouterProcess::start(&args);
+    wait_for_groups(&r, 2).await;
+    (a, b, r)
+}
+
 fn greedy_options(max_tokens: u32) -> GenerationOptions {
     GenerationOptions {
         sampling: Some(SamplingParams { temperature: Some(0.0), repetition_penalty: Some(1.0), ..Default::default() }),
@@ -427,19 +438,7 @@ async fn backpressure_deadlines_and_disconnects() {
 /// group once it turns unhealthy and complete there, and group names stay internal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_holds_no_request() {
-    let a = WorkerProcess::start(MODEL, &[]);
-    let b = WorkerProcess::start(MODEL, &[]);
-    let r = RouterProcess::start(&[
-        "--worker",
-        bare(&a.addr),
-        "--worker",
-        bare(&b.addr),
-        "--policy",
-        "round-robin",
-        "--inter-token-timeout-secs",
-        "3",
-    ]);
-    wait_for_groups(&r, 2).await;
+    let (a, _b, r) = two_groups("round-robin", &["--inter-token-timeout-secs", "3"]).await;
     let c = grpc(&r).await;
     // Long streams on both groups, started before the freeze.
     let mut streams = Vec::new();
@@ -491,18 +490,7 @@ async fn a_frozen_worker_holds_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_group_fails_only_its_streams_and_leaves_routing() {
-    let a = WorkerProcess::start(MODEL, &[]);
-    let b = WorkerProcess::start(MODEL, &[]);
-    let r = RouterProcess::start(&[
-        "--worker",
-        bare(&a.addr),
-        "--worker",
-        bare(&b.addr),
-        "--policy",
-        "round-robin",
-        "--expose-group",
-    ]);
-    wait_for_groups(&r, 2).await;
+    let (a, b, r) = two_groups("round-robin", &["--expose-group"]).await;
     let c = grpc(&r).await;
     let open = |c: &GenerationClient<Channel>| {
         let mut c = c.clone();
@@ -565,18 +553,7 @@ async fn a_killed_group_fails_only_its_streams_and_leaves_routing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_aware_keeps_a_shared_prefix_on_one_group() {
-    let a = WorkerProcess::start(MODEL, &[]);
-    let b = WorkerProcess::start(MODEL, &[]);
-    let r = RouterProcess::start(&[
-        "--worker",
-        bare(&a.addr),
-        "--worker",
-        bare(&b.addr),
-        "--policy",
-        "cache-aware",
-        "--expose-group",
-    ]);
-    wait_for_groups(&r, 2).await;
+    let (_a, _b, r) = two_groups("cache-aware", &["--expose-group"]).await;
     let mut c = grpc(&r).await;
     // Four "documents" of 48 tokens, each asked about 8 times with a different 4-token question.
     let mut hits = 0;
