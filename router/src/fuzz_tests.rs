@@ -45,6 +45,7 @@ fn model() -> Arc<ModelInfo> {
                 tokenizer: Some(tokenizer),
                 chat_template: Some(ChatTemplate::new(CHATML).unwrap()),
                 learned_at: 0,
+                digest: String::new(),
             })
         })
         .clone()

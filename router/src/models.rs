@@ -25,6 +25,8 @@ pub struct ModelInfo {
     /// fit the context (NFC normalisation shrinks text at most threefold) and is refused
     /// without being tokenized.
     pub max_token_bytes: usize,
+    /// The Info digest it was learnt from: other groups serving this name must report the same.
+    pub digest: String,
 }
 
 /// A model's tokenizer and chat template from a local directory (`--tokenizer NAME=DIR`),
@@ -74,6 +76,7 @@ impl ModelInfo {
         let max_token_bytes = tokenizer.as_ref().map_or(1, |t| t.max_token_bytes().max(1));
         Ok(ModelInfo {
             max_token_bytes,
+            digest: info.digest.clone(),
             name: info.model_name.clone(),
             max_context: info.max_context as usize,
             vocab_size: info.vocab_size as usize,

@@ -299,7 +299,18 @@ impl Pool {
             .into_inner();
         g.running.store(stats.running, Ordering::Relaxed);
         g.waiting.store(stats.waiting, Ordering::Relaxed);
-        let known = |pool: &Self| pool.models.read().unwrap_or_else(|p| p.into_inner()).contains_key(&stats.model_name);
+        let learnt =
+            |pool: &Self| pool.models.read().unwrap_or_else(|p| p.into_inner()).get(&stats.model_name).cloned();
+        if let Some(model) = learnt(self) {
+            // Known from another group: the same name must mean the same tokenizer and limits.
+            if !model.digest.is_empty() && model.digest != stats.info_digest {
+                return Err(format!(
+                    "serves model {:?} with other weights' tokenizer, template or limits than its other groups",
+                    stats.model_name
+                ));
+            }
+        }
+        let known = |pool: &Self| learnt(pool).is_some();
         // One Info per model: the rest wait for it, then find the model known.
         let _learning = if known(self) { None } else { Some(self.learning.lock().await) };
         if !known(self) {

@@ -325,6 +325,7 @@ mod tests {
             chat_template: None,
             learned_at: 0,
             max_token_bytes: 1,
+            digest: String::new(),
         })
     }
 
@@ -400,6 +401,7 @@ mod tests {
             chat_template: Some(crate::template::ChatTemplate::new(template).unwrap()),
             learned_at: 0,
             max_token_bytes: tok.max_token_bytes(),
+            digest: String::new(),
         };
         (Arc::new(model), tok)
     }

@@ -629,3 +629,24 @@ async fn a_local_tokenizer_serves_text_for_a_model_whose_workers_have_none() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tokenizer m=/nonexistent-dir") && err.contains("/nonexistent-dir"), "{err}");
 }
+
+/// Two groups claiming one model name with different checkpoints: the router learns the model
+/// from one of them (one Info) and keeps the other out of routing, as its Info digest differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_disagreeing_on_a_model_are_not_mixed() {
+    let a = WorkerProcess::start("qwen2-gqa", &["--model-name", "shared"]);
+    let b = WorkerProcess::start("qwen3", &["--model-name", "shared"]);
+    let r = RouterProcess::start(&["--worker", bare(&a.addr), "--worker", bare(&b.addr)]);
+    let groups = || async {
+        let models = grpc(&r).await.list_models(ListModelsRequest {}).await.unwrap().into_inner().models;
+        models.iter().find(|m| m.id == "shared").map_or(0, |m| m.groups)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while groups().await == 0 {
+        assert!(Instant::now() < deadline, "the model was never learnt");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several health rounds later, still only the group it was learnt from.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(groups().await, 1);
+}

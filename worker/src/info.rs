@@ -31,7 +31,7 @@ pub fn model_info(src: &InfoSource<'_>) -> Result<InfoResponse> {
         (TokenizerKind::Unspecified, Vec::new())
     };
     let chat_template = qwen_tokenizer::chat_template_from_dir(src.dir)?.unwrap_or_default();
-    Ok(InfoResponse {
+    let mut info = InfoResponse {
         model_name: src.model_name.to_string(),
         architecture: src.config.architecture.hf_name().to_string(),
         max_context: src.config.max_position_embeddings as u32,
@@ -41,5 +41,27 @@ pub fn model_info(src: &InfoSource<'_>) -> Result<InfoResponse> {
         tokenizer,
         chat_template,
         tp: src.tp as u32,
-    })
+        digest: String::new(),
+    };
+    info.digest = digest(&info);
+    Ok(info)
+}
+
+/// What a router learns from Info, hashed: the fields in order, each length-prefixed.
+fn digest(info: &InfoResponse) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(info.model_name.as_bytes());
+    field(info.architecture.as_bytes());
+    field(&info.max_context.to_le_bytes());
+    field(&info.vocab_size.to_le_bytes());
+    field(&info.eos_token_ids.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>());
+    field(&info.tokenizer_kind.to_le_bytes());
+    field(&info.tokenizer);
+    field(info.chat_template.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -172,6 +172,7 @@ impl Worker for WorkerService {
             max_context: s.max_context as u32,
             preemptions: s.preemptions,
             kv_block_size: self.block_size as u32,
+            info_digest: self.info.digest.clone(),
         }))
     }
 }

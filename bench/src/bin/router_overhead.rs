@@ -187,6 +187,8 @@ fn main() -> anyhow::Result<()> {
         tokenizer,
         chat_template: String::new(),
         tp: 1,
+        // Empty: the router then checks no digest for this double.
+        digest: String::new(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
