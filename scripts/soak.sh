@@ -89,7 +89,9 @@ sleep 5
 rss_start="{\"router\": $(rss "$router"), \"worker_b\": $(rss "$(group_pid b)")}"
 
 # Faults, spread over the run.
-step=$((seconds / 6 > 3 ? seconds / 6 : 3))
+# Five gaps plus the faults' own 12 s fit in the run.
+step=$(((seconds - 14) / 5))
+[ "$step" -ge 1 ] || step=1
 fault() { log "fault: $*"; }
 sleep "$step"; fault "kill -9 group b"; kill -9 "$(group_pid b)" 2>/dev/null || true
 sleep "$step"; fault "SIGSTOP rank 1 of group a for 3 s"
