@@ -32,7 +32,7 @@ use qwen_telemetry::TraceContext;
 use types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatLogprobs, ChatRequest, ChatTokenLogprob, CompletionChoice,
     CompletionLogprobs, CompletionRequest, Delta, ErrorBody, ErrorDetail, FinishReason, ModelCard, ModelList,
-    PromptInput, Sampling, StreamError, TopLogprob, Usage,
+    PromptInput, Sampling, StopInput, StreamError, TopLogprob, Usage,
 };
 
 pub struct HttpConfig {
@@ -165,10 +165,12 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn options(s: &Sampling, headers: &HeaderMap) -> Options {
-    let session_key =
-        headers.get("x-session-key").and_then(|v| v.to_str().ok()).map(str::to_string).or_else(|| s.user.clone());
-    Options {
+/// The fields both endpoints share, as [`Options`]: unsupported fields refused first, then
+/// everything moved over (`stop` included); each endpoint sets its own spelling of the rest.
+fn options(s: Sampling, headers: &HeaderMap) -> Result<Options, ApiError> {
+    refuse_unsupported(&s)?;
+    let session_key = headers.get("x-session-key").and_then(|v| v.to_str().ok()).map(str::to_string).or(s.user);
+    Ok(Options {
         temperature: s.temperature,
         top_k: s.top_k,
         top_p: s.top_p,
@@ -178,13 +180,13 @@ fn options(s: &Sampling, headers: &HeaderMap) -> Options {
         frequency_penalty: s.frequency_penalty,
         seed: s.seed,
         max_tokens: s.max_tokens,
-        stop: Vec::new(),
-        stop_token_ids: s.stop_token_ids.clone(),
+        stop: s.stop.map(StopInput::into_vec).unwrap_or_default(),
+        stop_token_ids: s.stop_token_ids,
         ignore_eos: s.ignore_eos,
         logprobs: false,
         top_logprobs: 0,
         session_key,
-    }
+    })
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -236,8 +238,9 @@ pub(crate) fn completion_job(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(Job, Reply), ApiError> {
     let req: CompletionRequest = parse(headers, body)?;
-    refuse_unsupported(&req.sampling)?;
     let n = req.sampling.n.unwrap_or(1);
+    let reply = Reply::new(Api::Completions { logprobs: req.logprobs }, &req.sampling);
+    let mut opts = options(req.sampling, headers)?;
     let (prompt, batch) = match req.prompt {
         PromptInput::Text(t) => (Some(Prompt::Text(t)), None),
         PromptInput::Ids(ids) => (Some(Prompt::Ids(ids)), None),
@@ -247,11 +250,8 @@ pub(crate) fn completion_job(
     let extras = CompletionExtras { echo: req.echo, suffix: req.suffix.as_deref(), best_of: req.best_of, n, batch };
     let prompt = completion_extras(extras)
         .and_then(|()| prompt.ok_or_else(|| RouterError::invalid("prompt", "must not be an empty list")));
-    let mut opts = options(&req.sampling, headers);
     // OpenAI's completions default is 16 tokens.
-    opts.max_tokens = Some(req.sampling.max_tokens.unwrap_or(16));
-    let reply = Reply::new(Api::Completions { logprobs: req.logprobs }, &req.sampling);
-    opts.stop = req.sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
+    opts.max_tokens = Some(opts.max_tokens.unwrap_or(16));
     if let Some(n) = req.logprobs {
         opts.logprobs = true;
         opts.top_logprobs = n;
@@ -274,19 +274,17 @@ pub(crate) fn chat_job(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(Job, Reply), ApiError> {
     let req: ChatRequest = parse(headers, body)?;
-    refuse_unsupported(&req.sampling)?;
+    let n = req.sampling.n.unwrap_or(1);
+    let reply = Reply::new(Api::Chat { logprobs: req.logprobs }, &req.sampling);
+    let mut opts = options(req.sampling, headers)?;
     let messages = req
         .messages
         .into_iter()
         .map(|m| Message { role: m.role, content: m.content.map(types::Content::into_text).unwrap_or_default() })
         .collect();
-    let mut opts = options(&req.sampling, headers);
-    opts.max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let reply = Reply::new(Api::Chat { logprobs: req.logprobs }, &req.sampling);
-    opts.stop = req.sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
+    opts.max_tokens = req.max_completion_tokens.or(opts.max_tokens);
     opts.logprobs = req.logprobs;
     opts.top_logprobs = req.top_logprobs.unwrap_or(0);
-    let n = req.sampling.n.unwrap_or(1);
     Ok((Job { model: req.model, prompt: Ok(Prompt::Chat(messages)), options: opts, n }, reply))
 }
 

@@ -105,7 +105,7 @@ impl DecodeGraphs {
         let ctx_bucket = MIN_CONTEXT_BUCKET.min(self.max_context);
         let no_tables: &[Vec<u32>] = &[];
         for size in self.buckets.clone() {
-            self.step(model, store, size, ctx_bucket, &[], &[], no_tables)?;
+            self.step(model, store, (size, ctx_bucket), &[], &[], no_tables)?;
         }
         // Warm-up steps are no request's: only what they captured is kept.
         self.counts.replays = 0;
@@ -139,25 +139,24 @@ impl DecodeGraphs {
         let size = self.buckets.iter().copied().find(|&s| s >= b).unwrap_or(b);
         let longest = chunks.iter().map(|c| c.context_len + 1).max().unwrap_or(1);
         let ctx_bucket = longest.next_power_of_two().max(MIN_CONTEXT_BUCKET).min(self.max_context);
-        self.step(model, store, size, ctx_bucket, tokens, chunks, tables)
+        self.step(model, store, (size, ctx_bucket), tokens, chunks, tables)
     }
 
-    /// One step in bucket `size` at context bucket `ctx_bucket`; rows past `chunks` are padding.
-    #[allow(clippy::too_many_arguments)]
+    /// One step under `key` = (batch bucket, context bucket), the key its graph is kept under;
+    /// rows past `chunks` are padding.
     fn step<T: AsRef<[u32]>>(
         &mut self,
         model: &mut Model,
         store: &mut PagedKvStore,
-        size: usize,
-        ctx_bucket: usize,
+        key: (usize, usize),
         tokens: &[u32],
         chunks: &[SeqChunk],
         tables: &[T],
     ) -> Result<Tensor> {
+        let (size, ctx_bucket) = key;
         let b = chunks.len();
         let (padded, batch) = self.load_inputs(model.device(), size, ctx_bucket, tokens, chunks, tables)?;
         let buffers = &self.buffers[&size];
-        let key = (size, ctx_bucket);
         if !model.device().is_cuda() {
             let logits = eager(model, store, &padded, &buffers.inputs, &batch)?;
             self.counts.eager_steps += 1;
