@@ -1,9 +1,12 @@
 //! Router flags (clap, each with an environment variable), validated once into [`RouterConfig`].
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use qwen_tls::{CertFiles, ClientTls};
 
 use crate::admission::AdmissionConfig;
 use crate::breaker::BreakerConfig;
@@ -103,6 +106,43 @@ pub struct RouterArgs {
     /// HTTP/2 keep-alive ping interval on both ports; a peer that misses a pong is dropped.
     #[arg(long, env = "QWEN_ROUTER_KEEPALIVE_SECS", default_value_t = 30)]
     pub keepalive_secs: u64,
+    /// Require an API key on both public APIs: the file holds `NAME KEY [limits]` lines (see
+    /// docs/security.md); re-read on SIGHUP or when it changes. Without it the APIs are open.
+    #[arg(long, env = "QWEN_ROUTER_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Requests per minute per key where its line sets none (0: unlimited).
+    #[arg(long, env = "QWEN_ROUTER_KEY_REQUESTS_PER_MINUTE", default_value_t = 0)]
+    pub key_requests_per_minute: u32,
+    /// Tokens (prompt plus max_tokens) per minute per key where its line sets none (0: unlimited).
+    #[arg(long, env = "QWEN_ROUTER_KEY_TOKENS_PER_MINUTE", default_value_t = 0)]
+    pub key_tokens_per_minute: u32,
+    /// Serve /metrics without an API key (for a Prometheus that cannot send one).
+    #[arg(long, env = "QWEN_ROUTER_METRICS_WITHOUT_KEY")]
+    pub metrics_without_key: bool,
+    /// Serve health (HTTP /health, grpc.health.v1) without an API key (for load balancer and
+    /// Kubernetes probes).
+    #[arg(long, env = "QWEN_ROUTER_HEALTH_WITHOUT_KEY")]
+    pub health_without_key: bool,
+    /// TLS on both public ports: the certificate chain (PEM); re-read on SIGHUP or change.
+    #[arg(long, env = "QWEN_ROUTER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "QWEN_ROUTER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS to the workers: the CA that signed their certificates ...
+    #[arg(long, env = "QWEN_ROUTER_WORKER_TLS_CA")]
+    pub worker_tls_ca: Option<PathBuf>,
+    /// ... and the router's client certificate and key, which the workers check.
+    #[arg(long, env = "QWEN_ROUTER_WORKER_TLS_CERT")]
+    pub worker_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "QWEN_ROUTER_WORKER_TLS_KEY")]
+    pub worker_tls_key: Option<PathBuf>,
+    /// The name to expect in workers' certificates (default: the host of each worker's address).
+    #[arg(long, env = "QWEN_ROUTER_WORKER_TLS_SERVER_NAME")]
+    pub worker_tls_server_name: Option<String>,
+    /// How often the key file and certificates are checked for changes.
+    #[arg(long, env = "QWEN_ROUTER_RELOAD_CHECK_SECS", default_value_t = 10)]
+    pub reload_check_secs: u64,
 }
 
 pub enum Discovery {
@@ -121,10 +161,23 @@ pub struct RouterConfig {
     pub generate: GenerateConfig,
     pub max_body_bytes: usize,
     pub conn: crate::conn::ConnConfig,
+    pub security: Security,
+}
+
+/// Keys and certificates, checked.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub auth: Option<crate::auth::AuthConfig>,
+    /// The public ports' certificate.
+    pub tls: Option<CertFiles>,
+    /// Mutual TLS to the workers.
+    pub workers: Option<ClientTls>,
+    pub reload_every: Duration,
 }
 
 impl RouterArgs {
     pub fn validate(self) -> Result<RouterConfig, String> {
+        let security = self.security()?;
         let discovery = match (self.workers.is_empty(), self.etcd.is_empty()) {
             (true, true) => {
                 return Err("give --worker ADDR (repeatable) or --etcd ENDPOINTS to find worker groups".into())
@@ -205,6 +258,7 @@ impl RouterArgs {
                 session_load_factor: self.session_load_factor,
             },
             pool: PoolConfig {
+                worker_tls: security.workers.as_ref().map(ClientTls::tonic).transpose().map_err(|e| e.to_string())?,
                 health_interval,
                 health_timeout: health_interval.clamp(Duration::from_millis(200), Duration::from_secs(2)),
                 unhealthy_after: self.unhealthy_after,
@@ -231,6 +285,41 @@ impl RouterArgs {
                 body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
                 keepalive_interval: Duration::from_secs(self.keepalive_secs),
             },
+            security,
         })
+    }
+
+    fn security(&self) -> Result<Security, String> {
+        if self.reload_check_secs == 0 {
+            return Err("--reload-check-secs: must be at least 1".into());
+        }
+        let auth = self.api_key_file.clone().map(|key_file| crate::auth::AuthConfig {
+            key_file,
+            defaults: crate::auth::KeyLimits {
+                requests_per_minute: NonZeroU32::new(self.key_requests_per_minute),
+                tokens_per_minute: NonZeroU32::new(self.key_tokens_per_minute),
+            },
+            open_metrics: self.metrics_without_key,
+            open_health: self.health_without_key,
+        });
+        if auth.is_none() && (self.metrics_without_key || self.health_without_key) {
+            return Err("--metrics-without-key / --health-without-key: only meaningful with --api-key-file".into());
+        }
+        let tls = CertFiles::from_flags(self.tls_cert.clone(), self.tls_key.clone(), ("--tls-cert", "--tls-key"))
+            .map_err(|e| e.to_string())?;
+        let identity = CertFiles::from_flags(
+            self.worker_tls_cert.clone(),
+            self.worker_tls_key.clone(),
+            ("--worker-tls-cert", "--worker-tls-key"),
+        )
+        .map_err(|e| e.to_string())?;
+        let workers = match (&self.worker_tls_ca, identity) {
+            (Some(ca), identity) => {
+                Some(ClientTls { ca: ca.clone(), identity, server_name: self.worker_tls_server_name.clone() })
+            }
+            (None, None) if self.worker_tls_server_name.is_none() => None,
+            (None, _) => return Err("--worker-tls-cert/--worker-tls-server-name: need --worker-tls-ca".into()),
+        };
+        Ok(Security { auth, tls, workers, reload_every: Duration::from_secs(self.reload_check_secs) })
     }
 }

@@ -51,17 +51,23 @@ fn open_file_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// A listener that hands out connections while fewer than the cap are open.
+/// A listener that hands out connections while fewer than the cap are open, with TLS when it
+/// has an acceptor.
 pub struct Limited {
     listener: TcpListener,
     slots: Arc<Semaphore>,
     port: Port,
     metrics: Arc<RouterMetrics>,
+    tls: Option<qwen_tls::TlsAcceptor>,
 }
 
 impl Limited {
     pub fn new(listener: TcpListener, max_connections: usize, port: Port, metrics: Arc<RouterMetrics>) -> Self {
-        Limited { listener, slots: Arc::new(Semaphore::new(max_connections)), port, metrics }
+        Limited { listener, slots: Arc::new(Semaphore::new(max_connections)), port, metrics, tls: None }
+    }
+
+    pub fn with_tls(self, tls: Option<qwen_tls::TlsAcceptor>) -> Self {
+        Limited { tls, ..self }
     }
 
     /// The next connection within the cap; those over it go to `refuse` and are not returned.
@@ -98,23 +104,91 @@ impl Limited {
         self,
         first_byte: Duration,
         cancel: CancellationToken,
-    ) -> impl futures::Stream<Item = std::io::Result<Held>> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Held>(64);
+    ) -> impl futures::Stream<Item = std::io::Result<Conn>> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Conn>(64);
         tokio::spawn(async move {
             loop {
                 let held = tokio::select! {
                     held = self.accept(drop) => held,
                     _ = cancel.cancelled() => return,
                 };
-                let tx = tx.clone();
+                let (tx, tls) = (tx.clone(), self.tls.clone());
                 tokio::spawn(async move {
-                    if held.spoke_within(first_byte).await {
-                        let _ = tx.send(held).await;
+                    if let Some(conn) = open(held, tls.as_ref(), first_byte).await {
+                        let _ = tx.send(conn).await;
                     }
                 });
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+    }
+}
+
+/// `held` once it has spoken within `wait` and, with TLS, finished its handshake within `wait`
+/// too (a client that stalls mid-handshake holds its slot no longer than a silent one).
+async fn open(held: Held, tls: Option<&qwen_tls::TlsAcceptor>, wait: Duration) -> Option<Conn> {
+    if !held.spoke_within(wait).await {
+        return None;
+    }
+    match tls {
+        None => Some(Conn::Plain(held)),
+        Some(acceptor) => match tokio::time::timeout(wait, acceptor.accept(held)).await {
+            Ok(Ok(stream)) => Some(Conn::Tls(Box::new(stream))),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => None,
+        },
+    }
+}
+
+/// A served connection: plain, or TLS over the accepted socket.
+pub enum Conn {
+    Plain(Held),
+    Tls(Box<qwen_tls::TlsStream<Held>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(h) => Pin::new(h).poll_read(cx, buf),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(h) => Pin::new(h).poll_write(cx, buf),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(h) => Pin::new(h).poll_flush(cx),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(h) => Pin::new(h).poll_shutdown(cx),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Conn::Plain(h) => h.stream.connect_info(),
+            Conn::Tls(t) => t.get_ref().0.stream.connect_info(),
+        }
     }
 }
 
@@ -161,14 +235,6 @@ impl AsyncWrite for Held {
     }
 }
 
-impl tonic::transport::server::Connected for Held {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
 /// Over the cap on the HTTP port: one 503 in OpenAI's error shape, then close.
 fn refuse_http(mut stream: TcpStream) {
     tokio::spawn(async move {
@@ -210,12 +276,13 @@ pub async fn serve_http(listener: Limited, app: axum::Router, cfg: ConnConfig, c
             _ = cancel.cancelled() => break,
         };
         let (builder, service, watcher) = (builder.clone(), service.clone(), graceful.watcher());
+        let tls = listener.tls.clone();
         tokio::spawn(async move {
             // Nothing is served until the client speaks: protocol detection would wait forever.
-            if !held.spoke_within(cfg.header_read_timeout).await {
+            let Some(conn) = open(held, tls.as_ref(), cfg.header_read_timeout).await else {
                 return;
-            }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(held), service);
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
             let _ = watcher.watch(conn.into_owned()).await;
         });
     }

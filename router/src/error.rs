@@ -3,14 +3,18 @@
 
 use std::time::Duration;
 
+use crate::auth::{retry_secs, Denied};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// The request is malformed or asks for something impossible.
     InvalidArgument,
     /// The model is not served by any known group.
     NotFound,
-    /// The router's queue is full: retry later.
+    /// The router's queue is full, or the API key's rate limit is reached: retry later.
     Overloaded,
+    /// No API key, or one that is not valid.
+    Unauthenticated,
     /// No group could take the request, or the group failed while serving it.
     Unavailable,
     DeadlineExceeded,
@@ -23,6 +27,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Internal => "internal",
@@ -57,6 +62,8 @@ pub enum RouterError {
     Worker { group: String, code: tonic::Code, message: String },
     #[error("the request's deadline passed")]
     Deadline,
+    #[error("{}", .0.message())]
+    Denied(crate::auth::Denied),
     #[error("{0}")]
     Internal(String),
 }
@@ -82,6 +89,20 @@ impl RouterError {
             },
             RouterError::Deadline => ErrorKind::DeadlineExceeded,
             RouterError::Internal(_) => ErrorKind::Internal,
+            RouterError::Denied(d) => match d {
+                Denied::Missing | Denied::Invalid => ErrorKind::Unauthenticated,
+                Denied::RateLimited { .. } => ErrorKind::Overloaded,
+                Denied::TooLarge { .. } => ErrorKind::InvalidArgument,
+            },
+        }
+    }
+
+    /// How long a client should wait before retrying, where waiting helps.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            RouterError::Overloaded { retry_after } => Some(*retry_after),
+            RouterError::Denied(Denied::RateLimited { retry_after, .. }) => Some(*retry_after),
+            _ => None,
         }
     }
 
@@ -92,13 +113,14 @@ impl RouterError {
             ErrorKind::NotFound => tonic::Status::not_found(msg),
             ErrorKind::Overloaded => {
                 let mut status = tonic::Status::resource_exhausted(msg);
-                if let RouterError::Overloaded { retry_after } = self {
-                    if let Ok(v) = retry_after.as_secs().max(1).to_string().parse() {
+                if let Some(wait) = self.retry_after() {
+                    if let Ok(v) = retry_secs(wait).to_string().parse() {
                         status.metadata_mut().insert("retry-after", v);
                     }
                 }
                 status
             }
+            ErrorKind::Unauthenticated => tonic::Status::unauthenticated(msg),
             ErrorKind::Unavailable => tonic::Status::unavailable(msg),
             ErrorKind::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),
             ErrorKind::Internal => tonic::Status::internal(msg),
@@ -111,6 +133,7 @@ impl RouterError {
             ErrorKind::InvalidArgument => 400,
             ErrorKind::NotFound => 404,
             ErrorKind::Overloaded => 429,
+            ErrorKind::Unauthenticated => 401,
             ErrorKind::Unavailable => 503,
             ErrorKind::DeadlineExceeded => 504,
             ErrorKind::Internal => 500,
@@ -122,6 +145,7 @@ impl RouterError {
         match self {
             RouterError::Invalid { field, .. } => Some(field),
             RouterError::UnknownModel(_) => Some("model"),
+            RouterError::Denied(Denied::TooLarge { .. }) => Some("max_tokens"),
             _ => None,
         }
     }

@@ -4,7 +4,6 @@
 //! [`Generation`] (client gone) drops the worker stream, which cancels the worker's request.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use qwen_telemetry::TraceContext;
 use tracing::Instrument;
 
 use crate::admission::{Admission, AdmissionConfig};
+use crate::auth::Caller;
 use crate::error::{Result, RouterError};
 use crate::metrics::{Api, RequestTimers, RouterMetrics};
 use crate::models::ModelInfo;
@@ -97,15 +97,16 @@ pub struct Router {
     pub admission: Admission,
     pub metrics: Arc<RouterMetrics>,
     pub cfg: GenerateConfig,
-    next_id: AtomicU64,
     /// Tokenizations running at once (one per core).
     tokenizing: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a request came from and what travels with it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RequestMeta {
     pub api: Api,
+    /// The API key's holder, when keys are required: its token rate is charged.
+    pub caller: Option<Arc<Caller>>,
     pub deadline: Option<Instant>,
     /// The client's trace context, or a new root.
     pub trace: TraceContext,
@@ -114,7 +115,17 @@ pub struct RequestMeta {
 
 impl RequestMeta {
     pub fn new(api: Api, trace: Option<TraceContext>, deadline: Option<Instant>) -> Self {
-        RequestMeta { api, deadline, trace: trace.unwrap_or_else(TraceContext::new_root), arrived: Instant::now() }
+        RequestMeta {
+            api,
+            caller: None,
+            deadline,
+            trace: trace.unwrap_or_else(TraceContext::new_root),
+            arrived: Instant::now(),
+        }
+    }
+
+    pub fn with_caller(self, caller: Option<Arc<Caller>>) -> Self {
+        RequestMeta { caller, ..self }
     }
 }
 
@@ -191,7 +202,6 @@ impl Router {
             admission: Admission::new(cfg.admission),
             metrics: RouterMetrics::new(),
             cfg,
-            next_id: AtomicU64::new(0),
             tokenizing: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
@@ -207,8 +217,20 @@ impl Router {
             .prepare(model.clone(), job)
             .await
             .inspect_err(|e| self.metrics.request(Some(&model.name), meta.api, Err(e)))?;
-        let started = futures::future::join_all(choices.into_iter().map(|c| self.generate(c, meta))).await;
+        self.charge(&meta, &choices).inspect_err(|e| self.metrics.request(Some(&model.name), meta.api, Err(e)))?;
+        let started = futures::future::join_all(choices.into_iter().map(|c| self.generate(c, meta.clone()))).await;
         Ok(Started { model, generations: started.into_iter().collect::<Result<Vec<_>>>()? })
+    }
+
+    /// Takes what the choices may use (prompt plus max_tokens each) from the caller's token
+    /// rate: reserved up front, as a stream cannot be taken back once it has started.
+    fn charge(&self, meta: &RequestMeta, choices: &[Prepared]) -> Result<()> {
+        let Some(caller) = &meta.caller else { return Ok(()) };
+        let tokens = choices.iter().map(|c| c.prompt.len() as u64 + u64::from(c.worker.max_new_tokens)).sum();
+        caller.charge_tokens(tokens).map_err(|d| {
+            self.metrics.key_request(&caller.name, d.as_str());
+            RouterError::Denied(d)
+        })
     }
 
     /// Checks and tokenizes `job` off the async threads (a long prompt costs CPU seconds), at
@@ -232,7 +254,9 @@ impl Router {
     /// Starts `req` and waits for its first chunk, so that a request that cannot start at all
     /// (overloaded, no group, refused by the worker) fails as a status, not inside a stream.
     pub async fn generate(self: &Arc<Self>, req: Prepared, meta: RequestMeta) -> Result<Generation> {
-        let id = format!("cmpl-{:x}-{}", std::process::id(), self.next_id.fetch_add(1, Ordering::Relaxed));
+        // 128 random bits from a CSPRNG: an id that leaks (logs, a client's screen) cannot be
+        // used to guess another request's.
+        let id = format!("cmpl-{:032x}", rand::random::<u128>());
         let prompt = req.prompt.clone();
         // Small: a slow client applies backpressure to its own worker stream only.
         let (tx, mut rx) = mpsc::channel(32);
@@ -243,12 +267,13 @@ impl Router {
         qwen_telemetry::logging::set_remote_parent(&span, &meta.trace);
         let task = async move {
             let model = req.model.name.clone();
+            let (deadline, api) = (meta.deadline, meta.api);
             let run = router.run(req, request_id, meta, &tx, group_tx);
-            let result = match meta.deadline {
+            let result = match deadline {
                 Some(d) => tokio::time::timeout_at(d.into(), run).await.unwrap_or(Err(RouterError::Deadline)),
                 None => run.await,
             };
-            router.metrics.request(Some(&model), meta.api, result.as_ref().copied());
+            router.metrics.request(Some(&model), api, result.as_ref().copied());
             if let Err(e) = result {
                 tracing::info!(error = %e, "request failed");
                 let _ = tx.send(Err(e)).await;

@@ -14,6 +14,7 @@ use qwen_proto::serve::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, Gate};
 use crate::error::RouterError;
 use crate::generate::{Chunk, Finish, Generation, Job, RequestMeta, Router, TokenLogprob, Usage};
 use crate::metrics::Api;
@@ -78,9 +79,25 @@ pub(crate) fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Resu
     Ok(Prompt::Chat(messages))
 }
 
-/// Trace context and deadline from the request's metadata.
+/// Trace context, deadline and the API key's holder (put there by [`KeyCheck`]) from the request.
 fn request_meta<T>(request: &Request<T>, api: Api) -> RequestMeta {
-    RequestMeta::new(api, TraceContext::from_metadata(request.metadata()), deadline(request))
+    let caller = request.extensions().get::<Arc<Caller>>().cloned();
+    RequestMeta::new(api, TraceContext::from_metadata(request.metadata()), deadline(request)).with_caller(caller)
+}
+
+/// The API-key check in front of a gRPC service (`authorization: Bearer <key>` metadata);
+/// with no gate, requests pass unchanged.
+#[derive(Clone)]
+pub struct KeyCheck(pub Option<Arc<Gate>>);
+
+impl tonic::service::Interceptor for KeyCheck {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(gate) = &self.0 else { return Ok(request) };
+        let presented = request.metadata().get("authorization").map(|v| v.as_bytes());
+        let caller = gate.admit(presented, crate::metrics::Port::Grpc).map_err(|e| e.to_status())?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
 }
 
 /// The client's `grpc-timeout` header as a deadline (units per the gRPC HTTP/2 spec).

@@ -63,6 +63,26 @@ pub struct PortLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    /// The key's name from the key file (never the key; at most `auth::MAX_KEYS` of them).
+    pub key: String,
+    /// admitted, rate_limited or too_large.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    pub port: &'static str,
+    /// missing or invalid.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// A served model's name, or [`UNKNOWN_MODEL`].
     pub model: String,
@@ -106,6 +126,9 @@ pub struct RouterMetrics {
     etcd_connected: Gauge<i64, AtomicI64>,
     connections_open: Family<PortLabels, Gauge>,
     connections_refused: Family<PortLabels, Counter>,
+    key_requests: Family<KeyLabels, Counter>,
+    auth_denied: Family<DeniedLabels, Counter>,
+    auth_reloads: Family<OutcomeLabels, Counter>,
     /// Groups with a `group_routed_requests` series, so a group's series leaves with it.
     routed_groups: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -138,6 +161,9 @@ impl RouterMetrics {
             etcd_connected: Gauge::default(),
             connections_open: Family::default(),
             connections_refused: Family::default(),
+            key_requests: Family::default(),
+            auth_denied: Family::default(),
+            auth_reloads: Family::default(),
             routed_groups: Default::default(),
             registry: Registry::default(),
         };
@@ -162,6 +188,10 @@ impl RouterMetrics {
             "1 while the group's circuit breaker is open or half-open",
             m.group_breaker_open.clone(),
         );
+        registry.register("key_requests", "Requests per API key name and outcome", m.key_requests.clone());
+        registry.register("auth_denied", "Requests refused for a missing or invalid API key", m.auth_denied.clone());
+        let reloads = "Reloads of the key file and TLS certificates (ok or failed)";
+        registry.register("credential_reloads", reloads, m.auth_reloads.clone());
         registry.register("etcd_connected", "1 while membership is watched live (static: 0)", m.etcd_connected.clone());
         Arc::new(RouterMetrics { registry, ..m })
     }
@@ -195,6 +225,18 @@ impl RouterMetrics {
 
     pub fn connection_refused(&self, port: Port) {
         self.connections_refused.get_or_create(&PortLabels { port: port.as_str() }).inc();
+    }
+
+    pub fn key_request(&self, key: &str, outcome: &'static str) {
+        self.key_requests.get_or_create(&KeyLabels { key: label(key), outcome }).inc();
+    }
+
+    pub fn auth_denied(&self, port: Port, reason: &'static str) {
+        self.auth_denied.get_or_create(&DeniedLabels { port: port.as_str(), reason }).inc();
+    }
+
+    pub fn credentials_reloaded(&self, ok: bool) {
+        self.auth_reloads.get_or_create(&OutcomeLabels { outcome: if ok { "ok" } else { "failed" } }).inc();
     }
 
     pub fn retried(&self) {

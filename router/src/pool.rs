@@ -23,8 +23,10 @@ use crate::policy::{Candidate, Load, Policy, RouteRequest};
 /// The gRPC health service name the worker reports on; NOT_SERVING while it drains.
 pub const WORKER_SERVICE: &str = "qwen.worker.v1.Worker";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PoolConfig {
+    /// Mutual TLS to the workers (`https://` to every address); `None`: plain HTTP/2.
+    pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
     pub health_interval: Duration,
     /// Per probe RPC.
     pub health_timeout: Duration,
@@ -65,12 +67,19 @@ impl Drop for InFlight {
     }
 }
 
-/// A (lazy) channel to `addr`.
-fn channel(member: &Member) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", member.addr))
-        .map_err(|e| RouterError::Internal(format!("group {}: address {}: {e}", member.group, member.addr)))?
+/// A (lazy) channel to `addr`, over TLS when `tls` is set.
+fn channel(member: &Member, tls: Option<&tonic::transport::ClientTlsConfig>) -> Result<Channel> {
+    let bad = |e: tonic::transport::Error| {
+        RouterError::Internal(format!("group {}: address {}: {e}", member.group, member.addr))
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", member.addr))
+        .map_err(bad)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
+    }
     Ok(endpoint.connect_lazy())
 }
 
@@ -176,7 +185,7 @@ impl Pool {
             }
             let shared = match channels.get(&m.addr) {
                 Some(c) => Ok(c.clone()),
-                None => channel(m).inspect(|c| {
+                None => channel(m, self.cfg.worker_tls.as_ref()).inspect(|c| {
                     channels.insert(m.addr.clone(), c.clone());
                 }),
             };

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Discovery, RouterConfig};
+use crate::auth::{Auth, Gate};
+use crate::config::{Discovery, RouterConfig, Security};
 use crate::conn::{BodyLimits, ConnConfig, Limited};
 use crate::error::{Result, RouterError};
 use crate::generate::Router;
@@ -44,7 +45,8 @@ impl Running {
 pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Running> {
     let pool = Arc::new(Pool::new(cfg.pool, crate::policy::build(&cfg.policy), cfg.local_tokenizers));
     let router = Arc::new(Router::new(pool.clone(), cfg.generate));
-    let mut tasks = vec![pool.spawn_health(cancel.clone())];
+    let (gate, tls, reloader) = credentials(&cfg.security, &router, cancel.clone())?;
+    let mut tasks = vec![pool.spawn_health(cancel.clone()), reloader];
     tasks.push(membership(&cfg.discovery, router.clone(), cancel.clone()));
 
     let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -57,18 +59,79 @@ pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Runni
 
     let conn = cfg.conn;
     let metrics = router.metrics.clone();
-    let grpc_listener = Limited::new(grpc_listener, conn.max_connections, Port::Grpc, metrics.clone());
-    let http_listener = Limited::new(http_listener, conn.max_connections, Port::Http, metrics);
-    tasks.push(tokio::spawn(serve_grpc(grpc_listener, router.clone(), conn, cancel.clone())));
+    let acceptor = |alpn: &[&[u8]]| -> Result<Option<qwen_tls::TlsAcceptor>> {
+        let Some(cert) = &tls else { return Ok(None) };
+        let config = qwen_tls::server_config(cert.clone(), None, alpn).map_err(|e| RouterError::Internal(e.to_string()))?;
+        Ok(Some(qwen_tls::TlsAcceptor::from(config)))
+    };
+    let grpc_listener = Limited::new(grpc_listener, conn.max_connections, Port::Grpc, metrics.clone())
+        .with_tls(acceptor(&[b"h2"])?);
+    let http_listener =
+        Limited::new(http_listener, conn.max_connections, Port::Http, metrics).with_tls(acceptor(&[b"h2", b"http/1.1"])?);
+    let grpc = GrpcConfig { router: router.clone(), conn, gate: gate.clone() };
+    tasks.push(tokio::spawn(serve_grpc(grpc_listener, grpc, cancel.clone())));
     let http = crate::http::HttpConfig {
         router: router.clone(),
         body: BodyLimits { max_bytes: cfg.max_body_bytes, timeout: conn.body_read_timeout },
+        gate,
     };
     tasks.push(tokio::spawn(crate::http::serve(http_listener, http, conn, cancel.clone())));
     Ok(Running { grpc_addr, http_addr, router, tasks, cancel })
 }
 
-async fn serve_grpc(listener: Limited, router: Arc<Router>, conn: ConnConfig, cancel: CancellationToken) {
+/// The API-key gate and the public certificate, loaded (an unreadable file stops the start,
+/// naming it), and the task that reloads both on SIGHUP or when their files change.
+fn credentials(
+    security: &Security,
+    router: &Arc<Router>,
+    cancel: CancellationToken,
+) -> Result<(Option<Arc<Gate>>, Option<Arc<qwen_tls::ReloadingCert>>, tokio::task::JoinHandle<()>)> {
+    let auth = security.auth.clone().map(Auth::load).transpose().map_err(RouterError::Internal)?;
+    let gate = auth.clone().map(|a| Gate::new(a, router.metrics.clone()));
+    let tls = security.tls.clone().map(qwen_tls::ReloadingCert::load).transpose();
+    let tls = tls.map_err(|e| RouterError::Internal(e.to_string()))?;
+    let mut paths = Vec::new();
+    paths.extend(security.auth.iter().map(|a| a.key_file.clone()));
+    paths.extend(security.tls.iter().flat_map(|t| [t.cert.clone(), t.key.clone()]));
+    let (metrics, cert) = (router.metrics.clone(), tls.clone());
+    let reload = move || {
+        if let Some(auth) = &auth {
+            let result = auth.reload();
+            match &result {
+                Ok(keys) => tracing::info!(keys, "API keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "API keys not reloaded: the previous keys stay in force"),
+            }
+            metrics.credentials_reloaded(result.is_ok());
+        }
+        if let Some(cert) = &cert {
+            let result = cert.reload();
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "TLS certificate not reloaded: the previous one stays in use");
+            }
+            metrics.credentials_reloaded(result.is_ok());
+        }
+    };
+    let every = security.reload_every;
+    let task = tokio::spawn(async move {
+        if !paths.is_empty() {
+            qwen_tls::reload_on_change(paths, every, cancel.cancelled_owned(), reload).await;
+        }
+    });
+    Ok((gate, tls, task))
+}
+
+struct GrpcConfig {
+    router: Arc<Router>,
+    conn: ConnConfig,
+    gate: Option<Arc<Gate>>,
+}
+
+async fn serve_grpc(listener: Limited, cfg: GrpcConfig, cancel: CancellationToken) {
+    let GrpcConfig { router, conn, gate } = cfg;
+    use tonic::service::interceptor::InterceptedService;
+    let check = crate::grpc::KeyCheck(gate.clone());
+    // Health answers without a key only where --health-without-key says so.
+    let health_check = crate::grpc::KeyCheck(gate.filter(|g| !g.open().health));
     use qwen_proto::serve::generation_server::GenerationServer;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GenerationServer<PublicService>>().await;
@@ -96,10 +159,10 @@ async fn serve_grpc(listener: Limited, router: Arc<Router>, conn: ConnConfig, ca
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(conn.keepalive_interval))
         .http2_keepalive_timeout(Some(conn.keepalive_interval / 2))
-        .add_service(health_service)
-        .add_service(v1)
-        .add_service(v1alpha)
-        .add_service(GenerationServer::new(PublicService::new(router)))
+        .add_service(InterceptedService::new(health_service, health_check))
+        .add_service(InterceptedService::new(v1, check.clone()))
+        .add_service(InterceptedService::new(v1alpha, check.clone()))
+        .add_service(InterceptedService::new(GenerationServer::new(PublicService::new(router)), check))
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await;
     if let Err(e) = result {

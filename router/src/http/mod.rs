@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::Extension;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +21,7 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Caller, Denied, Gate};
 use crate::conn::{BodyLimits, ConnConfig, Limited};
 
 use crate::error::{ErrorKind, RouterError};
@@ -38,6 +40,8 @@ use types::{
 pub struct HttpConfig {
     pub router: Arc<Router>,
     pub body: BodyLimits,
+    /// API keys; `None`: the API is open.
+    pub gate: Option<Arc<Gate>>,
 }
 
 pub async fn serve(listener: Limited, cfg: HttpConfig, conn: ConnConfig, cancel: CancellationToken) {
@@ -46,16 +50,47 @@ pub async fn serve(listener: Limited, cfg: HttpConfig, conn: ConnConfig, cancel:
 
 pub fn routes(cfg: HttpConfig) -> Routes {
     let body = cfg.body;
-    Routes::new()
+    let api = Routes::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .merge(qwen_telemetry::exposition::route(Arc::new(RouterScrape(cfg.router.clone()))))
+        .route("/v1/models", get(models));
+    let health = Routes::new().route("/health", get(health));
+    let metrics = qwen_telemetry::exposition::route(Arc::new(RouterScrape(cfg.router.clone())));
+    let (api, health, metrics) = match &cfg.gate {
+        Some(gate) => {
+            let open = gate.open();
+            (
+                with_key(api, gate.clone()),
+                if open.health { health } else { with_key(health, gate.clone()) },
+                if open.metrics { metrics } else { with_key(metrics, gate.clone()) },
+            )
+        }
+        None => (api, health, metrics),
+    };
+    api.merge(health)
+        .merge(metrics)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route", None) })
         .layer(axum::middleware::from_fn(move |request, next| crate::conn::read_body(body, request, next)))
         .layer(DefaultBodyLimit::max(body.max_bytes))
         .with_state(cfg.router)
+}
+
+/// `routes` answer only requests with a valid API key (401 otherwise, 429 over the key's
+/// request rate); handlers find the [`Caller`] among the request's extensions.
+fn with_key<S: Clone + Send + Sync + 'static>(routes: Routes<S>, gate: Arc<Gate>) -> Routes<S> {
+    routes.route_layer(axum::middleware::from_fn(move |mut request: axum::extract::Request, next: axum::middleware::Next| {
+        let gate = gate.clone();
+        async move {
+            let presented = request.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+            match gate.admit(presented, crate::metrics::Port::Http) {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    next.run(request).await
+                }
+                Err(e) => ApiError::from(e).into_response(),
+            }
+        }
+    }))
 }
 
 /// An error in OpenAI's shape.
@@ -91,15 +126,19 @@ impl From<RouterError> for ApiError {
     fn from(e: RouterError) -> Self {
         let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let kind = match e.kind() {
-            ErrorKind::InvalidArgument | ErrorKind::NotFound => "invalid_request_error",
+            ErrorKind::InvalidArgument | ErrorKind::NotFound | ErrorKind::Unauthenticated => "invalid_request_error",
             ErrorKind::Overloaded => "rate_limit_error",
             ErrorKind::Unavailable | ErrorKind::DeadlineExceeded | ErrorKind::Internal => "server_error",
         };
         let mut err = ApiError::new(status, kind, e.to_string(), e.param().map(str::to_string));
-        err.body.error.code = Some(e.kind().as_str().to_string());
-        if let RouterError::Overloaded { retry_after } = &e {
-            err.retry_after = Some(retry_after.as_secs().max(1));
-        }
+        // OpenAI's codes where a client library looks for them.
+        let code = match &e {
+            RouterError::Denied(Denied::Missing | Denied::Invalid) => "invalid_api_key",
+            RouterError::Denied(Denied::RateLimited { .. }) => "rate_limit_exceeded",
+            _ => e.kind().as_str(),
+        };
+        err.body.error.code = Some(code.to_string());
+        err.retry_after = e.retry_after().map(crate::auth::retry_secs);
         err
     }
 }
@@ -109,6 +148,9 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, axum::Json(self.body)).into_response();
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert("retry-after", s.into());
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -225,11 +267,13 @@ impl Reply {
 
 async fn completions(
     State(router): State<Arc<Router>>,
+    caller: Option<Extension<Arc<Caller>>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (job, reply) = completion_job(&headers, body)?;
-    run(&router, Endpoint::HttpCompletions, &headers, job, reply).await
+    let caller = caller.map(|Extension(c)| c);
+    run(&router, caller, Endpoint::HttpCompletions, &headers, job, reply).await
 }
 
 /// A /v1/completions body as a job for the router (or a 4xx).
@@ -261,11 +305,13 @@ pub(crate) fn completion_job(
 
 async fn chat_completions(
     State(router): State<Arc<Router>>,
+    caller: Option<Extension<Arc<Caller>>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (job, reply) = chat_job(&headers, body)?;
-    run(&router, Endpoint::HttpChat, &headers, job, reply).await
+    let caller = caller.map(|Extension(c)| c);
+    run(&router, caller, Endpoint::HttpChat, &headers, job, reply).await
 }
 
 /// A /v1/chat/completions body as a job for the router (or a 4xx).
@@ -292,13 +338,14 @@ pub(crate) fn chat_job(
 /// answer in one body or as a stream.
 async fn run(
     router: &Arc<Router>,
+    caller: Option<Arc<Caller>>,
     endpoint: Endpoint,
     headers: &HeaderMap,
     job: Job,
     reply: Reply,
 ) -> Result<Response, ApiError> {
     let name = job.model.clone();
-    let meta = RequestMeta::new(endpoint, TraceContext::from_headers(headers), deadline(headers)?);
+    let meta = RequestMeta::new(endpoint, TraceContext::from_headers(headers), deadline(headers)?).with_caller(caller);
     let Started { model, generations } = router.start(job, meta).await?;
     let id = generations.first().map(|g| g.id.clone()).unwrap_or_default();
     let groups: Vec<&str> = generations.iter().map(|g| g.group.as_ref()).collect();
