@@ -11,15 +11,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
-};
+use etcd_client::{Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{Etcd, Timeouts};
 use crate::keys::{self, GroupName};
 use crate::{ClusterError, Result};
 
@@ -55,7 +54,7 @@ pub type Workers = BTreeMap<String, WorkerRecord>;
 
 #[derive(Debug, Clone)]
 pub struct RegistrationConfig {
-    pub endpoints: Vec<String>,
+    pub etcd: Etcd,
     pub record: WorkerRecord,
     /// Lease TTL: how long the record outlives a worker that dies without revoking it.
     pub ttl: Duration,
@@ -145,7 +144,7 @@ async fn register(cfg: RegistrationConfig, cancel: CancellationToken, state: wat
             break;
         }
     }
-    session.revoke(&cfg.endpoints, &group).await;
+    session.revoke(&cfg.etcd, &group).await;
 }
 
 /// What outlives one registration attempt: the client, for the revoke at the end, and the
@@ -168,7 +167,7 @@ impl Session {
     ) -> Result<Infallible> {
         let mut client = match &self.client {
             Some(c) => c.clone(),
-            None => connect(&cfg.endpoints).await?,
+            None => connect(&cfg.etcd).await?,
         };
         self.client = Some(client.clone());
         let ttl_s = cfg.ttl.as_secs_f64().ceil().max(1.0) as i64;
@@ -224,12 +223,12 @@ impl Session {
     }
 
     /// Revokes the lease, if any, so the record disappears now rather than after the TTL.
-    async fn revoke(self, endpoints: &[String], group: &str) {
+    async fn revoke(self, etcd: &Etcd, group: &str) {
         let Some(id) = self.lease else { return };
         let revoke = async {
             let mut client = match self.client {
                 Some(c) => c,
-                None => connect(endpoints).await?,
+                None => connect(etcd).await?,
             };
             client.lease_revoke(id).await?;
             Ok::<_, ClusterError>(())
@@ -244,7 +243,7 @@ impl Session {
 
 #[derive(Debug, Clone)]
 pub struct MembershipConfig {
-    pub endpoints: Vec<String>,
+    pub etcd: Etcd,
     /// Re-reads the whole prefix this often even while the watch is healthy, in case it
     /// silently missed something.
     pub relist_every: Duration,
@@ -312,7 +311,7 @@ async fn follow(
     loop {
         let err = tokio::select! {
             _ = cancel.cancelled() => break,
-            Err(e) = follow_session(&cfg.endpoints, relist_every, &workers, &connected, &mut backoff) => e,
+            Err(e) = follow_session(&cfg.etcd, relist_every, &workers, &connected, &mut backoff) => e,
         };
         connected.send_if_modified(|c| std::mem::replace(c, false));
         if backoff.is_reset() {
@@ -329,13 +328,13 @@ async fn follow(
 
 /// One connection: list and watch, again every `relist_every`, until something fails.
 async fn follow_session(
-    endpoints: &[String],
+    etcd: &Etcd,
     relist_every: Duration,
     workers: &watch::Sender<Arc<Workers>>,
     connected: &watch::Sender<bool>,
     backoff: &mut Backoff,
 ) -> Result<Infallible> {
-    let mut client = connect(endpoints).await?;
+    let mut client = connect(etcd).await?;
     loop {
         list_and_watch(&mut client, relist_every, workers, connected, backoff).await?;
     }
@@ -409,12 +408,36 @@ async fn list_and_watch(
     }
 }
 
+impl WorkerRecord {
+    /// Whether the record is usable as written: an address the router can dial (`host:port`,
+    /// no scheme, path or spaces), a model name without control characters, a sane TP degree.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let addr = &self.grpc_addr;
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return Err(format!("grpc_addr {addr:?}: expected host:port"));
+        };
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+        if !host_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("grpc_addr {addr:?}: expected host:port"));
+        }
+        if self.model.is_empty() || self.model.len() > 256 || self.model.chars().any(char::is_control) {
+            return Err("model: must be 1 to 256 characters without control characters".into());
+        }
+        if !(1..=1024).contains(&self.tp) {
+            return Err(format!("tp {}: must be in 1..=1024", self.tp));
+        }
+        Ok(())
+    }
+}
+
 /// The group a key under the workers prefix registers; anything else there is skipped.
 fn group_of(key: &[u8]) -> Option<String> {
     let key = String::from_utf8_lossy(key);
     let group = keys::worker_group(&key);
     if group.is_none() {
-        tracing::warn!(%key, "skipping a key under the workers prefix that names no group");
+        tracing::warn!(?key, "skipping a key under the workers prefix that names no group");
     }
     group.map(|g| g.as_str().to_string())
 }
@@ -422,9 +445,15 @@ fn group_of(key: &[u8]) -> Option<String> {
 /// A record is only believed under its own group's key, so one group cannot pose as another.
 fn parse(group: &str, value: &[u8]) -> Option<WorkerRecord> {
     match serde_json::from_slice::<WorkerRecord>(value) {
-        Ok(r) if r.group == group => Some(r),
+        Ok(r) if r.group == group => match r.check() {
+            Ok(()) => Some(r),
+            Err(e) => {
+                tracing::warn!(group, error = %e, "skipping an invalid worker record");
+                None
+            }
+        },
         Ok(r) => {
-            tracing::warn!(group, claims = r.group, "skipping a worker record stored under another group's key");
+            tracing::warn!(group, claims = ?r.group, "skipping a worker record stored under another group's key");
             None
         }
         Err(e) => {
@@ -434,12 +463,15 @@ fn parse(group: &str, value: &[u8]) -> Option<WorkerRecord> {
     }
 }
 
-async fn connect(endpoints: &[String]) -> Result<Client> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(PING_INTERVAL, PING_TIMEOUT);
-    bounded("connect", Client::connect(endpoints, Some(options))).await
+async fn connect(etcd: &Etcd) -> Result<Client> {
+    let timeouts = Timeouts {
+        connect: CONNECT_TIMEOUT,
+        request: REQUEST_TIMEOUT,
+        ping_every: PING_INTERVAL,
+        ping_timeout: PING_TIMEOUT,
+    };
+    let options = etcd.options(Some(timeouts))?;
+    bounded("connect", Client::connect(&etcd.endpoints, Some(options))).await
 }
 
 /// Runs an etcd call with [`REQUEST_TIMEOUT`], so an unreachable etcd is an error, not a hang.
@@ -516,6 +548,21 @@ mod tests {
         assert_eq!(parse("g0", br#"{"group":"g0"}"#), None, "missing fields");
         assert_eq!(group_of(keys::workers_prefix().as_bytes()), None);
         assert_eq!(group_of(format!("{}g0", keys::workers_prefix()).as_bytes()).as_deref(), Some("g0"));
+    }
+
+    #[test]
+    fn records_that_cannot_be_used_are_refused() {
+        let ok = WorkerRecord { group: "g0".into(), grpc_addr: "worker-0.qwen:50051".into(), model: "q".into(), tp: 1 };
+        assert_eq!(ok.check(), Ok(()));
+        assert!(WorkerRecord { grpc_addr: "[::1]:50051".into(), ..ok.clone() }.check().is_ok());
+        for addr in ["", "host", "http://h:1", "h:0", "h:99999", "h :1", "h/x:1", ":1"] {
+            let r = WorkerRecord { grpc_addr: addr.into(), ..ok.clone() };
+            assert!(r.check().unwrap_err().contains("grpc_addr"), "{addr:?}");
+            assert_eq!(parse("g0", &serde_json::to_vec(&r).unwrap()), None, "{addr:?}");
+        }
+        assert!(WorkerRecord { model: "a\nb".into(), ..ok.clone() }.check().is_err());
+        assert!(WorkerRecord { model: String::new(), ..ok.clone() }.check().is_err());
+        assert!(WorkerRecord { tp: 0, ..ok.clone() }.check().is_err());
     }
 
     #[test]

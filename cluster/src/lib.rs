@@ -3,6 +3,7 @@
 //! rendezvous record (`rendezvous`); serving groups register for the router, which follows
 //! them (`discovery`).
 
+pub mod access;
 pub mod discovery;
 pub mod keys;
 pub mod lease;
@@ -10,6 +11,7 @@ pub mod rendezvous;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use access::{Etcd, EtcdArgs};
 pub use etcd_client::Client;
 
 /// Coarse class of a [`ClusterError`], for metrics and statuses.
@@ -45,15 +47,15 @@ impl ClusterError {
 
 pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
 
-/// Connects to etcd at `endpoints` (e.g. `http://127.0.0.1:2379`).
-pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    Ok(Client::connect(endpoints, None).await?)
+/// Connects to etcd (endpoints such as `http://127.0.0.1:2379`, with its TLS and user).
+pub async fn connect(etcd: &Etcd) -> Result<Client> {
+    Ok(Client::connect(&etcd.endpoints, Some(etcd.options(None)?)).await?)
 }
 
 /// Connects to etcd, retrying with backoff (100 ms doubling to 2 s, each try logged) until
 /// `within` has passed: a process started a moment before etcd is reachable (a rollout, a
 /// restart of etcd) waits for it instead of exiting.
-pub async fn connect_with_retry(endpoints: &[String], within: std::time::Duration) -> Result<Client> {
+pub async fn connect_with_retry(etcd: &Etcd, within: std::time::Duration) -> Result<Client> {
     let started = tokio::time::Instant::now();
     let mut pause = std::time::Duration::from_millis(100);
     let mut attempt = 1u32;
@@ -61,7 +63,7 @@ pub async fn connect_with_retry(endpoints: &[String], within: std::time::Duratio
         let left = within.saturating_sub(started.elapsed());
         // The client connects lazily: a status call proves etcd answers.
         let probe = async {
-            let mut client = connect(endpoints).await?;
+            let mut client = connect(etcd).await?;
             client.status().await?;
             Ok::<_, ClusterError>(client)
         };
@@ -71,7 +73,7 @@ pub async fn connect_with_retry(endpoints: &[String], within: std::time::Duratio
             Err(_) => "connect timed out".to_string(),
         };
         if started.elapsed() + pause >= within {
-            return Err(ClusterError::Timeout(within, format!("etcd at {endpoints:?} (last error: {error})")));
+            return Err(ClusterError::Timeout(within, format!("etcd at {:?} (last error: {error})", etcd.endpoints)));
         }
         tracing::warn!(attempt, error = %error, retry_in_ms = pause.as_millis() as u64, "etcd not reachable yet");
         tokio::time::sleep(pause).await;

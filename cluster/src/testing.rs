@@ -10,9 +10,19 @@ pub struct EtcdServer {
     /// `None` while stopped.
     child: Option<Child>,
     dir: tempfile_dir::TempDir,
-    client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` and `/metrics`, also when clients need TLS.
+    metrics_port: u16,
+    tls: Option<ServerTls>,
     pub endpoint: String,
+}
+
+/// TLS on etcd's client port: its certificate, and the CA that signs the client certificates
+/// it requires (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: qwen_tls::CertFiles,
+    pub client_ca: std::path::PathBuf,
 }
 
 /// Minimal temp dir so this crate needs no dev-only dependency at runtime.
@@ -32,23 +42,43 @@ fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd and waits until it answers; `Err` says what is missing.
     pub fn start() -> Result<EtcdServer, String> {
-        let (client_port, peer_port) =
-            (free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?);
+        Self::start_with(None)
+    }
+
+    /// Starts etcd with TLS on its client port (clients need a certificate from `client_ca`).
+    pub fn start_with(tls: Option<ServerTls>) -> Result<EtcdServer, String> {
+        let port = || free_port().map_err(|e| e.to_string());
+        let (client_port, peer_port, metrics_port) = (port()?, port()?, port()?);
         let dir = std::env::temp_dir().join(format!("qwen-etcd-{}-{client_port}", std::process::id()));
-        let endpoint = format!("http://127.0.0.1:{client_port}");
-        let mut server = EtcdServer { child: None, dir: tempfile_dir::TempDir(dir), client_port, peer_port, endpoint };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client_port}");
+        let dir = tempfile_dir::TempDir(dir);
+        let mut server = EtcdServer { child: None, dir, peer_port, metrics_port, tls, endpoint };
         server.spawn()?;
         Ok(server)
     }
 
     fn spawn(&mut self) -> Result<(), String> {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "test", "--data-dir"])
             .arg(&self.dir.0)
             .args(["--listen-client-urls", &self.endpoint, "--advertise-client-urls", &self.endpoint])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", self.metrics_port)]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert.cert)
+                .arg("--key-file")
+                .arg(&tls.cert.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -56,7 +86,7 @@ impl EtcdServer {
         let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         // An open port is not a ready server: wait for /health to say so.
-        while !healthy(self.client_port) {
+        while !healthy(self.metrics_port) {
             // E.g. a port taken meanwhile by someone else (restarts reuse them): fail now.
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("etcd exited: {status}"));
@@ -67,6 +97,11 @@ impl EtcdServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// How a client with no certificate or user reaches it.
+    pub fn access(&self) -> crate::Etcd {
+        crate::Etcd::plain(vec![self.endpoint.clone()])
     }
 
     /// The running etcd's process id; `None` while stopped.

@@ -25,15 +25,12 @@ fn record(group: &str) -> WorkerRecord {
 }
 
 fn registration(etcd: &EtcdServer, group: &str, ttl: Duration) -> Registration {
-    let cfg = RegistrationConfig { endpoints: vec![etcd.endpoint.clone()], record: record(group), ttl };
+    let cfg = RegistrationConfig { etcd: etcd.access(), record: record(group), ttl };
     Registration::spawn(cfg, CancellationToken::new())
 }
 
 fn membership(etcd: &EtcdServer, relist_every: Duration) -> Membership {
-    Membership::start(
-        MembershipConfig { endpoints: vec![etcd.endpoint.clone()], relist_every },
-        CancellationToken::new(),
-    )
+    Membership::start(MembershipConfig { etcd: etcd.access(), relist_every }, CancellationToken::new())
 }
 
 /// Polls `cond` until it holds; panics naming `what` after [`DEADLINE`].
@@ -51,7 +48,7 @@ fn only(m: &Workers, groups: &[&str]) -> bool {
 }
 
 async fn client(etcd: &EtcdServer) -> qwen_cluster::Client {
-    qwen_cluster::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap()
+    qwen_cluster::connect(&etcd.access()).await.unwrap()
 }
 
 /// The lease the group's record is stored under, or `None` if there is no record.
@@ -223,14 +220,11 @@ async fn junk_under_the_prefix_is_skipped() {
 async fn without_etcd_nothing_hangs() {
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let endpoints = vec![format!("http://127.0.0.1:{port}")];
-    let cfg =
-        RegistrationConfig { endpoints: endpoints.clone(), record: record("g-none"), ttl: Duration::from_secs(2) };
+    let etcd = qwen_cluster::Etcd::plain(vec![format!("http://127.0.0.1:{port}")]);
+    let cfg = RegistrationConfig { etcd: etcd.clone(), record: record("g-none"), ttl: Duration::from_secs(2) };
     let reg = Registration::spawn(cfg, CancellationToken::new());
-    let members = Membership::start(
-        MembershipConfig { endpoints, relist_every: Duration::from_secs(1) },
-        CancellationToken::new(),
-    );
+    let members =
+        Membership::start(MembershipConfig { etcd, relist_every: Duration::from_secs(1) }, CancellationToken::new());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(*reg.state().borrow(), SessionState::Connecting);
     assert!(!members.connected());

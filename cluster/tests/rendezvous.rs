@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranks_meet_and_the_record_dies_with_its_lease() {
     let etcd = EtcdServer::start().expect("etcd");
-    let client = qwen_cluster::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap();
+    let client = qwen_cluster::connect(&etcd.access()).await.unwrap();
     let group = GroupName::new("g1").unwrap();
     assert_eq!(rendezvous::read(&client, &group).await.unwrap(), None);
 
@@ -40,7 +40,7 @@ async fn ranks_meet_and_the_record_dies_with_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_owner_s_record_expires() {
     let etcd = EtcdServer::start().expect("etcd");
-    let client = qwen_cluster::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap();
+    let client = qwen_cluster::connect(&etcd.access()).await.unwrap();
     let group = GroupName::new("g2").unwrap();
     // Grant by hand with no keep-alive: like an owner that was SIGKILLed right after publishing.
     let mut c = client.clone();

@@ -26,9 +26,9 @@ pub struct RouterArgs {
     /// A worker group's gRPC address (repeatable); static membership without etcd.
     #[arg(long = "worker", env = "QWEN_ROUTER_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
-    /// etcd endpoints (comma-separated) to discover worker groups.
-    #[arg(long, env = "QWEN_ETCD", value_delimiter = ',')]
-    pub etcd: Vec<String>,
+    /// etcd to discover worker groups in (endpoints, TLS, user).
+    #[command(flatten)]
+    pub etcd: qwen_cluster::EtcdArgs,
     /// A model's tokenizer and chat template from a local directory instead of from its workers
     /// (`NAME=DIR`, repeatable; DIR holds tokenizer.json or qwen.tiktoken, and optionally
     /// tokenizer_config.json).
@@ -147,7 +147,7 @@ pub struct RouterArgs {
 
 pub enum Discovery {
     Static(Vec<Member>),
-    Etcd { endpoints: Vec<String>, relist_every: Duration },
+    Etcd { etcd: qwen_cluster::Etcd, relist_every: Duration },
 }
 
 pub struct RouterConfig {
@@ -178,7 +178,8 @@ pub struct Security {
 impl RouterArgs {
     pub fn validate(self) -> Result<RouterConfig, String> {
         let security = self.security()?;
-        let discovery = match (self.workers.is_empty(), self.etcd.is_empty()) {
+        let etcd = self.etcd.clone().validate()?;
+        let discovery = match (self.workers.is_empty(), etcd.is_none()) {
             (true, true) => {
                 return Err("give --worker ADDR (repeatable) or --etcd ENDPOINTS to find worker groups".into())
             }
@@ -199,7 +200,8 @@ impl RouterArgs {
                 if self.relist_secs == 0 {
                     return Err("--relist-secs: must be at least 1".into());
                 }
-                Discovery::Etcd { endpoints: self.etcd, relist_every: Duration::from_secs(self.relist_secs) }
+                let etcd = etcd.unwrap_or_default();
+                Discovery::Etcd { etcd, relist_every: Duration::from_secs(self.relist_secs) }
             }
         };
         if !(0.0..=1.0).contains(&self.cache_threshold) {

@@ -61,13 +61,14 @@ pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Runni
     let metrics = router.metrics.clone();
     let acceptor = |alpn: &[&[u8]]| -> Result<Option<qwen_tls::TlsAcceptor>> {
         let Some(cert) = &tls else { return Ok(None) };
-        let config = qwen_tls::server_config(cert.clone(), None, alpn).map_err(|e| RouterError::Internal(e.to_string()))?;
+        let config =
+            qwen_tls::server_config(cert.clone(), None, alpn).map_err(|e| RouterError::Internal(e.to_string()))?;
         Ok(Some(qwen_tls::TlsAcceptor::from(config)))
     };
-    let grpc_listener = Limited::new(grpc_listener, conn.max_connections, Port::Grpc, metrics.clone())
-        .with_tls(acceptor(&[b"h2"])?);
-    let http_listener =
-        Limited::new(http_listener, conn.max_connections, Port::Http, metrics).with_tls(acceptor(&[b"h2", b"http/1.1"])?);
+    let grpc_listener =
+        Limited::new(grpc_listener, conn.max_connections, Port::Grpc, metrics.clone()).with_tls(acceptor(&[b"h2"])?);
+    let http_listener = Limited::new(http_listener, conn.max_connections, Port::Http, metrics)
+        .with_tls(acceptor(&[b"h2", b"http/1.1"])?);
     let grpc = GrpcConfig { router: router.clone(), conn, gate: gate.clone() };
     tasks.push(tokio::spawn(serve_grpc(grpc_listener, grpc, cancel.clone())));
     let http = crate::http::HttpConfig {
@@ -185,9 +186,8 @@ fn membership(discovery: &Discovery, router: Arc<Router>, cancel: CancellationTo
                 cancel.cancelled().await;
             })
         }
-        Discovery::Etcd { endpoints, relist_every } => {
-            let cfg =
-                qwen_cluster::discovery::MembershipConfig { endpoints: endpoints.clone(), relist_every: *relist_every };
+        Discovery::Etcd { etcd, relist_every } => {
+            let cfg = qwen_cluster::discovery::MembershipConfig { etcd: etcd.clone(), relist_every: *relist_every };
             tokio::spawn(async move {
                 let membership = qwen_cluster::discovery::Membership::start(cfg, cancel.clone());
                 let mut connection = membership.connection();

@@ -55,7 +55,7 @@ async fn wait_groups(r: &RouterProcess, n: u32, limit: Duration) -> Duration {
 }
 
 async fn registered(etcd: &EtcdServer, group: &str) -> bool {
-    let mut c = qwen_cluster::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap();
+    let mut c = qwen_cluster::connect(&etcd.access()).await.unwrap();
     let key = keys::worker(&GroupName::new(group).unwrap());
     !c.get(key, None).await.unwrap().kvs().is_empty()
 }

@@ -58,7 +58,7 @@ async fn generate(addr: &str, prompt: &[u32], n: usize) -> Result<Vec<u32>, toni
 }
 
 async fn record_exists(etcd: &EtcdServer, group: &str) -> bool {
-    let client = qwen_cluster::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap();
+    let client = qwen_cluster::connect(&etcd.access()).await.unwrap();
     qwen_cluster::rendezvous::read(&client, &GroupName::new(group).unwrap()).await.unwrap().is_some()
 }
 

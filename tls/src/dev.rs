@@ -59,7 +59,8 @@ impl DevCa {
         };
         let key = KeyPair::generate().map_err(gen)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen)?;
-        let files = CertFiles { cert: self.dir.join(format!("{file}.pem")), key: self.dir.join(format!("{file}-key.pem")) };
+        let files =
+            CertFiles { cert: self.dir.join(format!("{file}.pem")), key: self.dir.join(format!("{file}-key.pem")) };
         write(&files.cert, &cert.pem())?;
         write(&files.key, &key.serialize_pem())?;
         Ok(files)
@@ -67,5 +68,6 @@ impl DevCa {
 }
 
 fn write(path: &Path, pem: &str) -> Result<()> {
-    std::fs::write(path, pem).map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("cannot write: {e}") })
+    std::fs::write(path, pem)
+        .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("cannot write: {e}") })
 }

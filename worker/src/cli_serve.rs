@@ -76,9 +76,10 @@ pub struct ServeArgs {
     /// Name of the group; its ranks meet under this name in etcd.
     #[arg(long, env = "QWEN_GROUP")]
     group: Option<String>,
-    /// etcd endpoints (comma-separated), needed by tensor-parallel groups.
-    #[arg(long, env = "QWEN_ETCD", value_delimiter = ',')]
-    etcd: Vec<String>,
+    /// etcd (endpoints, TLS, user): where the group registers for routers and where
+    /// tensor-parallel ranks meet.
+    #[command(flatten)]
+    etcd: qwen_cluster::EtcdArgs,
     /// Where rank 0 listens for the other ranks' collectives.
     #[arg(long, env = "QWEN_COMM_LISTEN", default_value = "127.0.0.1:0")]
     comm_listen: SocketAddr,
@@ -113,11 +114,21 @@ pub struct ServeArgs {
     /// On SIGTERM, longest wait for running requests to finish after leaving routing.
     #[arg(long, env = "QWEN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// TLS on the worker's gRPC port: its certificate (PEM) ...
+    #[arg(long, env = "QWEN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// ... its private key ...
+    #[arg(long, env = "QWEN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// ... and the CA that signs routers' client certificates: with it (mutual TLS), a client
+    /// without such a certificate is refused during the handshake.
+    #[arg(long, env = "QWEN_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// Where and how rank 0 registers the group for routers (when --etcd is given).
 struct Registry {
-    endpoints: Vec<String>,
+    etcd: qwen_cluster::Etcd,
     group: GroupName,
     advertise_addr: Option<String>,
     ttl: std::time::Duration,
@@ -146,9 +157,22 @@ pub struct ServeConfig {
     ranks_on_host: usize,
     metrics_listen: Option<SocketAddr>,
     cuda_graphs: bool,
+    /// TLS (and, with a client CA, mutual TLS) on the gRPC port.
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ServeArgs {
+    /// The gRPC port's TLS settings, every file read and checked now.
+    fn tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        let cert =
+            qwen_tls::CertFiles::from_flags(self.tls_cert.clone(), self.tls_key.clone(), ("--tls-cert", "--tls-key"))?;
+        match cert {
+            Some(cert) => Ok(Some(qwen_tls::tonic_server(&cert, self.tls_client_ca.as_deref())?)),
+            None if self.tls_client_ca.is_some() => bail!("--tls-client-ca: needs --tls-cert and --tls-key"),
+            None => Ok(None),
+        }
+    }
+
     pub fn validate(self) -> anyhow::Result<ServeConfig> {
         if !(1..=1024).contains(&self.block_size) {
             bail!("--block-size {}: must be between 1 and 1024", self.block_size);
@@ -180,10 +204,12 @@ impl ServeArgs {
         if self.registration_ttl_secs == 0 {
             bail!("--registration-ttl-secs: must be at least 1");
         }
-        let registry = match self.etcd.is_empty() {
-            true => None,
-            false => Some(Registry {
-                endpoints: self.etcd.clone(),
+        let etcd = self.etcd.clone().validate().map_err(anyhow::Error::msg)?;
+        let tls = self.tls()?;
+        let registry = match &etcd {
+            None => None,
+            Some(etcd) => Some(Registry {
+                etcd: etcd.clone(),
                 group: group(self.group.clone())?,
                 advertise_addr: self.advertise_addr.clone(),
                 ttl: std::time::Duration::from_secs(self.registration_ttl_secs),
@@ -194,14 +220,14 @@ impl ServeArgs {
                 if world_size < 2 || rank >= world_size {
                     bail!("--rank {rank} --world-size {world_size}: need world size >= 2 and rank < world size");
                 }
-                if self.etcd.is_empty() {
+                let Some(etcd) = etcd else {
                     bail!("--etcd: tensor-parallel ranks meet through etcd; give its endpoints");
-                }
+                };
                 Mode::Rank(RankConfig {
                     rank,
                     world_size,
                     group: group(self.group)?,
-                    etcd: self.etcd,
+                    etcd,
                     comm_listen: self.comm_listen,
                     comm_advertise: self.comm_advertise.clone(),
                     timeout,
@@ -209,7 +235,7 @@ impl ServeArgs {
                 })
             }
             _ if self.tp > 1 => {
-                if self.etcd.is_empty() {
+                if etcd.is_none() {
                     bail!("--etcd: --tp {} starts ranks that meet through etcd; give its endpoints", self.tp);
                 }
                 Mode::Supervisor { tp: self.tp, group: group(self.group)? }
@@ -244,6 +270,7 @@ impl ServeArgs {
             ranks_on_host: self.ranks_on_host.max(1),
             metrics_listen: self.metrics_listen,
             cuda_graphs: !self.no_cuda_graphs,
+            tls,
         })
     }
 }
@@ -407,7 +434,7 @@ async fn serve_rank0(
         let _ = engine_died_tx.send(());
     });
     let drain = DrainConfig { timeout: cfg.drain_timeout, stuck_after: cfg.stuck_after, deregister };
-    serve(service, listener, stop, drain).await?;
+    serve(service, listener, stop, drain, cfg.tls.clone()).await?;
     stop_metrics.cancel();
     watcher.abort();
     if !engine.is_alive() {
@@ -427,10 +454,8 @@ fn register(cfg: &ServeConfig, addr: &str, metrics: std::sync::Arc<WorkerMetrics
         tp: cfg.tp_size() as u32,
     };
     tracing::info!(group = %record.group, addr = %record.grpc_addr, "registering for routers");
-    let registration = Registration::spawn(
-        RegistrationConfig { endpoints: r.endpoints.clone(), record, ttl: r.ttl },
-        CancellationToken::new(),
-    );
+    let registration =
+        Registration::spawn(RegistrationConfig { etcd: r.etcd.clone(), record, ttl: r.ttl }, CancellationToken::new());
     let mut state = registration.state();
     tokio::spawn(async move {
         loop {

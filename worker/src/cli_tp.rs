@@ -20,7 +20,7 @@ pub struct RankConfig {
     pub rank: usize,
     pub world_size: usize,
     pub group: GroupName,
-    pub etcd: Vec<String>,
+    pub etcd: qwen_cluster::Etcd,
     pub comm_listen: std::net::SocketAddr,
     /// What rank 0 publishes for the other ranks (default: the bound --comm-listen address).
     pub comm_advertise: Option<String>,

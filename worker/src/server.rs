@@ -32,6 +32,41 @@ pub struct WorkerService {
     info: InfoResponse,
     metrics: Arc<WorkerMetrics>,
     next_id: AtomicU64,
+    owners: Arc<Owners>,
+}
+
+/// Who submitted each live request: the peer address of its connection. Cancel is taken only
+/// from that connection (or from a peer with a verified client certificate, i.e. a router under
+/// mutual TLS), so a guessed or leaked id cannot cancel someone else's request.
+#[derive(Default)]
+struct Owners(std::sync::Mutex<std::collections::HashMap<String, Option<std::net::SocketAddr>>>);
+
+impl Owners {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Option<std::net::SocketAddr>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `id` as `peer`'s; `None` if a live request already has the id.
+    fn claim(self: &Arc<Self>, id: &str, peer: Option<std::net::SocketAddr>) -> Option<Claim> {
+        let mut owners = self.lock();
+        if owners.contains_key(id) {
+            return None;
+        }
+        owners.insert(id.to_string(), peer);
+        Some(Claim { owners: self.clone(), id: id.to_string() })
+    }
+}
+
+/// A live request's entry in [`Owners`], removed when its stream ends or is dropped.
+struct Claim {
+    owners: Arc<Owners>,
+    id: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.owners.lock().remove(&self.id);
+    }
 }
 
 pub struct ServiceConfig {
@@ -51,6 +86,7 @@ impl WorkerService {
             info: cfg.info,
             metrics: cfg.metrics,
             next_id: AtomicU64::new(0),
+            owners: Arc::default(),
         }
     }
 }
@@ -83,6 +119,7 @@ impl Worker for WorkerService {
         let arrived = Instant::now();
         // The router's trace context, so this request's log lines (and exported spans) join its trace.
         let trace = TraceContext::from_metadata(request.metadata()).unwrap_or_else(TraceContext::new_root);
+        let peer = request.remote_addr();
         let req = request.into_inner();
         let params = to_generate_params(&req, &self.defaults).map_err(|e| status(&e))?;
         let request_id = if req.request_id.is_empty() {
@@ -91,6 +128,9 @@ impl Worker for WorkerService {
             req.request_id.clone()
         };
         let prompt_tokens = req.prompt_token_ids.len() as u32;
+        let claim = self.owners.claim(&request_id, peer).ok_or_else(|| {
+            Status::already_exists(format!("request_id {request_id:?}: a request with this id is running"))
+        })?;
         let (tx, rx) = unbounded_channel();
         self.engine
             .submit(NewRequest { request_id: request_id.clone(), prompt: req.prompt_token_ids, params, events: tx })
@@ -104,6 +144,7 @@ impl Worker for WorkerService {
         let metrics = self.metrics.clone();
         let (mut last, mut generated) = (arrived, 0u64);
         let stream = UnboundedReceiverStream::new(rx).map(move |event| {
+            let _owned = &claim;
             let mut msg = GenerateResponse { request_id: request_id.clone(), prompt_tokens, ..Default::default() };
             match event {
                 Event::Token { token, logprob, top } => {
@@ -148,8 +189,19 @@ impl Worker for WorkerService {
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let (peer, router) = (request.remote_addr(), request.peer_certs().is_some());
         let id = request.into_inner().request_id;
         crate::request::check_request_id(&id).map_err(|e| status(&e))?;
+        match self.owners.lock().get(&id) {
+            // Finished, or never here: nothing to cancel (and nothing to tell a stranger).
+            None => return Ok(Response::new(CancelResponse {})),
+            Some(owner) if router || (owner.is_some() && *owner == peer) => {}
+            Some(_) => {
+                return Err(Status::permission_denied(format!(
+                    "request_id {id:?}: only the connection that submitted it may cancel it"
+                )))
+            }
+        }
         self.engine.cancel(&id).map_err(|e| status(&e))?;
         Ok(Response::new(CancelResponse {}))
     }
@@ -194,12 +246,14 @@ pub struct DrainConfig {
     pub deregister: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
-/// Serves the worker and health services on `listener` until `stop` resolves.
+/// Serves the worker and health services on `listener` (over `tls` when given) until `stop`
+/// resolves.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = Stop> + Send + 'static,
     drain: DrainConfig,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
@@ -228,7 +282,11 @@ pub async fn serve(
     };
     // Token messages are small writes: without TCP_NODELAY, Nagle holds them for the peer's ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let served = builder
         .add_service(health_service)
         .add_service(WorkerServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)

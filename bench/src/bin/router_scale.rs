@@ -186,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let small = measure(&args, &etcd.endpoint, 2, 2).await?;
 
-    let client = qwen_cluster::connect(std::slice::from_ref(&etcd.endpoint)).await?;
+    let client = qwen_cluster::connect(&etcd.access()).await?;
     let lease = Lease::grant(&client, Duration::from_secs(60), CancellationToken::new()).await?;
     let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string(); // closed on drop
     let extra = args.groups - 2;

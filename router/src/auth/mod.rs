@@ -70,9 +70,15 @@ pub enum Denied {
     Missing,
     Invalid,
     /// Over the key's request or token rate: retry after this.
-    RateLimited { retry_after: Duration, what: &'static str },
+    RateLimited {
+        retry_after: Duration,
+        what: &'static str,
+    },
     /// One request needs more tokens than the key may use in a minute: it can never pass.
-    TooLarge { tokens: u64, per_minute: u32 },
+    TooLarge {
+        tokens: u64,
+        per_minute: u32,
+    },
 }
 
 impl Denied {
@@ -108,7 +114,12 @@ pub fn retry_secs(d: Duration) -> u64 {
 impl Caller {
     fn new(name: Arc<str>, limits: KeyLimits) -> Self {
         let limiter = |per_minute: Option<NonZeroU32>| per_minute.map(|n| RateLimiter::direct(Quota::per_minute(n)));
-        Caller { name, limits, requests: limiter(limits.requests_per_minute), tokens: limiter(limits.tokens_per_minute) }
+        Caller {
+            name,
+            limits,
+            requests: limiter(limits.requests_per_minute),
+            tokens: limiter(limits.tokens_per_minute),
+        }
     }
 
     /// Counts one request against the key's request rate.
@@ -262,8 +273,7 @@ fn parse(text: &str, defaults: KeyLimits) -> Result<Vec<Entry>, String> {
         let (Some(name), Some(key)) = (fields.next(), fields.next()) else {
             return Err(at("expected `NAME KEY [requests_per_minute=N] [tokens_per_minute=N]`"));
         };
-        if name.len() > MAX_NAME_LEN
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        if name.len() > MAX_NAME_LEN || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(at(&format!("the name must be 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 - _ .")));
         }

@@ -11,11 +11,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::Extension;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router as Routes;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
@@ -78,19 +78,21 @@ pub fn routes(cfg: HttpConfig) -> Routes {
 /// `routes` answer only requests with a valid API key (401 otherwise, 429 over the key's
 /// request rate); handlers find the [`Caller`] among the request's extensions.
 fn with_key<S: Clone + Send + Sync + 'static>(routes: Routes<S>, gate: Arc<Gate>) -> Routes<S> {
-    routes.route_layer(axum::middleware::from_fn(move |mut request: axum::extract::Request, next: axum::middleware::Next| {
-        let gate = gate.clone();
-        async move {
-            let presented = request.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
-            match gate.admit(presented, crate::metrics::Port::Http) {
-                Ok(caller) => {
-                    request.extensions_mut().insert(caller);
-                    next.run(request).await
+    routes.route_layer(axum::middleware::from_fn(
+        move |mut request: axum::extract::Request, next: axum::middleware::Next| {
+            let gate = gate.clone();
+            async move {
+                let presented = request.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+                match gate.admit(presented, crate::metrics::Port::Http) {
+                    Ok(caller) => {
+                        request.extensions_mut().insert(caller);
+                        next.run(request).await
+                    }
+                    Err(e) => ApiError::from(e).into_response(),
                 }
-                Err(e) => ApiError::from(e).into_response(),
             }
-        }
-    }))
+        },
+    ))
 }
 
 /// An error in OpenAI's shape.

@@ -17,6 +17,10 @@ fn main() -> anyhow::Result<()> {
     let ca = qwen_tls::dev::DevCa::create(dir, "qwen-serve dev CA")?;
     ca.issue("server", &names, qwen_tls::dev::Usage::Server)?;
     ca.issue("client", &["qwen-client"], qwen_tls::dev::Usage::Client)?;
-    println!("{}: ca.pem, server.pem + server-key.pem ({}), client.pem + client-key.pem", dir.display(), names.join(", "));
+    println!(
+        "{}: ca.pem, server.pem + server-key.pem ({}), client.pem + client-key.pem",
+        dir.display(),
+        names.join(", ")
+    );
     Ok(())
 }
