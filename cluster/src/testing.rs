@@ -151,3 +151,25 @@ impl Drop for EtcdServer {
         self.stop();
     }
 }
+
+/// Turns on etcd's authentication as a deployment would: a `root` user, a `qwen-worker` role
+/// that may read and write everything under [`crate::keys::PREFIX`] and a `qwen-router` role
+/// that may only read it, each held by a user of the same name with `password`. `admin`
+/// reaches etcd before authentication is on.
+pub async fn enable_auth(admin: &crate::Etcd, root_password: &str, password: &str) -> crate::Result<()> {
+    use etcd_client::Permission;
+    let mut c = crate::connect(admin).await?;
+    let prefix = crate::keys::PREFIX;
+    c.role_add("qwen-worker").await?;
+    c.role_grant_permission("qwen-worker", Permission::read_write(prefix).with_prefix()).await?;
+    c.role_add("qwen-router").await?;
+    c.role_grant_permission("qwen-router", Permission::read(prefix).with_prefix()).await?;
+    for user in ["qwen-worker", "qwen-router"] {
+        c.user_add(user, password, None).await?;
+        c.user_grant_role(user, user).await?;
+    }
+    c.user_add("root", root_password, None).await?;
+    c.user_grant_role("root", "root").await?;
+    c.auth_enable().await?;
+    Ok(())
+}

@@ -168,12 +168,22 @@ impl RouterProcess {
     /// Starts `qwen-router --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 <extra>` and waits
     /// for both "listening on" lines.
     pub fn start(extra: &[&str]) -> RouterProcess {
+        Self::spawn(extra, std::process::Stdio::inherit())
+    }
+
+    /// Like [`RouterProcess::start`], its log lines (stderr) going to `log`.
+    pub fn start_logged(extra: &[&str], log: &std::path::Path) -> RouterProcess {
+        let file = std::fs::File::create(log).expect("create the router's log file");
+        Self::spawn(extra, std::process::Stdio::from(file))
+    }
+
+    fn spawn(extra: &[&str], stderr: std::process::Stdio) -> RouterProcess {
         use std::io::BufRead;
         let mut child = Command::new(bin("qwen-router"))
             .args(["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--health-interval-ms", "200"])
             .args(extra)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("spawn qwen-router");
