@@ -50,12 +50,12 @@ fn main() -> anyhow::Result<()> {
         .map(|rank| {
             let (args, dir) = (args.clone(), dir.clone());
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let comm = TcpComm::join(addr, &TcpConfig { rank, world_size: args.tp, timeout })?;
+                let comm = TcpComm::join(addr, &TcpConfig::plain(rank, args.tp, timeout))?;
                 bench_rank(&args, &dir, Comm::Tcp(comm))
             })
         })
         .collect();
-    let root = TcpComm::root(listener, &TcpConfig { rank: 0, world_size: args.tp, timeout })?;
+    let root = TcpComm::root(listener, &TcpConfig::plain(0, args.tp, timeout))?;
     bench_rank(&args, &dir, Comm::Tcp(root))?;
     for p in peers {
         p.join().map_err(|_| anyhow::anyhow!("a rank panicked"))??;

@@ -45,7 +45,7 @@ impl Running {
 pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Running> {
     let pool = Arc::new(Pool::new(cfg.pool, crate::policy::build(&cfg.policy), cfg.local_tokenizers));
     let router = Arc::new(Router::new(pool.clone(), cfg.generate));
-    let (gate, tls, reloader) = credentials(&cfg.security, &router, cancel.clone())?;
+    let Credentials { gate, tls, reloader } = credentials(&cfg.security, &router, cancel.clone())?;
     let mut tasks = vec![pool.spawn_health(cancel.clone()), reloader];
     tasks.push(membership(&cfg.discovery, router.clone(), cancel.clone()));
 
@@ -80,13 +80,16 @@ pub async fn start(cfg: RouterConfig, cancel: CancellationToken) -> Result<Runni
     Ok(Running { grpc_addr, http_addr, router, tasks, cancel })
 }
 
-/// The API-key gate and the public certificate, loaded (an unreadable file stops the start,
-/// naming it), and the task that reloads both on SIGHUP or when their files change.
-fn credentials(
-    security: &Security,
-    router: &Arc<Router>,
-    cancel: CancellationToken,
-) -> Result<(Option<Arc<Gate>>, Option<Arc<qwen_tls::ReloadingCert>>, tokio::task::JoinHandle<()>)> {
+/// The API-key gate and the public certificate, loaded, with the task that reloads both.
+struct Credentials {
+    gate: Option<Arc<Gate>>,
+    tls: Option<Arc<qwen_tls::ReloadingCert>>,
+    reloader: tokio::task::JoinHandle<()>,
+}
+
+/// Loads keys and certificate (an unreadable file stops the start, naming it) and starts the
+/// task that reloads both on SIGHUP or when their files change.
+fn credentials(security: &Security, router: &Arc<Router>, cancel: CancellationToken) -> Result<Credentials> {
     let auth = security.auth.clone().map(Auth::load).transpose().map_err(RouterError::Internal)?;
     let gate = auth.clone().map(|a| Gate::new(a, router.metrics.clone()));
     let tls = security.tls.clone().map(qwen_tls::ReloadingCert::load).transpose();
@@ -118,7 +121,7 @@ fn credentials(
             qwen_tls::reload_on_change(paths, every, cancel.cancelled_owned(), reload).await;
         }
     });
-    Ok((gate, tls, task))
+    Ok(Credentials { gate, tls, reloader: task })
 }
 
 struct GrpcConfig {

@@ -256,3 +256,33 @@ pub async fn reload_on_change(
 
 #[cfg(test)]
 mod tests;
+
+/// Mutual TLS between the ranks of a tensor-parallel group (blocking sockets): rank 0 serves
+/// with its certificate and requires one from the CA of every rank that joins; joining ranks
+/// check rank 0's against the same CA.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+    /// The name checked in rank 0's certificate (default: the host of its address).
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+impl PeerTls {
+    pub fn load(cert: &CertFiles, ca: &Path, server_name: Option<String>) -> Result<Self> {
+        let server = server_config(ReloadingCert::load(cert.clone())?, Some(ca), &[])?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots(ca)?)
+            .with_client_auth_cert(load_certs(&cert.cert)?, load_key(&cert.key)?)
+            .map_err(|e| TlsError::file(&cert.key, format!("cannot authenticate with it: {e}")))?;
+        Ok(PeerTls { server, client: Arc::new(client), server_name })
+    }
+}

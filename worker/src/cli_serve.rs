@@ -124,6 +124,11 @@ pub struct ServeArgs {
     /// without such a certificate is refused during the handshake.
     #[arg(long, env = "QWEN_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
+    /// With --tls-cert and --tls-client-ca, the ranks of a tensor-parallel group connect by
+    /// mutual TLS too (the CA signs every rank's certificate); rank 0's certificate must name
+    /// this (default: the host of its --comm-advertise address).
+    #[arg(long, env = "QWEN_TLS_PEER_NAME")]
+    tls_peer_name: Option<String>,
 }
 
 /// Where and how rank 0 registers the group for routers (when --etcd is given).
@@ -138,7 +143,7 @@ struct Registry {
 enum Mode {
     Single,
     Supervisor { tp: usize, group: GroupName },
-    Rank(RankConfig),
+    Rank(Box<RankConfig>),
 }
 
 /// Checked serve settings.
@@ -206,6 +211,16 @@ impl ServeArgs {
         }
         let etcd = self.etcd.clone().validate().map_err(anyhow::Error::msg)?;
         let tls = self.tls()?;
+        let peer_tls = match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = qwen_tls::CertFiles { cert: cert.clone(), key: key.clone() };
+                Some(qwen_tls::PeerTls::load(&files, ca, self.tls_peer_name.clone())?)
+            }
+            _ if self.tls_peer_name.is_some() => {
+                bail!("--tls-peer-name: needs --tls-cert, --tls-key and --tls-client-ca")
+            }
+            _ => None,
+        };
         let registry = match &etcd {
             None => None,
             Some(etcd) => Some(Registry {
@@ -223,7 +238,7 @@ impl ServeArgs {
                 let Some(etcd) = etcd else {
                     bail!("--etcd: tensor-parallel ranks meet through etcd; give its endpoints");
                 };
-                Mode::Rank(RankConfig {
+                Mode::Rank(Box::new(RankConfig {
                     rank,
                     world_size,
                     group: group(self.group)?,
@@ -232,7 +247,8 @@ impl ServeArgs {
                     comm_advertise: self.comm_advertise.clone(),
                     timeout,
                     etcd_start_timeout: std::time::Duration::from_secs(self.etcd_start_timeout_secs),
-                })
+                    tls: peer_tls,
+                }))
             }
             _ if self.tp > 1 => {
                 if etcd.is_none() {

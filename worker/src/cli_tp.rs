@@ -27,6 +27,8 @@ pub struct RankConfig {
     pub timeout: Duration,
     /// How long to keep trying etcd at start.
     pub etcd_start_timeout: Duration,
+    /// Mutual TLS between the ranks.
+    pub tls: Option<qwen_tls::PeerTls>,
 }
 
 /// Set on the ranks a `--tp` supervisor starts: its PID, so they can follow it out.
@@ -59,7 +61,7 @@ pub fn join_group(
     let client = rt
         .block_on(qwen_cluster::connect_with_retry(&r.etcd, r.etcd_start_timeout))
         .with_context(|| format!("--etcd {:?}", r.etcd))?;
-    let tcp = TcpConfig { rank: r.rank, world_size: r.world_size, timeout: r.timeout };
+    let tcp = TcpConfig { rank: r.rank, world_size: r.world_size, timeout: r.timeout, tls: r.tls.clone() };
     if r.rank == 0 {
         let listener = TcpListener::bind(r.comm_listen).with_context(|| format!("--comm-listen {}", r.comm_listen))?;
         let addr = match &r.comm_advertise {

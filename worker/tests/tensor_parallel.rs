@@ -68,15 +68,13 @@ fn with_group<T: Send + 'static>(tp: usize, f: impl Fn(Comm) -> T + Clone + Send
     let peers: Vec<_> = (1..tp)
         .map(|rank| {
             let f = f.clone();
-            std::thread::spawn(move || {
-                f(Comm::Tcp(TcpComm::join(addr, &TcpConfig { rank, world_size: tp, timeout }).unwrap()))
-            })
+            std::thread::spawn(move || f(Comm::Tcp(TcpComm::join(addr, &TcpConfig::plain(rank, tp, timeout)).unwrap())))
         })
         .collect();
     let root = if tp == 1 {
         Comm::Single
     } else {
-        Comm::Tcp(TcpComm::root(listener, &TcpConfig { rank: 0, world_size: tp, timeout }).unwrap())
+        Comm::Tcp(TcpComm::root(listener, &TcpConfig::plain(0, tp, timeout)).unwrap())
     };
     let mut out = vec![f(root)];
     out.extend(peers.into_iter().map(|t| t.join().unwrap()));

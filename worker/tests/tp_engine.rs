@@ -31,7 +31,7 @@ fn group(name: &'static str, tp: usize, timeout: Duration) -> (EngineHandle, Vec
     let followers = (1..tp)
         .map(|rank| {
             std::thread::spawn(move || {
-                let comm = Comm::Tcp(TcpComm::join(addr, &TcpConfig { rank, world_size: tp, timeout }).unwrap());
+                let comm = Comm::Tcp(TcpComm::join(addr, &TcpConfig::plain(rank, tp, timeout)).unwrap());
                 let model = Model::load_sharded(&fixture(name), DType::F32, &Device::Cpu, comm).unwrap();
                 match follower::run(model, BLOCK_SIZE, BLOCKS, &Device::Cpu) {
                     Ok(()) => "stopped".to_string(),
@@ -40,7 +40,7 @@ fn group(name: &'static str, tp: usize, timeout: Duration) -> (EngineHandle, Vec
             })
         })
         .collect();
-    let comm = Comm::Tcp(TcpComm::root(listener, &TcpConfig { rank: 0, world_size: tp, timeout }).unwrap());
+    let comm = Comm::Tcp(TcpComm::root(listener, &TcpConfig::plain(0, tp, timeout)).unwrap());
     let model = Model::load_sharded(&fixture(name), DType::F32, &Device::Cpu, comm).unwrap();
     let config = EngineConfig {
         scheduler: SchedulerConfig { block_size: BLOCK_SIZE, max_batch_tokens: 16, max_seqs: 8 },
@@ -104,9 +104,8 @@ fn a_dead_follower_fails_requests_instead_of_hanging() {
     let addr = listener.local_addr().unwrap();
     let timeout = Duration::from_secs(2);
     // A "follower" that joins and then dies at once, like a SIGKILLed rank.
-    let dead =
-        std::thread::spawn(move || drop(TcpComm::join(addr, &TcpConfig { rank: 1, world_size: 2, timeout }).unwrap()));
-    let comm = Comm::Tcp(TcpComm::root(listener, &TcpConfig { rank: 0, world_size: 2, timeout }).unwrap());
+    let dead = std::thread::spawn(move || drop(TcpComm::join(addr, &TcpConfig::plain(1, 2, timeout)).unwrap()));
+    let comm = Comm::Tcp(TcpComm::root(listener, &TcpConfig::plain(0, 2, timeout)).unwrap());
     dead.join().unwrap();
     let model = Model::load_sharded(&fixture("qwen2-gqa"), DType::F32, &Device::Cpu, comm).unwrap();
     let config = EngineConfig {

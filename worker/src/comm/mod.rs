@@ -165,10 +165,9 @@ mod tests {
             let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
             (f(&sum), f(&gathered), sum.dtype())
         };
-        let peer = std::thread::spawn(move || {
-            run(Comm::Tcp(TcpComm::join(addr, &TcpConfig { rank: 1, world_size: 2, timeout }).unwrap()))
-        });
-        let root = run(Comm::Tcp(TcpComm::root(listener, &TcpConfig { rank: 0, world_size: 2, timeout }).unwrap()));
+        let peer =
+            std::thread::spawn(move || run(Comm::Tcp(TcpComm::join(addr, &TcpConfig::plain(1, 2, timeout)).unwrap())));
+        let root = run(Comm::Tcp(TcpComm::root(listener, &TcpConfig::plain(0, 2, timeout)).unwrap()));
         assert_eq!(root, peer.join().unwrap());
         assert_eq!(root.0, vec![vec![1.0, 2.0], vec![4.0, 1.0]]);
         assert_eq!(root.1, vec![vec![0.0, 1.0, 1.0, 1.0], vec![2.0, 0.0, 2.0, 1.0]]);

@@ -335,7 +335,7 @@ mod tests {
         };
         let stream = device.as_cuda_device().unwrap().cuda_stream();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let cfg = TcpConfig { rank: 0, world_size: 1, timeout: Duration::from_secs(5) };
+        let cfg = TcpConfig::plain(0, 1, Duration::from_secs(5));
         let comm = NcclComm::new(NcclConfig { stream, control: TcpComm::root(listener, &cfg).unwrap() }).unwrap();
         let t = Tensor::arange(0f32, 24.0, &device).unwrap().reshape((4, 6)).unwrap();
         for dtype in [DType::F32, DType::BF16, DType::F16] {

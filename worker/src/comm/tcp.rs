@@ -2,10 +2,17 @@
 //! to rank 0, which combines (in rank order, so results are identical on every rank) and sends
 //! back. Simple and exact; for the handful of CPU ranks this backend serves, the star's extra hop
 //! costs less than a ring's extra round trips.
+//!
+//! With [`TcpConfig::tls`] every connection is mutual TLS: rank 0 admits only peers with a
+//! certificate from the group's CA (anyone else is dropped and the wait goes on), and joining
+//! ranks check rank 0's certificate.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
 use super::{CommError, Result};
 
@@ -15,14 +22,96 @@ pub struct TcpConfig {
     pub world_size: usize,
     /// Longest a collective waits on a peer; also bounds connecting at start.
     pub timeout: Duration,
+    /// Mutual TLS between the ranks; `None`: plain TCP (one host, or a trusted network).
+    pub tls: Option<qwen_tls::PeerTls>,
+}
+
+impl TcpConfig {
+    pub fn plain(rank: usize, world_size: usize, timeout: Duration) -> Self {
+        TcpConfig { rank, world_size, timeout, tls: None }
+    }
+}
+
+/// Largest message a peer may announce: a frame header claiming more is a broken or hostile
+/// peer, not a reason to allocate.
+const MAX_MESSAGE_BYTES: u64 = 1 << 30;
+
+/// One connection to a peer.
+enum Link {
+    Plain(TcpStream),
+    Server(Box<StreamOwned<ServerConnection, TcpStream>>),
+    Client(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Server(s) => s.read(buf),
+            Link::Client(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Server(s) => s.write(buf),
+            Link::Client(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Plain(s) => s.flush(),
+            Link::Server(s) => s.flush(),
+            Link::Client(s) => s.flush(),
+        }
+    }
+}
+
+/// Finishes a TLS handshake on a blocking socket (its read timeout bounds a stalled peer).
+fn handshake<C, D>(conn: &mut C, tcp: &mut TcpStream) -> std::io::Result<()>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+{
+    while conn.is_handshaking() {
+        conn.complete_io(tcp)?;
+    }
+    Ok(())
+}
+
+/// Rank 0's side of a new connection: TLS first when configured.
+fn accept_link(stream: TcpStream, tls: Option<&qwen_tls::PeerTls>) -> std::io::Result<Link> {
+    let Some(tls) = tls else { return Ok(Link::Plain(stream)) };
+    let mut tcp = stream;
+    let mut conn = ServerConnection::new(tls.server.clone()).map_err(std::io::Error::other)?;
+    handshake(&mut conn, &mut tcp)?;
+    Ok(Link::Server(Box::new(StreamOwned::new(conn, tcp))))
+}
+
+/// A joining rank's side: TLS first when configured, checking rank 0's certificate for
+/// `server_name` or else the host of `root`.
+fn connect_link(stream: TcpStream, root: SocketAddr, tls: Option<&qwen_tls::PeerTls>) -> std::io::Result<Link> {
+    let Some(tls) = tls else { return Ok(Link::Plain(stream)) };
+    let name = match &tls.server_name {
+        Some(n) => rustls::pki_types::ServerName::try_from(n.clone()).map_err(std::io::Error::other)?,
+        None => rustls::pki_types::ServerName::IpAddress(root.ip().into()),
+    };
+    let mut tcp = stream;
+    let mut conn = ClientConnection::new(tls.client.clone(), name).map_err(std::io::Error::other)?;
+    handshake(&mut conn, &mut tcp)?;
+    Ok(Link::Client(Box::new(StreamOwned::new(conn, tcp))))
 }
 
 pub struct TcpComm {
     rank: usize,
     world_size: usize,
     timeout: Duration,
-    /// Rank 0: the streams of ranks 1.., in rank order. Other ranks: the stream to rank 0.
-    peers: Vec<TcpStream>,
+    /// Rank 0: the links to ranks 1.., in rank order. Other ranks: the link to rank 0. Locked
+    /// per message (uncontended: one collective at a time), as TLS streams read through `&mut`.
+    peers: Vec<Mutex<Link>>,
     /// Nanoseconds spent inside collectives (waiting included), for benchmarks.
     spent_ns: std::sync::atomic::AtomicU64,
 }
@@ -38,14 +127,23 @@ impl TcpComm {
         }
         let deadline = Instant::now() + cfg.timeout;
         listener.set_nonblocking(true).map_err(|e| io(0, 0, e))?;
-        let mut slots: Vec<Option<TcpStream>> = (1..cfg.world_size).map(|_| None).collect();
+        let mut slots: Vec<Option<Link>> = (1..cfg.world_size).map(|_| None).collect();
         while slots.iter().any(Option::is_none) {
             match listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, from)) => {
                     stream.set_nonblocking(false).map_err(|e| io(0, 0, e))?;
                     configure(&stream, cfg.timeout).map_err(|e| io(0, 0, e))?;
+                    let mut stream = match accept_link(stream, cfg.tls.as_ref()) {
+                        Ok(link) => link,
+                        Err(e) => {
+                            // Not one of ours (no certificate from the CA): ignore it and go on
+                            // waiting for the ranks, so a stranger cannot break the group.
+                            tracing::warn!(peer = %from, error = %e, "refused a rank connection: TLS handshake failed");
+                            continue;
+                        }
+                    };
                     let (hello, rank, world) =
-                        (read_u32(&stream, 0, 0)?, read_u32(&stream, 0, 0)?, read_u32(&stream, 0, 0)?);
+                        (read_u32(&mut stream, 0, 0)?, read_u32(&mut stream, 0, 0)?, read_u32(&mut stream, 0, 0)?);
                     let rank = rank as usize;
                     if hello != HELLO || world as usize != cfg.world_size || rank == 0 || rank >= cfg.world_size {
                         return Err(CommError::Config(format!(
@@ -67,7 +165,7 @@ impl TcpComm {
                 Err(e) => return Err(io(0, 0, e)),
             }
         }
-        let peers = slots.into_iter().map(|s| s.expect("all joined")).collect();
+        let peers = slots.into_iter().map(|s| Mutex::new(s.expect("all joined"))).collect();
         Ok(TcpComm { rank: 0, world_size: cfg.world_size, timeout: cfg.timeout, peers, spent_ns: Default::default() })
     }
 
@@ -86,16 +184,17 @@ impl TcpComm {
             }
         };
         configure(&stream, cfg.timeout).map_err(|e| io(cfg.rank, 0, e))?;
+        let mut link = connect_link(stream, root, cfg.tls.as_ref()).map_err(|e| io(cfg.rank, 0, e))?;
         let mut hello = Vec::with_capacity(12);
         for v in [HELLO, cfg.rank as u32, cfg.world_size as u32] {
             hello.extend_from_slice(&v.to_le_bytes());
         }
-        (&stream).write_all(&hello).map_err(|e| io(cfg.rank, 0, e))?;
+        link.write_all(&hello).and_then(|()| link.flush()).map_err(|e| io(cfg.rank, 0, e))?;
         Ok(TcpComm {
             rank: cfg.rank,
             world_size: cfg.world_size,
             timeout: cfg.timeout,
-            peers: vec![stream],
+            peers: vec![Mutex::new(link)],
             spent_ns: Default::default(),
         })
     }
@@ -124,19 +223,17 @@ impl TcpComm {
         out
     }
 
-    /// Rank 0's stream to `peer`, or a non-root rank's stream to rank 0.
-    fn stream(&self, peer: usize) -> &TcpStream {
-        if self.rank == 0 {
-            &self.peers[peer - 1]
-        } else {
-            &self.peers[0]
-        }
+    /// Rank 0's link to `peer`, or a non-root rank's link to rank 0.
+    fn stream(&self, peer: usize) -> MutexGuard<'_, Link> {
+        let link = if self.rank == 0 { &self.peers[peer - 1] } else { &self.peers[0] };
+        link.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn send(&self, peer: usize, bytes: &[u8]) -> Result<()> {
         let mut s = self.stream(peer);
         s.write_all(&(bytes.len() as u64).to_le_bytes())
             .and_then(|_| s.write_all(bytes))
+            .and_then(|_| s.flush())
             .map_err(|e| self.fail(peer, e))
     }
 
@@ -144,7 +241,12 @@ impl TcpComm {
         let mut s = self.stream(peer);
         let mut len = [0u8; 8];
         s.read_exact(&mut len).map_err(|e| self.fail(peer, e))?;
-        let mut buf = vec![0u8; u64::from_le_bytes(len) as usize];
+        let len = u64::from_le_bytes(len);
+        if len > MAX_MESSAGE_BYTES {
+            let what = format!("announced a {len}-byte message (at most {MAX_MESSAGE_BYTES})");
+            return Err(io(self.rank, peer, std::io::Error::new(ErrorKind::InvalidData, what)));
+        }
+        let mut buf = vec![0u8; len as usize];
         s.read_exact(&mut buf).map_err(|e| self.fail(peer, e))?;
         Ok(buf)
     }
@@ -250,10 +352,9 @@ fn configure(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
     s.set_write_timeout(Some(timeout))
 }
 
-fn read_u32(s: &TcpStream, rank: usize, peer: usize) -> Result<u32> {
+fn read_u32(s: &mut Link, rank: usize, peer: usize) -> Result<u32> {
     let mut b = [0u8; 4];
-    let mut r = s;
-    r.read_exact(&mut b).map_err(|e| io(rank, peer, e))?;
+    s.read_exact(&mut b).map_err(|e| io(rank, peer, e))?;
     Ok(u32::from_le_bytes(b))
 }
 
@@ -279,10 +380,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut threads = Vec::new();
         for rank in 1..world {
-            let cfg = TcpConfig { rank, world_size: world, timeout };
+            let cfg = TcpConfig::plain(rank, world, timeout);
             threads.push(std::thread::spawn(move || f(TcpComm::join(addr, &cfg).unwrap())));
         }
-        let root = TcpComm::root(listener, &TcpConfig { rank: 0, world_size: world, timeout }).unwrap();
+        let root = TcpComm::root(listener, &TcpConfig::plain(0, world, timeout)).unwrap();
         let mut out = vec![f(root)];
         out.extend(threads.into_iter().map(|t| t.join().unwrap()));
         out
@@ -342,11 +443,74 @@ mod tests {
     }
 
     #[test]
+    fn mutual_tls_ranks_form_a_group_and_strangers_are_ignored() {
+        use qwen_tls::dev::{DevCa, Usage};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::create(dir.path(), "rank CA").unwrap();
+        let cert = ca.issue("rank", &["127.0.0.1"], Usage::Server).unwrap();
+        let tls = qwen_tls::PeerTls::load(&cert, &ca.ca_file(), None).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let timeout = Duration::from_secs(10);
+        // A stranger connects first, in plain text, and says nothing useful.
+        let stranger = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(&HELLO.to_le_bytes());
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let mut threads = Vec::new();
+        for rank in 1..3 {
+            let cfg = TcpConfig { tls: Some(tls.clone()), ..TcpConfig::plain(rank, 3, timeout) };
+            threads.push(std::thread::spawn(move || {
+                let c = TcpComm::join(addr, &cfg).unwrap();
+                c.all_reduce_sum_f32(&[rank as f32]).unwrap()
+            }));
+        }
+        let root_cfg = TcpConfig { tls: Some(tls.clone()), ..TcpConfig::plain(0, 3, timeout) };
+        let root = TcpComm::root(listener, &root_cfg).unwrap();
+        assert_eq!(root.all_reduce_sum_f32(&[0.0]).unwrap(), vec![3.0]);
+        for t in threads {
+            assert_eq!(t.join().unwrap(), vec![3.0]);
+        }
+        stranger.join().unwrap();
+
+        // A rank whose certificate comes from another CA cannot join.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = DevCa::create(other_dir.path(), "other CA").unwrap();
+        let foreign = other.issue("rank", &["127.0.0.1"], Usage::Server).unwrap();
+        let foreign = qwen_tls::PeerTls::load(&foreign, &other.ca_file(), None).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let joiner = std::thread::spawn(move || {
+            let cfg = TcpConfig { tls: Some(foreign), ..TcpConfig::plain(1, 2, Duration::from_secs(2)) };
+            TcpComm::join(addr, &cfg).and_then(|c| c.barrier())
+        });
+        let root_cfg = TcpConfig { tls: Some(tls), ..TcpConfig::plain(0, 2, Duration::from_millis(1500)) };
+        assert!(matches!(TcpComm::root(listener, &root_cfg), Err(CommError::Timeout { .. })));
+        assert!(joiner.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_huge_announced_message_is_an_error_not_an_allocation() {
+        let results = group(2, Duration::from_secs(5), |c| {
+            if c.rank() == 1 {
+                let mut s = c.stream(0);
+                s.write_all(&u64::MAX.to_le_bytes()).unwrap();
+                s.flush().unwrap();
+                return None;
+            }
+            Some(c.recv(1).unwrap_err().to_string())
+        });
+        assert!(results[0].as_ref().unwrap().contains("byte message"), "{:?}", results[0]);
+    }
+
+    #[test]
     fn bad_groups_are_refused() {
-        let cfg = TcpConfig { rank: 3, world_size: 2, timeout: Duration::from_millis(100) };
+        let cfg = TcpConfig::plain(3, 2, Duration::from_millis(100));
         assert!(TcpComm::join("127.0.0.1:1".parse().unwrap(), &cfg).is_err());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let cfg = TcpConfig { rank: 0, world_size: 2, timeout: Duration::from_millis(100) };
+        let cfg = TcpConfig::plain(0, 2, Duration::from_millis(100));
         let err = TcpComm::root(listener, &cfg).err().unwrap();
         assert!(matches!(err, CommError::Timeout { peer: 1, .. }), "{err}");
     }
