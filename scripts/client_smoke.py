@@ -1,14 +1,37 @@
 """Real clients against a running router: the official `openai` Python client (completions,
 chat, streaming) and gRPC server reflection through Python's grpcio-reflection client (v1alpha).
-Usage: client_smoke.py HTTP_BASE GRPC_ADDR MODEL. Exits non-zero on any mismatch."""
-import sys
+Usage: client_smoke.py HTTP_BASE GRPC_ADDR MODEL [--api-key KEY] [--cacert CA.pem]: with a key,
+requests carry it (and one without it must be refused); with a CA, both ports are TLS.
+Exits non-zero on any mismatch."""
+import argparse
 
 import grpc
 import openai
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-http_base, grpc_addr, model = sys.argv[1:4]
-client = openai.OpenAI(base_url=f"{http_base}/v1", api_key="unused")
+parser = argparse.ArgumentParser()
+parser.add_argument("http_base")
+parser.add_argument("grpc_addr")
+parser.add_argument("model")
+parser.add_argument("--api-key", default=None)
+parser.add_argument("--cacert", default=None)
+args = parser.parse_args()
+http_base, grpc_addr, model = args.http_base, args.grpc_addr, args.model
+
+
+def openai_client(key):
+    # openai's own httpx client class, whichever httpx it ships with.
+    http_client = openai.DefaultHttpxClient(verify=args.cacert) if args.cacert else None
+    return openai.OpenAI(base_url=f"{http_base}/v1", api_key=key, http_client=http_client, max_retries=0)
+
+
+client = openai_client(args.api_key or "unused")
+if args.api_key:
+    try:
+        openai_client("sk-not-a-key-0000000000").models.list()
+        raise AssertionError("a wrong API key was accepted")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401 and e.body["code"] == "invalid_api_key", e.body
 
 models = [m.id for m in client.models.list().data]
 assert model in models, models
@@ -41,11 +64,26 @@ try:
 except openai.BadRequestError as e:
     assert e.body["param"] == "temperature", e.body
 
-with grpc.insecure_channel(grpc_addr) as channel:
+if args.cacert:
+    with open(args.cacert, "rb") as f:
+        channel = grpc.secure_channel(grpc_addr, grpc.ssl_channel_credentials(root_certificates=f.read()))
+else:
+    channel = grpc.insecure_channel(grpc_addr)
+metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+with channel:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    request = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    responses = stub.ServerReflectionInfo(request, metadata=metadata)
     services = [s.name for r in responses for s in r.list_services_response.service]
     assert "qwen.serve.v1.Generation" in services, services
     # Only what the port serves: the worker's service shares the descriptor set but not the port.
     assert "qwen.worker.v1.Worker" not in services, services
-print("openai client and grpc reflection (v1alpha): ok")
+    if args.api_key:
+        try:
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            raise AssertionError("reflection without a key was served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+secured = " with an API key" if args.api_key else ""
+secured += " over TLS" if args.cacert else ""
+print(f"openai client and grpc reflection (v1alpha){secured}: ok")

@@ -42,3 +42,30 @@ out=$("$grpcurl" -plaintext -d '{"model": "qwen2-gqa", "token_ids": {"ids": [1, 
 echo "$out" | grep -q '"completionTokens": 4' || { echo "grpcurl Generate: $out" >&2; exit 1; }
 "$grpcurl" -plaintext -d '{"service": "qwen.serve.v1.Generation"}' "$grpc" grpc.health.v1.Health/Check | grep -q SERVING
 echo "grpcurl via reflection: ok"
+
+# The same clients against a router with TLS on both ports and API keys (certificates from
+# qwen-dev-certs), in front of the same worker.
+"$bin/qwen-dev-certs" "$log/certs" >/dev/null
+key="sk-smoke-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+echo "smoke $key" >"$log/keys"
+"$bin/qwen-router" --worker "$worker" --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+  --tls-cert "$log/certs/server.pem" --tls-key "$log/certs/server-key.pem" \
+  --api-key-file "$log/keys" --health-without-key >"$log/secure.out" 2>"$log/secure.err" &
+pids+=($!)
+sgrpc=$(wait_line "$log/secure.out" "grpc listening on ")
+shttp=$(wait_line "$log/secure.out" "http listening on ")
+for _ in $(seq 1 100); do
+  curl -sf --cacert "$log/certs/ca.pem" "https://$shttp/health" >/dev/null && break
+  sleep 0.1
+done
+"$venv/bin/python" scripts/client_smoke.py "https://$shttp" "$sgrpc" qwen2-gqa --api-key "$key" --cacert "$log/certs/ca.pem"
+tls=(-cacert "$log/certs/ca.pem")
+if "$grpcurl" "${tls[@]}" "$sgrpc" list >/dev/null 2>&1; then
+  echo "grpcurl without a key listed the services" >&2; exit 1
+fi
+"$grpcurl" "${tls[@]}" -H "authorization: Bearer $key" "$sgrpc" list | grep -qx qwen.serve.v1.Generation
+out=$("$grpcurl" "${tls[@]}" -H "authorization: Bearer $key" \
+  -d '{"model": "qwen2-gqa", "token_ids": {"ids": [1, 2, 3]}, "options": {"max_tokens": 4, "ignore_eos": true}}' \
+  "$sgrpc" qwen.serve.v1.Generation/Generate)
+echo "$out" | grep -q '"completionTokens": 4' || { echo "grpcurl Generate over TLS: $out" >&2; exit 1; }
+echo "grpcurl over TLS with -H authorization: ok"
