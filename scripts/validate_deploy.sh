@@ -146,6 +146,9 @@ refuse "unknown dtype" --set model.dtype=fp8
 refuse "unknown routing policy" --set router.policy=random
 refuse "misspelt value" --set worker.tensorParallel=2
 refuse "grace period shorter than the drain" --set worker.terminationGracePeriodSeconds=20
+refuse "etcd TLS with the bundled etcd" --set security.etcd.tlsSecretName=etcd-tls
+refuse "etcd users without their passwords" -f "$CHART/ci/external-etcd-values.yaml" --set security.etcd.workerUser=qwen-worker
+refuse "a Secret name that is not a DNS name" --set security.apiKeys.secretName=Bad_Name
 
 kustomizations=(k8s/base)
 for d in k8s/overlays/*/; do

@@ -113,7 +113,114 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.etcd.enabled (eq (mod (int .Values.etcd.replicas) 2) 0) }}
 {{- fail "etcd.replicas must be odd (1, 3 or 5)" }}
 {{- end }}
+{{- $etcdSec := .Values.security.etcd }}
+{{- if and .Values.etcd.enabled (or $etcdSec.tlsSecretName $etcdSec.routerUser $etcdSec.workerUser) }}
+{{- fail "security.etcd (TLS, users) is for an external etcd: set etcd.enabled=false and https:// etcd.externalEndpoints" }}
+{{- end }}
+{{- if and (or $etcdSec.routerUser $etcdSec.workerUser) (not $etcdSec.passwordSecretName) }}
+{{- fail "security.etcd.routerUser/workerUser need security.etcd.passwordSecretName (keys router-password, worker-password)" }}
+{{- end }}
 {{- if and .Values.worker.terminationGracePeriodSeconds (le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.drainTimeoutSecs)) }}
 {{- fail "worker.terminationGracePeriodSeconds must exceed worker.drainTimeoutSecs, or the drain is cut short" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Security settings as environment variables (dict: ctx, component = router | worker): API keys
+and public TLS (routers), mutual TLS between routers, workers and ranks, etcd TLS and users.
+Every file comes from a Secret mounted by qwen-serve.securityVolumes under /etc/qwen-serve.
+*/}}
+{{- define "qwen-serve.securityEnv" -}}
+{{- $ := .ctx }}
+{{- $s := $.Values.security }}
+{{- $router := eq .component "router" }}
+{{- if $s.etcd.tlsSecretName }}
+- name: QWEN_ETCD_CA
+  value: /etc/qwen-serve/etcd-tls/ca.crt
+{{- if $s.etcd.clientCert }}
+- name: QWEN_ETCD_CERT
+  value: /etc/qwen-serve/etcd-tls/tls.crt
+- name: QWEN_ETCD_KEY
+  value: /etc/qwen-serve/etcd-tls/tls.key
+{{- end }}
+{{- end }}
+{{- $user := ternary $s.etcd.routerUser $s.etcd.workerUser $router }}
+{{- if $user }}
+- name: QWEN_ETCD_USER
+  value: {{ $user | quote }}
+- name: QWEN_ETCD_PASSWORD_FILE
+  value: /etc/qwen-serve/etcd-password/{{ .component }}-password
+{{- end }}
+{{- if $s.tls.internalSecretName }}
+{{- if $router }}
+- name: QWEN_ROUTER_WORKER_TLS_CA
+  value: /etc/qwen-serve/tls-internal/ca.crt
+- name: QWEN_ROUTER_WORKER_TLS_CERT
+  value: /etc/qwen-serve/tls-internal/tls.crt
+- name: QWEN_ROUTER_WORKER_TLS_KEY
+  value: /etc/qwen-serve/tls-internal/tls.key
+- name: QWEN_ROUTER_WORKER_TLS_SERVER_NAME
+  value: {{ $s.tls.internalServerName | quote }}
+{{- else }}
+- name: QWEN_TLS_CERT
+  value: /etc/qwen-serve/tls-internal/tls.crt
+- name: QWEN_TLS_KEY
+  value: /etc/qwen-serve/tls-internal/tls.key
+- name: QWEN_TLS_CLIENT_CA
+  value: /etc/qwen-serve/tls-internal/ca.crt
+- name: QWEN_TLS_PEER_NAME
+  value: {{ $s.tls.internalServerName | quote }}
+{{- end }}
+{{- end }}
+{{- if $router }}
+{{- if $s.tls.publicSecretName }}
+- name: QWEN_ROUTER_TLS_CERT
+  value: /etc/qwen-serve/tls-public/tls.crt
+- name: QWEN_ROUTER_TLS_KEY
+  value: /etc/qwen-serve/tls-public/tls.key
+{{- end }}
+{{- if $s.apiKeys.secretName }}
+- name: QWEN_ROUTER_API_KEY_FILE
+  value: /etc/qwen-serve/api-keys/{{ $s.apiKeys.secretKey }}
+# Probes cannot send a key.
+- name: QWEN_ROUTER_HEALTH_WITHOUT_KEY
+  value: "true"
+- name: QWEN_ROUTER_METRICS_WITHOUT_KEY
+  value: {{ $s.apiKeys.metricsWithoutKey | quote }}
+- name: QWEN_ROUTER_KEY_REQUESTS_PER_MINUTE
+  value: {{ int $s.apiKeys.requestsPerMinute | quote }}
+- name: QWEN_ROUTER_KEY_TOKENS_PER_MINUTE
+  value: {{ int $s.apiKeys.tokensPerMinute | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secrets behind qwen-serve.securityEnv, as (name, mount directory, secret) triples. */}}
+{{- define "qwen-serve.securitySecrets" -}}
+{{- $s := .ctx.Values.security }}
+{{- $router := eq .component "router" }}
+{{- $out := list }}
+{{- if $s.etcd.tlsSecretName }}{{ $out = append $out (list "etcd-tls" $s.etcd.tlsSecretName) }}{{ end }}
+{{- if and (ternary $s.etcd.routerUser $s.etcd.workerUser $router) $s.etcd.passwordSecretName }}{{ $out = append $out (list "etcd-password" $s.etcd.passwordSecretName) }}{{ end }}
+{{- if $s.tls.internalSecretName }}{{ $out = append $out (list "tls-internal" $s.tls.internalSecretName) }}{{ end }}
+{{- if and $router $s.tls.publicSecretName }}{{ $out = append $out (list "tls-public" $s.tls.publicSecretName) }}{{ end }}
+{{- if and $router $s.apiKeys.secretName }}{{ $out = append $out (list "api-keys" $s.apiKeys.secretName) }}{{ end }}
+{{- toJson $out }}
+{{- end }}
+
+{{- define "qwen-serve.securityMounts" -}}
+{{- range (include "qwen-serve.securitySecrets" . | fromJsonArray) }}
+- name: {{ index . 0 }}
+  mountPath: /etc/qwen-serve/{{ index . 0 }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "qwen-serve.securityVolumes" -}}
+{{- range (include "qwen-serve.securitySecrets" . | fromJsonArray) }}
+- name: {{ index . 0 }}
+  secret:
+    secretName: {{ index . 1 }}
+    defaultMode: 0444
 {{- end }}
 {{- end }}

@@ -131,6 +131,7 @@ spec:
           value: {{ $.Values.worker.registrationTtlSecs | quote }}
         - name: QWEN_DRAIN_TIMEOUT_SECS
           value: {{ $.Values.worker.drainTimeoutSecs | quote }}
+        {{- include "qwen-serve.securityEnv" (dict "ctx" $ "component" "worker") | nindent 8 }}
         {{- with $.Values.worker.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -145,32 +146,37 @@ spec:
         - name: metrics
           containerPort: {{ $.Values.metrics.workerPort }}
         {{- end }}
-      {{- if $multi }}
+      {{- if or $multi $.Values.security.tls.internalSecretName }}
       # One template for every rank and only rank 0 has a gRPC port: rank 0 is checked by
-      # connecting to it; the others pass (they exit by themselves when the group breaks).
+      # connecting to it; the others pass (they exit by themselves when the group breaks). Under
+      # mutual TLS too, as Kubernetes' gRPC probes speak cleartext only (routers check the
+      # workers' gRPC health themselves, over mTLS).
       startupProbe:
         exec:
-          command: ["/bin/bash", "-c", "[ \"$QWEN_RANK\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
+          command: ["/bin/bash", "-c", "[ \"${QWEN_RANK:-0}\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
         periodSeconds: 10
         failureThreshold: {{ div (int $.Values.worker.startupTimeoutSeconds) 10 | max 1 }}
       livenessProbe:
         exec:
-          command: ["/bin/bash", "-c", "[ \"$QWEN_RANK\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
+          command: ["/bin/bash", "-c", "[ \"${QWEN_RANK:-0}\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
         periodSeconds: 10
         timeoutSeconds: 5
         failureThreshold: 3
       readinessProbe:
         exec:
-          command: ["/bin/bash", "-c", "[ \"$QWEN_RANK\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
+          command: ["/bin/bash", "-c", "[ \"${QWEN_RANK:-0}\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
         periodSeconds: 5
         timeoutSeconds: 3
+      {{- end }}
+      {{- if $multi }}
       lifecycle:
         preStop:
           exec:
             # Rank 0: nothing, its SIGTERM starts the drain. The other ranks stay for the drain (a
             # rank leaving would break the group under running requests) and exit with rank 0.
             command: ["/bin/bash", "-c", "[ \"$QWEN_RANK\" = 0 ] || sleep $((QWEN_DRAIN_TIMEOUT_SECS + 5))"]
-      {{- else }}
+      {{- end }}
+      {{- if not (or $multi $.Values.security.tls.internalSecretName) }}
       # gRPC starts once the model is loaded; "" (overall) for liveness, the Worker service
       # (NOT_SERVING while draining) for readiness.
       startupProbe:
@@ -206,6 +212,7 @@ spec:
         - name: dshm
           mountPath: /dev/shm
         {{- end }}
+        {{- include "qwen-serve.securityMounts" (dict "ctx" $ "component" "worker") | nindent 8 }}
   volumes:
     - name: models
       {{- if $.Values.model.volume }}
@@ -217,6 +224,7 @@ spec:
       {{- end }}
     - name: tmp
       emptyDir: {}
+    {{- include "qwen-serve.securityVolumes" (dict "ctx" $ "component" "worker") | nindent 4 }}
     {{- if $.Values.worker.gpu.enabled }}
     # NCCL's shared-memory transport needs more than the 64 MiB default.
     - name: dshm
