@@ -104,7 +104,7 @@ async fn file_changes_and_sighup_trigger_a_reload() {
     let file = dir.path().join("keys");
     std::fs::write(&file, "a").unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stop = tokio_util_free_stop();
+    let stop = stop_signal();
     let task = tokio::spawn(reload_on_change(vec![file.clone()], Duration::from_millis(20), stop.1, move || {
         let _ = tx.send(());
     }));
@@ -115,7 +115,7 @@ async fn file_changes_and_sighup_trigger_a_reload() {
     task.await.unwrap();
 }
 
-fn tokio_util_free_stop() -> (tokio::sync::oneshot::Sender<()>, impl std::future::Future<Output = ()>) {
+fn stop_signal() -> (tokio::sync::oneshot::Sender<()>, impl std::future::Future<Output = ()>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     (tx, async move {
         let _ = rx.await;
