@@ -14,7 +14,11 @@ Writes:
                             strings and the ids `tiktoken` produces with the original Qwen
                             `qwen.tiktoken` ranks, special tokens as text and allowed.
 
-References: transformers' own Qwen2ForCausalLM / Qwen3ForCausalLM; for the original Qwen
+    .venv-fixtures/bin/python scripts/gen_fixtures.py qwen2-moe qwen3-moe   # only these
+
+References: transformers' own Qwen2ForCausalLM / Qwen3ForCausalLM / Qwen2MoeForCausalLM /
+Qwen3MoeForCausalLM (the MoE checkpoints are written in the Hub's layout, one tensor per expert
+and projection, whatever layout transformers keeps in memory); for the original Qwen
 (QWenLMHeadModel, not in transformers) a plain PyTorch forward written from the Qwen
 Technical Report's public modeling code, below. Everything runs in float32 on the CPU.
 """
@@ -185,11 +189,65 @@ def save_hf(model, d, dtype, shard=None, old_style_config=False, gen_cfg=None, t
         tokenizer.save(str(d / "tokenizer.json"))
 
 
-def qwen2_like(name, arch, cfg, dtype, seed, save_kwargs, tokenizer=None):
+def hub_expert_layout(d):
+    """Rewrites the checkpoint in `d` to the Hub's MoE layout: transformers 5 keeps each layer's
+    experts as fused 3-D tensors (`mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj`
+    [E, H, F]); published Qwen MoE checkpoints store `mlp.experts.{e}.{gate,up,down}_proj.weight`."""
+    from safetensors.torch import load_file
+
+    files = sorted(d.glob("*.safetensors"))
+    assert len(files) == 1, files
+    tensors = load_file(files[0])
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            ff = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :ff].contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = t[e, ff:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            out[name] = t
+    files[0].unlink()
+    save_file(out, d / "model.safetensors", metadata={"format": "pt"})
+
+
+ROUTER_MARGIN = [float("inf")]
+
+
+def watch_router_margins(model, top_k):
+    """Tracks the smallest gap between the k-th and (k+1)-th routing probability over every
+    token the model routes: a gap within rounding would let a differently-summed (sharded)
+    forward pick another expert, so fixtures must keep clear of it."""
+
+    def hook(_module, _inputs, output):
+        probs = torch.softmax(output[0].float(), dim=-1)
+        top = torch.topk(probs, min(top_k + 1, probs.shape[-1]), dim=-1).values
+        if top.shape[-1] > top_k:
+            ROUTER_MARGIN[0] = min(ROUTER_MARGIN[0], float((top[:, top_k - 1] - top[:, top_k]).min()))
+
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate") and hasattr(module, "top_k"):
+            module.register_forward_hook(hook)
+
+
+def qwen2_like(name, arch, cfg, dtype, seed, save_kwargs, tokenizer=None, min_router_margin=None):
     print(f"{name}: {arch}")
     model = hf_model(arch, dict(cfg, _seed=seed), dtype)
+    if min_router_margin is not None:
+        ROUTER_MARGIN[0] = float("inf")
+        watch_router_margins(model, cfg["num_experts_per_tok"])
     fn = hf_logits_fn(model)
     cases = [case(p, fn) for p in prompts(seed, [1, 6, 13, 29])]
+    if min_router_margin is not None:
+        gap = min(c["min_top2_gap"] for c in cases)
+        print(f"  smallest routing margin {ROUTER_MARGIN[0]:.2e}, smallest greedy gap {gap:.2e}")
+        if ROUTER_MARGIN[0] < min_router_margin or gap < 1e-4:
+            return False
     extra = {}
     if tokenizer is not None:
         texts = []
@@ -207,7 +265,16 @@ def qwen2_like(name, arch, cfg, dtype, seed, save_kwargs, tokenizer=None):
         }
     d = OUT / "models" / name
     save_hf(model, d, dtype, tokenizer=tokenizer, **save_kwargs)
+    if "Moe" in arch:
+        hub_expert_layout(d)
+        # transformers writes sliding_window 0 when use_sliding_window is false; published
+        # checkpoints keep a value there, which must not turn sliding windows on.
+        cfg_path = d / "config.json"
+        config = json.loads(cfg_path.read_text())
+        config["sliding_window"] = cfg.get("sliding_window", config.get("sliding_window"))
+        cfg_path.write_text(json.dumps(config, indent=2))
     write_golden(d, cases, extra)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +488,20 @@ def tiktoken_cases():
     print(f"tokenizer: {len(cases)} cases")
 
 
+def moe_fixture(name, arch, cfg, seed, gen, tok):
+    """The first seed from `seed` (in steps of 100) whose every routing decision and greedy step
+    is clear of ties: routing probabilities 2e-5 apart at the top-k boundary, greedy logits 1e-4
+    (f32 sums in another order differ by about 1e-6)."""
+    for attempt in range(20):
+        if qwen2_like(name, arch, cfg, torch.float32, seed + 100 * attempt, {"gen_cfg": gen}, tokenizer=tok,
+                      min_router_margin=2e-5):
+            return
+    raise SystemExit(f"{name}: no seed without near-ties in 20 tries")
+
+
 def main():
+    only = set(sys.argv[1:])
+    wanted = lambda name: not only or name in only  # noqa: E731
     torch.set_grad_enabled(False)
     torch.set_num_threads(2)
     tok = train_tokenizer()
@@ -439,17 +519,20 @@ def main():
     }
     gen = {"bos_token_id": eot, "eos_token_id": [eot, im_end], "pad_token_id": eot, "do_sample": True,
            "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-    qwen2_like(
+    if wanted("qwen2-gqa"):
+      qwen2_like(
         "qwen2-gqa", "Qwen2ForCausalLM",
         dict(base, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0),
         torch.float32, 11, {"gen_cfg": gen}, tokenizer=tok,
     )
-    qwen2_like(
+    if wanted("qwen2-tied-bf16-sharded"):
+      qwen2_like(
         "qwen2-tied-bf16-sharded", "Qwen2ForCausalLM",
         dict(base, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=1000000.0),
         torch.bfloat16, 12, {"shard": "60KB", "old_style_config": True, "gen_cfg": gen}, tokenizer=tok,
     )
-    qwen2_like(
+    if wanted("qwen3"):
+      qwen2_like(
         "qwen3", "Qwen3ForCausalLM",
         dict(base, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0,
              attention_bias=False),
@@ -459,18 +542,36 @@ def main():
         "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "num_hidden_layers": 2,
         "intermediate_size": 256, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000,
     }
-    qwen1(
+    if wanted("qwen1-ntk-logn"):
+      qwen1(
         "qwen1-ntk-logn",
         dict(qwen1_base, rotary_pct=1.0, seq_length=16, use_dynamic_ntk=True, use_logn_attn=True),
         21, [1, 5, 16, 19, 40],
     )
-    qwen1(
+    if wanted("qwen1-partial-rotary"):
+      qwen1(
         "qwen1-partial-rotary",
         # kv_channels * heads (96) != hidden_size (64): head size is independent of the width.
         dict(qwen1_base, kv_channels=24, rotary_pct=0.5, seq_length=2048, use_dynamic_ntk=False, use_logn_attn=False),
         22, [1, 7, 23],
     )
-    tiktoken_cases()
+    moe_base = dict(base, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1000000.0)
+    if wanted("qwen2-moe"):
+        # A shared expert, a dense layer (mlp_only_layers), weights not renormalised, and a
+        # sliding_window value that use_sliding_window=false switches off; 6 experts split
+        # unevenly over 4 expert-parallel ranks.
+        cfg = dict(moe_base, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=1,
+                   mlp_only_layers=[1], use_sliding_window=False, sliding_window=16)
+        moe_fixture("qwen2-moe", "Qwen2MoeForCausalLM", cfg, 14, gen, tok)
+    if wanted("qwen3-moe"):
+        # Renormalised top-3 of 10 experts (3, 3, 2, 2 over 4 expert-parallel ranks), no shared
+        # expert, head_dim 24 != hidden_size / heads.
+        cfg = dict(moe_base, head_dim=24, num_experts=10, num_experts_per_tok=3, moe_intermediate_size=32,
+                   norm_topk_prob=True, decoder_sparse_step=1, attention_bias=False)
+        moe_fixture("qwen3-moe", "Qwen3MoeForCausalLM", cfg, 15, gen, tok)
+    if wanted("tiktoken"):
+        tiktoken_cases()
 
 
 if __name__ == "__main__":

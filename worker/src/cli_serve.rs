@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// On SIGTERM, longest wait for running requests to finish after leaving routing.
     #[arg(long, env = "QWEN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Mixture-of-experts models: each rank of the group holds whole experts (as evenly as their
+    /// count allows) instead of a slice of every expert; attention stays tensor-parallel.
+    #[arg(long, env = "QWEN_EXPERT_PARALLEL")]
+    expert_parallel: bool,
     /// TLS on the worker's gRPC port: its certificate (PEM) ...
     #[arg(long, env = "QWEN_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -164,6 +168,7 @@ pub struct ServeConfig {
     cuda_graphs: bool,
     /// TLS (and, with a client CA, mutual TLS) on the gRPC port.
     tls: Option<tonic::transport::ServerTlsConfig>,
+    load: qwen_worker::model::LoadOptions,
 }
 
 impl ServeArgs {
@@ -287,6 +292,13 @@ impl ServeArgs {
             metrics_listen: self.metrics_listen,
             cuda_graphs: !self.no_cuda_graphs,
             tls,
+            load: qwen_worker::model::LoadOptions {
+                experts: if self.expert_parallel {
+                    qwen_worker::model::moe::ExpertSplit::Whole
+                } else {
+                    qwen_worker::model::moe::ExpertSplit::Sliced
+                },
+            },
         })
     }
 }
@@ -336,7 +348,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Loads this rank's shard; rank 0 runs the engine and the gRPC service, the others follow it.
 fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, device: &Device) -> anyhow::Result<()> {
-    let model = Model::load_sharded(&cfg.model, cfg.dtype, device, comm)
+    let model = Model::load_with(&cfg.model, cfg.dtype, device, comm, cfg.load)
         .with_context(|| format!("loading model from {}", cfg.model.display()))?;
     let num_blocks = agree_on_blocks(&model, cfg, device)?;
     if model.comm().rank() != 0 {

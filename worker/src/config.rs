@@ -18,17 +18,31 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3 dense: `Qwen3ForCausalLM`.
     Qwen3,
+    /// Qwen1.5-MoE, Qwen2-57B-A14B: `Qwen2MoeForCausalLM` (Qwen2 attention, routed experts plus
+    /// a gated shared expert).
+    Qwen2Moe,
+    /// Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder MoE: `Qwen3MoeForCausalLM` (Qwen3 attention,
+    /// routed experts only).
+    Qwen3Moe,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 3] = [Architecture::QWen, Architecture::Qwen2, Architecture::Qwen3];
+    pub const ALL: [Architecture; 5] =
+        [Architecture::QWen, Architecture::Qwen2, Architecture::Qwen3, Architecture::Qwen2Moe, Architecture::Qwen3Moe];
 
     pub fn hf_name(self) -> &'static str {
         match self {
             Architecture::QWen => "QWenLMHeadModel",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
+    }
+
+    /// Qwen3-style attention: q/k RMSNorm, `head_dim` independent of the hidden size.
+    pub fn is_qwen3(self) -> bool {
+        matches!(self, Architecture::Qwen3 | Architecture::Qwen3Moe)
     }
 
     fn from_hf_name(name: &str) -> Option<Self> {
@@ -66,6 +80,31 @@ impl LongContext {
     }
 }
 
+/// The mixture-of-experts MLP of `Qwen2MoeForCausalLM` / `Qwen3MoeForCausalLM`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Each routed expert's hidden width (`moe_intermediate_size`).
+    pub expert_hidden: usize,
+    /// Renormalise the top-k routing weights to sum to 1 (`norm_topk_prob`).
+    pub norm_topk_prob: bool,
+    /// The shared expert's width (`shared_expert_intermediate_size`, Qwen2-MoE); `None`: none.
+    pub shared_expert_hidden: Option<usize>,
+    /// Every `decoder_sparse_step`-th layer is sparse ...
+    pub sparse_step: usize,
+    /// ... except these (`mlp_only_layers`), which keep a dense MLP of `intermediate_size`.
+    pub dense_layers: Vec<usize>,
+}
+
+impl MoeConfig {
+    /// Whether layer `i` routes to experts (transformers' rule).
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        !self.dense_layers.contains(&layer) && (layer + 1) % self.sparse_step == 0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -88,6 +127,8 @@ pub struct ModelConfig {
     /// The dtype the checkpoint declares (`torch_dtype` / `dtype`), if any.
     pub declared_dtype: Option<DType>,
     pub long_context: Option<LongContext>,
+    /// The experts of a mixture-of-experts model.
+    pub moe: Option<MoeConfig>,
 }
 
 /// A JSON object plus the file it came from, so every error names file and field.
@@ -222,6 +263,10 @@ impl ModelConfig {
         let cfg = match architecture {
             Architecture::QWen => qwen_config(&f, declared_dtype)?,
             Architecture::Qwen2 | Architecture::Qwen3 => qwen2_config(&f, architecture, declared_dtype)?,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe => ModelConfig {
+                moe: Some(moe_config(&f, architecture)?),
+                ..qwen2_config(&f, architecture, declared_dtype)?
+            },
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -255,6 +300,21 @@ impl ModelConfig {
         ] {
             if v > MAX_DIM {
                 return Err(Error::field(path, field, format!("{v} is larger than the supported {MAX_DIM}")));
+            }
+        }
+        if let Some(moe) = &self.moe {
+            for (field, v) in [
+                ("num_experts", moe.num_experts),
+                ("moe_intermediate_size", moe.expert_hidden),
+                ("shared_expert_intermediate_size", moe.shared_expert_hidden.unwrap_or(0)),
+            ] {
+                if v > MAX_DIM {
+                    return Err(Error::field(path, field, format!("{v} is larger than the supported {MAX_DIM}")));
+                }
+            }
+            if let Some(&l) = moe.dense_layers.iter().find(|&&l| l >= self.num_layers) {
+                let message = format!("layer {l} is past num_hidden_layers = {}", self.num_layers);
+                return Err(Error::field(path, "mlp_only_layers", message));
             }
         }
         if self.num_heads * self.head_dim > MAX_DIM {
@@ -301,6 +361,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("qwen") => return Ok(Architecture::QWen),
             Some("qwen2") => return Ok(Architecture::Qwen2),
             Some("qwen3") => return Ok(Architecture::Qwen3),
+            Some("qwen2_moe") => return Ok(Architecture::Qwen2Moe),
+            Some("qwen3_moe") => return Ok(Architecture::Qwen3Moe),
             Some(other) => other.to_string(),
             None => return Err(f.err("architectures", format!("missing; expected one of {supported}"))),
         },
@@ -338,11 +400,12 @@ fn rope_theta(f: &Fields) -> Result<f64> {
 fn qwen2_config(f: &Fields, architecture: Architecture, declared_dtype: Option<DType>) -> Result<ModelConfig> {
     let hidden_size = f.positive("hidden_size")?;
     let num_heads = f.positive("num_attention_heads")?;
-    let qwen3 = architecture == Architecture::Qwen3;
-    // transformers reads `head_dim` when the config has it; Qwen3's own default is 128.
+    let qwen3 = architecture.is_qwen3();
+    // transformers reads `head_dim` when the config has it; Qwen3's own default is 128 (Qwen3-MoE
+    // has none: hidden_size / heads).
     let head_dim = match f.opt_usize("head_dim")? {
         Some(d) => d,
-        None if qwen3 => 128,
+        None if architecture == Architecture::Qwen3 => 128,
         None if hidden_size % num_heads != 0 => {
             return Err(f.err("num_attention_heads", format!("{num_heads} does not divide hidden_size = {hidden_size}")))
         }
@@ -372,10 +435,55 @@ fn qwen2_config(f: &Fields, architecture: Architecture, declared_dtype: Option<D
         rotary_dim: head_dim,
         max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(32_768),
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
-        qkv_bias: if qwen3 { f.bool_or("attention_bias", false)? } else { true },
+        qkv_bias: match architecture {
+            _ if qwen3 => f.bool_or("attention_bias", false)?,
+            Architecture::Qwen2Moe => f.bool_or("qkv_bias", true)?,
+            _ => true,
+        },
         qk_norm: qwen3,
         declared_dtype,
         long_context: None,
+        moe: None,
+    })
+}
+
+fn moe_config(f: &Fields, architecture: Architecture) -> Result<MoeConfig> {
+    // Published checkpoints say `num_experts`; transformers 5 writes `num_local_experts`.
+    let num_experts = match f.opt_usize("num_experts")? {
+        Some(_) => f.positive("num_experts")?,
+        None if f.map.contains_key("num_local_experts") => f.positive("num_local_experts")?,
+        None => f.positive("num_experts")?,
+    };
+    let top_k = f.positive("num_experts_per_tok")?;
+    if top_k > num_experts {
+        return Err(f.err("num_experts_per_tok", format!("{top_k} is more than num_experts = {num_experts}")));
+    }
+    // Qwen2-MoE's shared expert; 0 (or absent, Qwen3-MoE) means none.
+    let shared_expert_hidden = match architecture {
+        Architecture::Qwen2Moe => f.opt_usize("shared_expert_intermediate_size")?.filter(|&n| n > 0),
+        _ => None,
+    };
+    let dense_layers = match f.map.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_u64().map(|n| n as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| f.err("mlp_only_layers", "expected a list of layer indices"))?,
+        Some(v) => return Err(f.err("mlp_only_layers", format!("expected a list, found {v}"))),
+    };
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        expert_hidden: f.positive("moe_intermediate_size")?,
+        norm_topk_prob: f.bool_or("norm_topk_prob", false)?,
+        shared_expert_hidden,
+        sparse_step: match f.opt_usize("decoder_sparse_step")? {
+            None => 1,
+            Some(0) => return Err(f.err("decoder_sparse_step", "must be greater than 0")),
+            Some(n) => n,
+        },
+        dense_layers,
     })
 }
 
@@ -423,6 +531,7 @@ fn qwen_config(f: &Fields, declared_dtype: Option<DType>) -> Result<ModelConfig>
         qkv_bias: true,
         qk_norm: false,
         declared_dtype,
+        moe: None,
         long_context: Some(LongContext {
             seq_length,
             // QWenConfig turns both on unless the checkpoint says otherwise.

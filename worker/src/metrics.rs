@@ -18,6 +18,12 @@ use crate::engine::runner::{Stats, StatsView, StepObserver};
 use crate::generate::FinishReason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpertLabels {
+    /// The expert's index (bounded by the model's `num_experts`).
+    pub expert: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// length, stop, cancelled, error
     pub outcome: &'static str,
@@ -44,6 +50,9 @@ pub struct WorkerMetrics {
     graph_replays: Counter,
     graph_eager_steps: Counter,
     registered: Gauge<i64, AtomicI64>,
+    expert_tokens: Family<ExpertLabels, Counter>,
+    /// Expert counts already exported.
+    experts_exported: Mutex<Vec<u64>>,
     /// Engine counters already exported, to turn cumulative snapshots into increments.
     exported: Mutex<[u64; 5]>,
     stats: Mutex<Option<StatsView>>,
@@ -85,6 +94,8 @@ impl WorkerMetrics {
             graph_replays: Counter::default(),
             graph_eager_steps: Counter::default(),
             registered: Gauge::default(),
+            expert_tokens: Family::default(),
+            experts_exported: Mutex::new(Vec::new()),
             exported: Mutex::new([0; 5]),
             stats: Mutex::new(None),
             registry: Registry::default(),
@@ -116,6 +127,8 @@ impl WorkerMetrics {
         registry.register("decode_graph_replays", "Decode steps replayed from a CUDA graph", m.graph_replays.clone());
         let eager = "Decode steps run eagerly from the CUDA-graph buffers (no graph for them, or no GPU)";
         registry.register("decode_graph_eager_steps", eager, m.graph_eager_steps.clone());
+        let experts = "MoE models: tokens routed to each expert (summed over layers)";
+        registry.register("moe_expert_tokens", experts, m.expert_tokens.clone());
         registry.register("etcd_registered", "1 while the group's record is in etcd", m.registered.clone());
         Arc::new(WorkerMetrics { registry, ..m })
     }
@@ -163,6 +176,12 @@ impl WorkerMetrics {
             counter.inc_by(now.saturating_sub(*last));
         }
         *last = now;
+        let mut experts = self.experts_exported.lock().unwrap_or_else(|p| p.into_inner());
+        experts.resize(s.expert_tokens.len(), 0);
+        for (e, (now, last)) in s.expert_tokens.iter().zip(experts.iter_mut()).enumerate() {
+            self.expert_tokens.get_or_create(&ExpertLabels { expert: e.to_string() }).inc_by(now.saturating_sub(*last));
+            *last = *now;
+        }
     }
 }
 

@@ -225,6 +225,7 @@ impl Worker for WorkerService {
             preemptions: s.preemptions,
             kv_block_size: self.block_size as u32,
             info_digest: self.info.digest.clone(),
+            expert_tokens: s.expert_tokens,
         }))
     }
 }

@@ -97,7 +97,7 @@ fn wait_idle(e: &EngineHandle) {
 /// tokens they get alone — on every architecture.
 #[test]
 fn concurrent_staggered_requests_match_goldens() {
-    for name in ["qwen2-gqa", "qwen3", "qwen1-ntk-logn"] {
+    for name in ["qwen2-gqa", "qwen3", "qwen1-ntk-logn", "qwen2-moe", "qwen3-moe"] {
         let e = engine(name, 256, 4, 64);
         let cases = goldens(name);
         let mut streams = Vec::new();

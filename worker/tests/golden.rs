@@ -10,7 +10,15 @@ use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
 use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
 
-const FIXTURES: [&str; 5] = ["qwen2-gqa", "qwen2-tied-bf16-sharded", "qwen3", "qwen1-ntk-logn", "qwen1-partial-rotary"];
+const FIXTURES: [&str; 7] = [
+    "qwen2-gqa",
+    "qwen2-tied-bf16-sharded",
+    "qwen3",
+    "qwen1-ntk-logn",
+    "qwen1-partial-rotary",
+    "qwen2-moe",
+    "qwen3-moe",
+];
 
 struct Case {
     prompt: Vec<u32>,

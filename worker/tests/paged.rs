@@ -18,7 +18,15 @@ struct Seq {
     alpha: f64,
 }
 
-const FIXTURES: [&str; 5] = ["qwen2-gqa", "qwen2-tied-bf16-sharded", "qwen3", "qwen1-ntk-logn", "qwen1-partial-rotary"];
+const FIXTURES: [&str; 7] = [
+    "qwen2-gqa",
+    "qwen2-tied-bf16-sharded",
+    "qwen3",
+    "qwen1-ntk-logn",
+    "qwen1-partial-rotary",
+    "qwen2-moe",
+    "qwen3-moe",
+];
 
 /// Where and how a fixture runs.
 #[derive(Clone, Copy)]

@@ -11,7 +11,8 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use qwen_worker::comm::{Comm, TcpComm, TcpConfig};
 use qwen_worker::generate::{generate, GenerateParams};
-use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
+use qwen_worker::model::moe::ExpertSplit;
+use qwen_worker::model::{ContiguousKvCache, LoadOptions, Model, SeqChunk};
 use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
 
@@ -36,7 +37,11 @@ fn run_rank(name: &str, comm: Comm, cases: &[Case]) -> Vec<(Vec<f32>, Vec<u32>)>
 }
 
 fn run_rank_in(dir: &std::path::Path, comm: Comm, cases: &[Case]) -> Vec<(Vec<f32>, Vec<u32>)> {
-    let mut model = Model::load_sharded(dir, DType::F32, &Device::Cpu, comm).unwrap();
+    run_rank_with(dir, comm, cases, LoadOptions::default())
+}
+
+fn run_rank_with(dir: &std::path::Path, comm: Comm, cases: &[Case], options: LoadOptions) -> Vec<(Vec<f32>, Vec<u32>)> {
+    let mut model = Model::load_with(dir, DType::F32, &Device::Cpu, comm, options).unwrap();
     cases
         .iter()
         .map(|(prompt, _, greedy)| {
@@ -81,9 +86,46 @@ fn with_group<T: Send + 'static>(tp: usize, f: impl Fn(Comm) -> T + Clone + Send
     out
 }
 
+/// Expert parallelism: each rank holds whole experts (6 over 4 ranks: 2, 2, 1, 1; 10 over 4:
+/// 3, 3, 2, 2), attention stays tensor-parallel, and the outputs are the unsharded goldens.
+#[test]
+fn expert_parallel_groups_match_goldens() {
+    let options = LoadOptions { experts: ExpertSplit::Whole };
+    for name in ["qwen2-moe", "qwen3-moe"] {
+        let cases = cases(name);
+        for tp in [2, 4] {
+            let c = cases.clone();
+            let ranks = with_group(tp, move |comm| run_rank_with(&fixture(name), comm, &c, options));
+            for (r, results) in ranks.iter().enumerate() {
+                for ((logits, greedy), (prompt, want_logits, want_greedy)) in results.iter().zip(&cases) {
+                    let diff = logits.iter().zip(want_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                    assert!(diff < 1e-4, "{name} ep {tp} rank {r}, prompt {}: max |Δlogit| {diff}", prompt.len());
+                    assert_eq!(greedy, want_greedy, "{name} ep {tp} rank {r}, prompt {}", prompt.len());
+                }
+            }
+        }
+    }
+    // More ranks than experts cannot each hold whole ones: refused at load on every rank.
+    let errs = with_group(2, move |comm| {
+        let dir = fixture("qwen2-gqa");
+        Model::load_with(&dir, DType::F32, &Device::Cpu, comm, options).err().unwrap().to_string()
+    });
+    for err in errs {
+        assert!(err.contains("no experts"), "{err}");
+    }
+}
+
 #[test]
 fn every_architecture_matches_goldens_at_every_shardable_tp() {
-    for name in ["qwen2-gqa", "qwen2-tied-bf16-sharded", "qwen3", "qwen1-ntk-logn", "qwen1-partial-rotary"] {
+    for name in [
+        "qwen2-gqa",
+        "qwen2-tied-bf16-sharded",
+        "qwen3",
+        "qwen1-ntk-logn",
+        "qwen1-partial-rotary",
+        "qwen2-moe",
+        "qwen3-moe",
+    ] {
         let cases = cases(name);
         let heads = qwen_worker::config::ModelConfig::from_dir(&fixture(name)).unwrap().num_heads;
         for tp in [1, 2, 3, 4] {

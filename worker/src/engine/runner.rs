@@ -71,6 +71,8 @@ pub struct Stats {
     pub prefix_query_tokens: u64,
     pub model_name: String,
     pub max_context: usize,
+    /// MoE models: tokens routed to each expert so far, summed over layers.
+    pub expert_tokens: Vec<u64>,
 }
 
 /// Whether the engine is getting on with its work, lock-free: when the running step began, and
@@ -596,6 +598,7 @@ impl Engine {
             graph_eager_steps: graphs.eager_steps,
             model_name: self.config.model_name.clone(),
             max_context: self.model.config().max_context(),
+            expert_tokens: self.model.expert_load().map(|l| l.snapshot()).unwrap_or_default(),
         };
         if let Ok(mut st) = self.stats.lock() {
             *st = snapshot;

@@ -99,6 +99,23 @@ impl Mlp {
     }
 }
 
+/// A block's feed-forward part: the dense gated MLP, or routed experts.
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(Box<super::moe::SparseMoe>),
+}
+
+impl Ffn {
+    /// `[T, hidden]` → `[T, hidden]`; under tensor or expert parallelism a partial sum, which
+    /// the stack all-reduces.
+    pub fn forward(&self, x: &Tensor, mode: KernelMode) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(mlp) => mlp.forward(x, mode),
+            Ffn::Moe(moe) => moe.forward(x, mode),
+        }
+    }
+}
+
 /// Rotary cos/sin tables, `[positions, rotary_dim / 2]`, one per NTK alpha in use, grown on demand.
 pub struct Rotary {
     theta: f64,
@@ -244,7 +261,7 @@ pub struct Block<A> {
     pub input_norm: RmsNorm,
     pub attn: A,
     pub post_attn_norm: RmsNorm,
-    pub mlp: Mlp,
+    pub mlp: Ffn,
 }
 
 /// Embedding, pre-norm decoder blocks, final norm and LM head: the shape of every Qwen.

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod layers;
+pub mod moe;
 pub mod paged;
 pub mod parallel;
 pub mod qwen;
@@ -45,6 +46,13 @@ pub struct SeqChunk {
     pub rope_alpha: f64,
 }
 
+/// How a rank loads its share beyond the group size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// How an MoE model's experts split over the group (`--expert-parallel`: whole experts).
+    pub experts: moe::ExpertSplit,
+}
+
 enum Stack {
     QWen(DecoderStack<qwen::QWenAttention>),
     Qwen2(DecoderStack<qwen2::Qwen2Attention>),
@@ -61,6 +69,8 @@ pub struct Model {
     device: Device,
     dtype: DType,
     kernels: KernelMode,
+    /// Tokens routed per expert (MoE models).
+    expert_load: Option<std::sync::Arc<moe::ExpertLoad>>,
 }
 
 impl Model {
@@ -72,22 +82,39 @@ impl Model {
     /// Loads this rank's shard of the checkpoint; `comm` is its tensor-parallel group, whose
     /// ranks must run the same forwards in the same order.
     pub fn load_sharded(dir: &Path, dtype: DType, device: &Device, comm: Comm) -> Result<Self> {
+        Self::load_with(dir, dtype, device, comm, LoadOptions::default())
+    }
+
+    /// [`Model::load_sharded`] with `options` (expert parallelism).
+    pub fn load_with(dir: &Path, dtype: DType, device: &Device, comm: Comm, options: LoadOptions) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let weights = Weights::open(dir, dtype, device)?;
-        Self::from_weights(config, &weights, comm)
+        Self::from_weights_with(config, &weights, comm, options)
     }
 
     /// Builds this rank's model from `weights` (a checkpoint, or random values in its shapes),
     /// on the weights' device and dtype, with the device's default [`KernelMode`].
     pub fn from_weights(config: ModelConfig, weights: &Weights, comm: Comm) -> Result<Self> {
+        Self::from_weights_with(config, weights, comm, LoadOptions::default())
+    }
+
+    pub fn from_weights_with(config: ModelConfig, weights: &Weights, comm: Comm, options: LoadOptions) -> Result<Self> {
         let (dtype, device) = (weights.dtype(), weights.device().clone());
         let shard = Shard { rank: comm.rank(), world: comm.world_size() };
         parallel::check(&config, shard)?;
+        moe::check(&config, shard, options.experts)?;
+        let load = moe::ExpertLoad::new(config.moe.as_ref().map_or(0, |m| m.num_experts));
+        let experts = moe::ExpertPlan { split: options.experts, load: load.clone() };
         let stack = match config.architecture {
-            Architecture::QWen => Stack::QWen(qwen::load(weights, &config, shard)?),
-            Architecture::Qwen2 => Stack::Qwen2(qwen2::load(weights, &config, shard)?),
-            Architecture::Qwen3 => Stack::Qwen3(qwen3::load(weights, &config, shard)?),
+            Architecture::QWen => Stack::QWen(qwen::load(weights, &config, shard, &experts)?),
+            Architecture::Qwen2 | Architecture::Qwen2Moe => {
+                Stack::Qwen2(qwen2::load(weights, &config, shard, &experts)?)
+            }
+            Architecture::Qwen3 | Architecture::Qwen3Moe => {
+                Stack::Qwen3(qwen3::load(weights, &config, shard, &experts)?)
+            }
         };
+        let expert_load = config.moe.is_some().then_some(load);
         let local_kv_heads = parallel::heads(&config, shard).kv_len();
         let rotary = Rotary::new(config.rope_theta, config.rotary_dim, dtype, &device);
         let mut kernels = KernelMode::for_device(&device);
@@ -96,7 +123,12 @@ impl Model {
             tracing::warn!(group, head_dim = config.head_dim, "shapes beyond the fused kernels: using candle's ops");
             kernels = KernelMode::Plain;
         }
-        Ok(Model { config, stack, comm, local_kv_heads, rotary, device, dtype, kernels })
+        Ok(Model { config, stack, comm, local_kv_heads, rotary, device, dtype, kernels, expert_load })
+    }
+
+    /// Tokens routed to each expert so far (summed over layers); `None` for dense models.
+    pub fn expert_load(&self) -> Option<std::sync::Arc<moe::ExpertLoad>> {
+        self.expert_load.clone()
     }
 
     /// Which implementation of the inner ops the forward uses (and the KV store must match).

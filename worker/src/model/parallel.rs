@@ -8,7 +8,8 @@ use std::ops::Range;
 
 use candle_core::Tensor;
 
-use super::layers::{Block, DecoderStack, Linear, Mlp, RmsNorm};
+use super::layers::{Block, DecoderStack, Ffn, Linear, Mlp, RmsNorm};
+use super::moe::{ExpertPlan, SparseMoe};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -81,7 +82,10 @@ pub fn check(cfg: &ModelConfig, shard: Shard) -> Result<()> {
             ),
         });
     }
-    if cfg.mlp_hidden % tp != 0 {
+    // MoE models check their experts in `moe::check`; their dense MLP width matters only where
+    // a layer keeps one.
+    let dense_layer = cfg.moe.as_ref().is_none_or(|m| (0..cfg.num_layers).any(|l| !m.is_sparse(l)));
+    if dense_layer && cfg.mlp_hidden % tp != 0 {
         return refuse("the MLP width", cfg.mlp_hidden);
     }
     // Any vocabulary size shards: the LM head is padded to equal blocks (see `load_stack`).
@@ -150,34 +154,45 @@ pub struct TensorNames {
     pub lm_head: &'static str,
 }
 
+/// The dense gated MLP of block `p`, split per `shard`.
+fn dense_mlp(w: &Weights, cfg: &ModelConfig, names: &TensorNames, p: &str, shard: Shard) -> Result<Mlp> {
+    let (h, ff) = (cfg.hidden_size, cfg.mlp_hidden);
+    let ff_part = [shard.split(ff)];
+    Ok(Mlp {
+        gate_up: Linear::concat(&[
+            column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
+            column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
+        ])?,
+        ff: ff_part[0].len(),
+        down: row(w, &format!("{p}.{}", names.down), ff, h, ff_part[0].clone(), false, shard)?,
+    })
+}
+
 /// Loads this rank's part of a decoder stack whose attention blocks come from
 /// `load_attn(prefix)`, `prefix` being the block's tensor-name prefix. The embedding is
-/// replicated; the MLP and LM head are split per `shard`.
+/// replicated; the MLP (or, in sparse layers of an MoE model, the experts as `experts` splits
+/// them) and the LM head are split per `shard`.
 pub fn load_stack<A>(
     w: &Weights,
     cfg: &crate::config::ModelConfig,
     names: &TensorNames,
-    shard: Shard,
+    (shard, experts): (Shard, &ExpertPlan),
     load_attn: impl Fn(&str) -> Result<A>,
 ) -> Result<DecoderStack<A>> {
-    let (h, eps, ff) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.mlp_hidden);
+    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
     let embed = w.get(names.embed, &[cfg.vocab_size, h])?;
     let mut blocks = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = names.layer.replace("{i}", &i.to_string());
-        let ff_part = [shard.split(ff)];
+        let mlp = match &cfg.moe {
+            Some(moe) if moe.is_sparse(i) => Ffn::Moe(Box::new(SparseMoe::load(w, cfg, moe, &p, shard, experts)?)),
+            _ => Ffn::Dense(dense_mlp(w, cfg, names, &p, shard)?),
+        };
         blocks.push(Block {
             input_norm: RmsNorm::load(w, &format!("{p}.{}", names.input_norm), h, eps)?,
             attn: load_attn(&p)?,
             post_attn_norm: RmsNorm::load(w, &format!("{p}.{}", names.post_attn_norm), h, eps)?,
-            mlp: Mlp {
-                gate_up: Linear::concat(&[
-                    column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
-                    column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
-                ])?,
-                ff: ff_part[0].len(),
-                down: row(w, &format!("{p}.{}", names.down), ff, h, ff_part[0].clone(), false, shard)?,
-            },
+            mlp,
         });
     }
     // Tied checkpoints usually omit lm_head (it is the embedding); some still store a copy.
@@ -223,6 +238,7 @@ mod tests {
             qk_norm: false,
             declared_dtype: None,
             long_context: None,
+            moe: None,
         }
     }
 

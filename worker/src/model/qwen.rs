@@ -7,6 +7,7 @@ use candle_core::Tensor;
 
 use super::attention::{Attention, LayerQkv};
 use super::layers::{DecoderStack, Linear, SelfAttention, StepContext};
+use super::moe::ExpertPlan;
 use super::parallel::{self, column, load_stack, row, rows, Shard, TensorNames};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -64,6 +65,6 @@ impl SelfAttention for QWenAttention {
     }
 }
 
-pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard) -> Result<DecoderStack<QWenAttention>> {
-    load_stack(w, cfg, &NAMES, shard, |p| QWenAttention::load(w, cfg, p, shard))
+pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard, experts: &ExpertPlan) -> Result<DecoderStack<QWenAttention>> {
+    load_stack(w, cfg, &NAMES, (shard, experts), |p| QWenAttention::load(w, cfg, p, shard))
 }

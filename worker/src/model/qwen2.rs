@@ -5,6 +5,7 @@ use candle_core::Tensor;
 
 use super::attention::{Attention, LayerQkv};
 use super::layers::{DecoderStack, Linear, SelfAttention, StepContext};
+use super::moe::ExpertPlan;
 use super::parallel::{self, column, load_stack, row, rows, Shard, TensorNames};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -71,6 +72,11 @@ pub fn split_qkv(qkv: &Tensor, t: usize, heads: usize, kv_heads: usize, d: usize
     Ok((qkv.narrow(1, 0, heads)?, qkv.narrow(1, heads, kv_heads)?, qkv.narrow(1, heads + kv_heads, kv_heads)?))
 }
 
-pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard) -> Result<DecoderStack<Qwen2Attention>> {
-    load_stack(w, cfg, &NAMES, shard, |p| Qwen2Attention::load(w, cfg, p, shard))
+pub fn load(
+    w: &Weights,
+    cfg: &ModelConfig,
+    shard: Shard,
+    experts: &ExpertPlan,
+) -> Result<DecoderStack<Qwen2Attention>> {
+    load_stack(w, cfg, &NAMES, (shard, experts), |p| Qwen2Attention::load(w, cfg, p, shard))
 }

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 
 use super::attention::{Attention, LayerQkv};
 use super::layers::{DecoderStack, Linear, RmsNorm, SelfAttention, StepContext};
+use super::moe::ExpertPlan;
 use super::parallel::{self, column, load_stack, row, rows, Shard};
 use super::qwen2::{split_qkv, NAMES};
 use crate::config::ModelConfig;
@@ -56,6 +57,11 @@ impl SelfAttention for Qwen3Attention {
     }
 }
 
-pub fn load(w: &Weights, cfg: &ModelConfig, shard: Shard) -> Result<DecoderStack<Qwen3Attention>> {
-    load_stack(w, cfg, &NAMES, shard, |p| Qwen3Attention::load(w, cfg, p, shard))
+pub fn load(
+    w: &Weights,
+    cfg: &ModelConfig,
+    shard: Shard,
+    experts: &ExpertPlan,
+) -> Result<DecoderStack<Qwen3Attention>> {
+    load_stack(w, cfg, &NAMES, (shard, experts), |p| Qwen3Attention::load(w, cfg, p, shard))
 }
