@@ -199,3 +199,28 @@ fn ranges_read_the_same_values_as_slicing_the_whole_tensor() {
     let err = w.get_ranges(name, &[96, 64], 1, std::slice::from_ref(&(60..70))).unwrap_err();
     assert!(err.to_string().contains("60..70"), "{err}");
 }
+
+#[test]
+fn bad_moe_checkpoints_name_the_tensor_or_field() {
+    // A missing expert tensor.
+    let dir = copy_fixture("qwen2-moe");
+    rewrite_weights(dir.path(), |t| t.retain(|(n, ..)| n != "model.layers.2.mlp.experts.5.up_proj.weight"));
+    let msg = load_err(dir.path()).to_string();
+    assert!(msg.contains("model.layers.2.mlp.experts.5.up_proj.weight"), "{msg}");
+
+    // More experts per token than experts, a dense layer past the last, no expert count.
+    let edits: [(&str, &str, &str); 3] = [
+        ("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 7", "num_experts_per_tok"),
+        ("\"mlp_only_layers\": [\n    1\n  ]", "\"mlp_only_layers\": [9]", "mlp_only_layers"),
+        ("\"num_experts\": 6", "\"num_expertz\": 6", "num_experts"),
+    ];
+    for (from, to, field) in edits {
+        let dir = copy_fixture("qwen2-moe");
+        let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+        assert!(cfg.contains(from), "fixture config lacks {from:?}");
+        std::fs::write(dir.path().join("config.json"), cfg.replace(from, to)).unwrap();
+        let err = load_err(dir.path());
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains(&format!("`{field}`")), "{field}: {err}");
+    }
+}
