@@ -20,6 +20,10 @@ pub enum Shape {
     /// Original Qwen-1.8B: hidden 2048, 24 layers, 16 heads of 128, MLP 5504, untied.
     #[value(name = "qwen-1.8b")]
     Qwen1_8b,
+    /// Qwen3-30B-A3B's layers (hidden 2048, 32 heads / 4 kv heads of 128, 128 experts of 768,
+    /// top 8 renormalised), 2 of its 48 layers: an MoE shape a CPU can run.
+    #[value(name = "qwen3-30b-a3b-2l")]
+    Qwen3_30bA3b2l,
 }
 
 impl Shape {
@@ -65,6 +69,38 @@ fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool
                 "num_attention_heads": nh, "num_key_value_heads": nkv, "head_dim": d, "intermediate_size": i,
                 "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "tie_word_embeddings": true,
                 "max_position_embeddings": 32768, "torch_dtype": "bfloat16",
+            });
+            (cfg, t)
+        }
+        Shape::Qwen3_30bA3b2l => {
+            let (h, l, nh, nkv, d, experts, ff) = (2048, 2, 32, 4, 128, 128, 768);
+            add("model.embed_tokens.weight".into(), vec![v, h], false);
+            for n in 0..l {
+                let p = format!("model.layers.{n}");
+                add(format!("{p}.input_layernorm.weight"), vec![h], true);
+                add(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
+                for (proj, out) in [("q", nh * d), ("k", nkv * d), ("v", nkv * d)] {
+                    add(format!("{p}.self_attn.{proj}_proj.weight"), vec![out, h], false);
+                }
+                add(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d], false);
+                add(format!("{p}.self_attn.q_norm.weight"), vec![d], true);
+                add(format!("{p}.self_attn.k_norm.weight"), vec![d], true);
+                add(format!("{p}.mlp.gate.weight"), vec![experts, h], false);
+                for e in 0..experts {
+                    add(format!("{p}.mlp.experts.{e}.gate_proj.weight"), vec![ff, h], false);
+                    add(format!("{p}.mlp.experts.{e}.up_proj.weight"), vec![ff, h], false);
+                    add(format!("{p}.mlp.experts.{e}.down_proj.weight"), vec![h, ff], false);
+                }
+            }
+            add("model.norm.weight".into(), vec![h], true);
+            add("lm_head.weight".into(), vec![v, h], false);
+            let cfg = json!({
+                "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": v, "hidden_size": h,
+                "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv, "head_dim": d,
+                "intermediate_size": 6144, "moe_intermediate_size": ff, "num_experts": experts,
+                "num_experts_per_tok": 8, "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "tie_word_embeddings": false,
+                "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
             });
             (cfg, t)
         }

@@ -36,6 +36,9 @@ pub enum Shapes {
     /// The original Qwen-7B (QWenLMHeadModel).
     #[value(name = "qwen-7b")]
     Qwen7b,
+    /// Qwen3-30B-A3B (Qwen3MoeForCausalLM: 128 experts, 8 per token).
+    #[value(name = "qwen3-30b-a3b")]
+    Qwen3_30bA3b,
     /// A two-layer toy for checking the command itself on a CPU.
     #[value(name = "tiny")]
     Tiny,
@@ -47,6 +50,7 @@ impl Shapes {
             Shapes::Qwen25_7b => "qwen2.5-7b",
             Shapes::Qwen25_32b => "qwen2.5-32b",
             Shapes::Qwen7b => "qwen-7b",
+            Shapes::Qwen3_30bA3b => "qwen3-30b-a3b",
             Shapes::Tiny => "tiny",
         }
     }
@@ -71,6 +75,14 @@ impl Shapes {
                 "num_attention_heads":32,"num_hidden_layers":32,"kv_channels":128,"rotary_pct":1.0,
                 "rotary_emb_base":10000,"vocab_size":151936,"seq_length":8192,"max_position_embeddings":8192,
                 "layer_norm_epsilon":1e-6,"use_dynamic_ntk":true,"use_logn_attn":true,"no_bias":true,
+                "tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#
+            }
+            Shapes::Qwen3_30bA3b => {
+                r#"{"architectures":["Qwen3MoeForCausalLM"],"hidden_size":2048,"intermediate_size":6144,
+                "num_attention_heads":32,"num_hidden_layers":48,"num_key_value_heads":4,"head_dim":128,
+                "vocab_size":151936,"num_experts":128,"num_experts_per_tok":8,"moe_intermediate_size":768,
+                "norm_topk_prob":true,"decoder_sparse_step":1,"mlp_only_layers":[],
+                "max_position_embeddings":40960,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
                 "tie_word_embeddings":false,"torch_dtype":"bfloat16"}"#
             }
             Shapes::Tiny => {
@@ -448,5 +460,19 @@ fn next_token(rx: &mut UnboundedReceiver<Event>) -> anyhow::Result<(u32, f32)> {
             bail!("request finished early ({reason:?}): {}", message.unwrap_or_default())
         }
         None => bail!("the engine stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_is_a_valid_config() {
+        for shapes in Shapes::value_variants() {
+            let cfg = ModelConfig::from_json_str(shapes.name(), shapes.config_json())
+                .unwrap_or_else(|e| panic!("{}: {e}", shapes.name()));
+            assert_eq!(cfg.moe.is_some(), matches!(shapes, Shapes::Qwen3_30bA3b), "{}", shapes.name());
+        }
     }
 }
