@@ -51,7 +51,9 @@ impl Etcd {
             options = options.with_tls(config);
         }
         if let Some(c) = &self.user {
-            options = options.with_user(c.user.clone(), c.password.clone());
+            // etcd's auth tokens expire (5 minutes by default): without a refresh, every call
+            // after that would fail until the whole connection is rebuilt.
+            options = options.with_user(c.user.clone(), c.password.clone()).with_auto_token_refresh(true);
         }
         Ok(options)
     }

@@ -13,8 +13,16 @@ pub struct EtcdServer {
     peer_port: u16,
     /// Plain HTTP `/health` and `/metrics`, also when clients need TLS.
     metrics_port: u16,
-    tls: Option<ServerTls>,
+    options: EtcdOptions,
     pub endpoint: String,
+}
+
+/// How to start the test etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    pub tls: Option<ServerTls>,
+    /// `--auth-token-ttl`: how long an auth token lives (etcd's default is 300 s).
+    pub auth_token_ttl_secs: Option<u32>,
 }
 
 /// TLS on etcd's client port: its certificate, and the CA that signs the client certificates
@@ -42,18 +50,19 @@ fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd and waits until it answers; `Err` says what is missing.
     pub fn start() -> Result<EtcdServer, String> {
-        Self::start_with(None)
+        Self::start_with(EtcdOptions::default())
     }
 
-    /// Starts etcd with TLS on its client port (clients need a certificate from `client_ca`).
-    pub fn start_with(tls: Option<ServerTls>) -> Result<EtcdServer, String> {
+    /// Starts etcd with `options`: TLS on its client port (clients need a certificate from the
+    /// client CA), a short auth-token life.
+    pub fn start_with(options: EtcdOptions) -> Result<EtcdServer, String> {
         let port = || free_port().map_err(|e| e.to_string());
         let (client_port, peer_port, metrics_port) = (port()?, port()?, port()?);
         let dir = std::env::temp_dir().join(format!("qwen-etcd-{}-{client_port}", std::process::id()));
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let scheme = if options.tls.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{client_port}");
         let dir = tempfile_dir::TempDir(dir);
-        let mut server = EtcdServer { child: None, dir, peer_port, metrics_port, tls, endpoint };
+        let mut server = EtcdServer { child: None, dir, peer_port, metrics_port, options, endpoint };
         server.spawn()?;
         Ok(server)
     }
@@ -68,7 +77,10 @@ impl EtcdServer {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", self.metrics_port)]);
-        if let Some(tls) = &self.tls {
+        if let Some(ttl) = self.options.auth_token_ttl_secs {
+            command.arg(format!("--auth-token-ttl={ttl}"));
+        }
+        if let Some(tls) = &self.options.tls {
             command
                 .arg("--cert-file")
                 .arg(&tls.cert.cert)

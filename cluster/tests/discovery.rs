@@ -237,3 +237,24 @@ async fn without_etcd_nothing_hangs() {
     .await
     .expect("stop hung without etcd");
 }
+
+/// With etcd's authentication on, a client's token expires (here after 1 s): calls after that
+/// still work, as the client gets a new token instead of failing until it reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_auth_token_is_refreshed() {
+    use qwen_cluster::access::Credentials;
+    use qwen_cluster::testing::{enable_auth, EtcdOptions};
+    let etcd = EtcdServer::start_with(EtcdOptions { tls: None, auth_token_ttl_secs: Some(1) }).unwrap();
+    enable_auth(&etcd.access(), "root-pw", "qwen-pw").await.unwrap();
+    let worker = qwen_cluster::Etcd {
+        user: Some(Credentials { user: "qwen-worker".into(), password: "qwen-pw".into() }),
+        ..etcd.access()
+    };
+    let mut client = qwen_cluster::connect(&worker).await.unwrap();
+    let key = format!("{}/token-test", qwen_cluster::keys::PREFIX);
+    client.put(key.clone(), "1", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    client.put(key.clone(), "2", None).await.expect("a put after the token expired");
+    let got = client.get(key, None).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"2");
+}

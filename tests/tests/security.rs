@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qwen_cluster::keys::{self, GroupName};
-use qwen_cluster::testing::{EtcdServer, ServerTls};
+use qwen_cluster::testing::{EtcdOptions, EtcdServer, ServerTls};
 use qwen_cluster::Etcd;
 use qwen_proto::serve::generation_client::GenerationClient;
 use qwen_proto::serve::{generate_request, GenerateRequest, GenerationOptions, ListModelsRequest, TokenIds};
@@ -234,7 +234,8 @@ async fn tls_channel(addr: &str, tls: ClientTlsConfig) -> Result<Channel, tonic:
 async fn a_tls_and_mtls_cluster_meets_through_an_etcd_with_tls_and_users() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path());
-    let etcd = EtcdServer::start_with(Some(ServerTls { cert: c.server.clone(), client_ca: c.ca.clone() })).unwrap();
+    let tls = ServerTls { cert: c.server.clone(), client_ca: c.ca.clone() };
+    let etcd = EtcdServer::start_with(EtcdOptions { tls: Some(tls), auth_token_ttl_secs: None }).unwrap();
     let etcd_tls = ClientTls { ca: c.ca.clone(), identity: Some(c.etcd_client.clone()), server_name: None };
     let admin = Etcd { endpoints: vec![etcd.endpoint.clone()], tls: Some(etcd_tls.clone()), user: None };
     qwen_cluster::testing::enable_auth(&admin, "root-pw", "qwen-pw").await.unwrap();
