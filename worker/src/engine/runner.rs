@@ -266,6 +266,11 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
 /// The decode-graph runner, with every batch bucket captured up front on CUDA (a capture costs
 /// several eager steps; paying it at start keeps it out of the first requests' latency).
 fn start_graphs(model: &mut Model, store: &mut PagedKvStore, config: &EngineConfig) -> Option<DecodeGraphs> {
+    if model.config().moe.is_some() && model.device().is_cuda() {
+        // Routing reads each MoE layer's expert ids on the host, which a graph cannot capture.
+        tracing::info!("mixture-of-experts model: decode steps run eagerly (no CUDA graphs)");
+        return None;
+    }
     let (bs, scratch) = (config.scheduler.block_size, config.num_blocks as u32);
     let mut graphs = match DecodeGraphs::new(model, &DEFAULT_BUCKETS, bs, scratch) {
         Ok(g) => g,
