@@ -33,6 +33,35 @@ impl Shape {
     }
 }
 
+/// Attention heads of a Qwen2/Qwen3 block.
+#[derive(Clone, Copy)]
+struct Heads {
+    hidden: usize,
+    q: usize,
+    kv: usize,
+    dim: usize,
+    /// q/k norms and no q/k/v bias (Qwen3), else biases (Qwen2).
+    qwen3: bool,
+}
+
+/// Block `p`'s norms and attention tensors in the Qwen2 / Qwen3 layout.
+fn attention_block(add: &mut impl FnMut(String, Vec<usize>, bool), p: &str, heads: Heads) {
+    let Heads { hidden: h, q: nh, kv: nkv, dim: d, qwen3 } = heads;
+    add(format!("{p}.input_layernorm.weight"), vec![h], true);
+    add(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
+    for (proj, out) in [("q", nh * d), ("k", nkv * d), ("v", nkv * d)] {
+        add(format!("{p}.self_attn.{proj}_proj.weight"), vec![out, h], false);
+        if !qwen3 {
+            add(format!("{p}.self_attn.{proj}_proj.bias"), vec![out], false);
+        }
+    }
+    add(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d], false);
+    if qwen3 {
+        add(format!("{p}.self_attn.q_norm.weight"), vec![d], true);
+        add(format!("{p}.self_attn.k_norm.weight"), vec![d], true);
+    }
+}
+
 /// (architecture, config.json fields, tensors as (name, shape, is_norm)).
 fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool)>) {
     let v = 151_936;
@@ -45,19 +74,8 @@ fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool
             add("model.embed_tokens.weight".into(), vec![v, h], false);
             for n in 0..l {
                 let p = format!("model.layers.{n}");
-                add(format!("{p}.input_layernorm.weight"), vec![h], true);
-                add(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
-                for (proj, out) in [("q", nh * d), ("k", nkv * d), ("v", nkv * d)] {
-                    add(format!("{p}.self_attn.{proj}_proj.weight"), vec![out, h], false);
-                    if !qwen3 {
-                        add(format!("{p}.self_attn.{proj}_proj.bias"), vec![out], false);
-                    }
-                }
-                add(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d], false);
-                if qwen3 {
-                    add(format!("{p}.self_attn.q_norm.weight"), vec![d], true);
-                    add(format!("{p}.self_attn.k_norm.weight"), vec![d], true);
-                }
+                let heads = Heads { hidden: h, q: nh, kv: nkv, dim: d, qwen3 };
+                attention_block(&mut add, &p, heads);
                 add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], false);
                 add(format!("{p}.mlp.up_proj.weight"), vec![i, h], false);
                 add(format!("{p}.mlp.down_proj.weight"), vec![h, i], false);
@@ -77,14 +95,7 @@ fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool
             add("model.embed_tokens.weight".into(), vec![v, h], false);
             for n in 0..l {
                 let p = format!("model.layers.{n}");
-                add(format!("{p}.input_layernorm.weight"), vec![h], true);
-                add(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
-                for (proj, out) in [("q", nh * d), ("k", nkv * d), ("v", nkv * d)] {
-                    add(format!("{p}.self_attn.{proj}_proj.weight"), vec![out, h], false);
-                }
-                add(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d], false);
-                add(format!("{p}.self_attn.q_norm.weight"), vec![d], true);
-                add(format!("{p}.self_attn.k_norm.weight"), vec![d], true);
+                attention_block(&mut add, &p, Heads { hidden: h, q: nh, kv: nkv, dim: d, qwen3: true });
                 add(format!("{p}.mlp.gate.weight"), vec![experts, h], false);
                 for e in 0..experts {
                     add(format!("{p}.mlp.experts.{e}.gate_proj.weight"), vec![ff, h], false);

@@ -201,7 +201,10 @@ impl SparseMoe {
     pub fn forward(&self, x: &Tensor, mode: KernelMode) -> Result<Tensor> {
         let (t, h) = x.dims2()?;
         let routes = self.route(x)?;
-        let mut out = self.experts_forward(x, &routes, mode)?.unwrap_or(Tensor::zeros((t, h), x.dtype(), x.device())?);
+        let mut out = match self.experts_forward(x, &routes, mode)? {
+            Some(out) => out,
+            None => Tensor::zeros((t, h), x.dtype(), x.device())?,
+        };
         if let Some(shared) = &self.shared {
             let scale = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?;
             out = (out + shared.mlp.forward(x, mode)?.broadcast_mul(&scale)?)?;
