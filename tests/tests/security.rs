@@ -65,21 +65,32 @@ async fn metrics(http: &reqwest::Client, base: &str, key: &str) -> String {
     r.text().await.unwrap()
 }
 
+/// A worker behind a router that requires the keys of `lines` (health open for readiness).
+struct Keyed {
+    _dir: tempfile::TempDir,
+    keys: PathBuf,
+    // Dropped in this order: the router first, then its worker.
+    router: RouterProcess,
+    _worker: WorkerProcess,
+}
+
+impl Keyed {
+    async fn start(lines: &str, extra: &[&str]) -> Keyed {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = write(&dir.path().join("keys"), lines);
+        let worker = WorkerProcess::start(MODEL, &[]);
+        let mut args = vec!["--worker", bare(&worker.addr), "--api-key-file", s(&keys), "--health-without-key"];
+        args.extend_from_slice(extra);
+        let router = RouterProcess::start(&args);
+        router.wait_ready().await; // health answers without a key
+        Keyed { _dir: dir, keys, router, _worker: worker }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_both_apis_and_reload_without_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = write(&dir.path().join("keys"), &format!("alice {ALICE}\n"));
-    let worker = WorkerProcess::start(MODEL, &[]);
-    let router = RouterProcess::start(&[
-        "--worker",
-        bare(&worker.addr),
-        "--api-key-file",
-        keys.to_str().unwrap(),
-        "--health-without-key",
-        "--reload-check-secs",
-        "1",
-    ]);
-    router.wait_ready().await; // health answers without a key
+    let keyed = Keyed::start(&format!("alice {ALICE}\n"), &["--reload-check-secs", "1"]).await;
+    let (keys, router) = (&keyed.keys, &keyed.router);
     let http = reqwest::Client::new();
 
     // HTTP: no key, a wrong key, the right key.
@@ -120,7 +131,7 @@ async fn api_keys_guard_both_apis_and_reload_without_a_restart() {
     assert!(!text.contains(ALICE), "the key itself never appears");
 
     // A key added to the file works after the change is noticed, without a restart ...
-    write(&keys, &format!("alice {ALICE}\nbob {BOB}\n"));
+    write(keys, &format!("alice {ALICE}\nbob {BOB}\n"));
     let http2 = http.clone();
     let base = router.http.clone();
     eventually(Duration::from_secs(15), "bob's new key works", || {
@@ -129,7 +140,7 @@ async fn api_keys_guard_both_apis_and_reload_without_a_restart() {
     })
     .await;
     // ... and a removed one stops working on SIGHUP.
-    write(&keys, &format!("bob {BOB}\n"));
+    write(keys, &format!("bob {BOB}\n"));
     signal(router.pid(), "HUP");
     eventually(Duration::from_secs(15), "alice's removed key is refused", || {
         let (http, base) = (http.clone(), base.clone());
@@ -140,21 +151,9 @@ async fn api_keys_guard_both_apis_and_reload_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_limits_answer_429_with_retry_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = write(
-        &dir.path().join("keys"),
-        &format!("slow {ALICE} requests_per_minute=2\nthrifty {BOB} tokens_per_minute=100\n"),
-    );
-    let worker = WorkerProcess::start(MODEL, &[]);
-    let router = RouterProcess::start(&[
-        "--worker",
-        bare(&worker.addr),
-        "--api-key-file",
-        keys.to_str().unwrap(),
-        "--health-without-key",
-        "--metrics-without-key",
-    ]);
-    router.wait_ready().await;
+    let lines = format!("slow {ALICE} requests_per_minute=2\nthrifty {BOB} tokens_per_minute=100\n");
+    let keyed = Keyed::start(&lines, &["--metrics-without-key"]).await;
+    let router = &keyed.router;
     let http = reqwest::Client::new();
 
     for _ in 0..2 {

@@ -2,23 +2,13 @@
 //! (within 1e-4 in f32) and 32-token greedy continuations, plus varlen batching.
 
 mod common;
-use common::{fixture, ids};
+use common::{fixture, ids, FIXTURES};
 
 use candle_core::{DType, Device, Tensor};
 use qwen_worker::generate::{generate, GenerateParams};
 use qwen_worker::model::{ContiguousKvCache, Model, SeqChunk};
 use qwen_worker::sampling::SamplingParams;
 use serde_json::Value;
-
-const FIXTURES: [&str; 7] = [
-    "qwen2-gqa",
-    "qwen2-tied-bf16-sharded",
-    "qwen3",
-    "qwen1-ntk-logn",
-    "qwen1-partial-rotary",
-    "qwen2-moe",
-    "qwen3-moe",
-];
 
 struct Case {
     prompt: Vec<u32>,

@@ -2,7 +2,7 @@
 //! blocks, prompts prefilled in chunks, several sequences batched together.
 
 mod common;
-use common::{fixture, ids};
+use common::{fixture, ids, FIXTURES};
 
 use candle_core::{DType, Device};
 use qwen_worker::kernels::KernelMode;
@@ -17,16 +17,6 @@ struct Seq {
     table: Vec<u32>,
     alpha: f64,
 }
-
-const FIXTURES: [&str; 7] = [
-    "qwen2-gqa",
-    "qwen2-tied-bf16-sharded",
-    "qwen3",
-    "qwen1-ntk-logn",
-    "qwen1-partial-rotary",
-    "qwen2-moe",
-    "qwen3-moe",
-];
 
 /// Where and how a fixture runs.
 #[derive(Clone, Copy)]

@@ -3,7 +3,7 @@
 //! gives the unsharded goldens; a size that cannot shard is refused by name.
 
 mod common;
-use common::{fixture, ids};
+use common::{fixture, ids, FIXTURES};
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -117,15 +117,7 @@ fn expert_parallel_groups_match_goldens() {
 
 #[test]
 fn every_architecture_matches_goldens_at_every_shardable_tp() {
-    for name in [
-        "qwen2-gqa",
-        "qwen2-tied-bf16-sharded",
-        "qwen3",
-        "qwen1-ntk-logn",
-        "qwen1-partial-rotary",
-        "qwen2-moe",
-        "qwen3-moe",
-    ] {
+    for name in FIXTURES {
         let cases = cases(name);
         let heads = qwen_worker::config::ModelConfig::from_dir(&fixture(name)).unwrap().num_heads;
         for tp in [1, 2, 3, 4] {

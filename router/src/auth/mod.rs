@@ -190,14 +190,7 @@ impl Auth {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The caller a presented credential belongs to (checked against the request rate), from an
-    /// `Authorization` header value (`Bearer <key>`).
-    pub fn check(&self, authorization: Option<&[u8]>) -> Result<Arc<Caller>, Denied> {
-        let caller = self.identify(authorization)?;
-        caller.admit_request()?;
-        Ok(caller)
-    }
-
+    /// The caller an `Authorization` header value (`Bearer <key>`) belongs to.
     fn identify(&self, authorization: Option<&[u8]>) -> Result<Arc<Caller>, Denied> {
         let value = authorization.ok_or(Denied::Missing)?;
         let key = bearer(value).ok_or(Denied::Invalid)?;

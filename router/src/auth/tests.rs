@@ -11,6 +11,13 @@ fn auth_with(text: &str) -> (tempfile::TempDir, Arc<Auth>) {
     (dir, Auth::load(cfg).unwrap())
 }
 
+/// What [`Gate::admit`] checks, without its metrics: the key, then its request rate.
+fn check(auth: &Auth, authorization: Option<&[u8]>) -> Result<Arc<Caller>, Denied> {
+    let caller = auth.identify(authorization)?;
+    caller.admit_request()?;
+    Ok(caller)
+}
+
 fn bearer_of(key: &str) -> Vec<u8> {
     format!("Bearer {key}").into_bytes()
 }
@@ -18,14 +25,14 @@ fn bearer_of(key: &str) -> Vec<u8> {
 #[test]
 fn keys_identify_their_names_and_others_are_refused() {
     let (_dir, auth) = auth_with(&format!("# comment\nalice {ALICE}\n\nbob {BOB}  # trailing\n"));
-    assert_eq!(&*auth.check(Some(&bearer_of(ALICE))).unwrap().name, "alice");
-    assert_eq!(&*auth.check(Some(format!("bearer   {BOB}").as_bytes())).unwrap().name, "bob");
-    assert_eq!(auth.check(None).unwrap_err(), Denied::Missing);
-    assert_eq!(auth.check(Some(&bearer_of("sk-nobody-0123456789abcdef"))).unwrap_err(), Denied::Invalid);
-    assert_eq!(auth.check(Some(ALICE.as_bytes())).unwrap_err(), Denied::Invalid, "no Bearer scheme");
-    assert_eq!(auth.check(Some(b"Basic YWxpY2U6eA==")).unwrap_err(), Denied::Invalid);
-    assert_eq!(auth.check(Some(b"Bearer ")).unwrap_err(), Denied::Invalid);
-    assert_eq!(auth.check(Some(&bearer_of(&"x".repeat(10_000)))).unwrap_err(), Denied::Invalid);
+    assert_eq!(&*check(&auth, Some(&bearer_of(ALICE))).unwrap().name, "alice");
+    assert_eq!(&*check(&auth, Some(format!("bearer   {BOB}").as_bytes())).unwrap().name, "bob");
+    assert_eq!(check(&auth, None).unwrap_err(), Denied::Missing);
+    assert_eq!(check(&auth, Some(&bearer_of("sk-nobody-0123456789abcdef"))).unwrap_err(), Denied::Invalid);
+    assert_eq!(check(&auth, Some(ALICE.as_bytes())).unwrap_err(), Denied::Invalid, "no Bearer scheme");
+    assert_eq!(check(&auth, Some(b"Basic YWxpY2U6eA==")).unwrap_err(), Denied::Invalid);
+    assert_eq!(check(&auth, Some(b"Bearer ")).unwrap_err(), Denied::Invalid);
+    assert_eq!(check(&auth, Some(&bearer_of(&"x".repeat(10_000)))).unwrap_err(), Denied::Invalid);
 }
 
 #[test]
@@ -57,41 +64,41 @@ fn malformed_files_name_the_line_and_never_the_key() {
 fn reload_adds_and_removes_keys_and_a_bad_file_keeps_the_old_ones() {
     let (dir, auth) = auth_with(&format!("alice {ALICE}\n"));
     let file = dir.path().join("keys");
-    assert!(auth.check(Some(&bearer_of(BOB))).is_err());
+    assert!(check(&auth, Some(&bearer_of(BOB))).is_err());
     std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
     assert_eq!(auth.reload().unwrap(), 1);
-    assert!(auth.check(Some(&bearer_of(BOB))).is_ok());
-    assert_eq!(auth.check(Some(&bearer_of(ALICE))).unwrap_err(), Denied::Invalid, "removed");
+    assert!(check(&auth, Some(&bearer_of(BOB))).is_ok());
+    assert_eq!(check(&auth, Some(&bearer_of(ALICE))).unwrap_err(), Denied::Invalid, "removed");
     std::fs::write(&file, "garbage\n").unwrap();
     assert!(auth.reload().is_err());
-    assert!(auth.check(Some(&bearer_of(BOB))).is_ok(), "old keys stay after a failed reload");
+    assert!(check(&auth, Some(&bearer_of(BOB))).is_ok(), "old keys stay after a failed reload");
 }
 
 #[test]
 fn request_limits_answer_with_a_wait_and_survive_a_reload() {
     let (dir, auth) = auth_with(&format!("alice {ALICE} requests_per_minute=2\nbob {BOB}\n"));
     for _ in 0..2 {
-        auth.check(Some(&bearer_of(ALICE))).unwrap();
+        check(&auth, Some(&bearer_of(ALICE))).unwrap();
     }
-    let Denied::RateLimited { retry_after, what } = auth.check(Some(&bearer_of(ALICE))).unwrap_err() else {
+    let Denied::RateLimited { retry_after, what } = check(&auth, Some(&bearer_of(ALICE))).unwrap_err() else {
         panic!("expected a rate limit")
     };
     assert_eq!(what, "request");
     // Two a minute: the next one is due within 30 s.
     assert!(retry_after <= Duration::from_secs(30) && retry_after > Duration::from_secs(20), "{retry_after:?}");
     for _ in 0..100 {
-        auth.check(Some(&bearer_of(BOB))).unwrap();
+        check(&auth, Some(&bearer_of(BOB))).unwrap();
     }
     // An unchanged line keeps its spent budget across a reload.
     std::fs::write(dir.path().join("keys"), format!("bob {BOB}\nalice {ALICE} requests_per_minute=2\n")).unwrap();
     auth.reload().unwrap();
-    assert!(matches!(auth.check(Some(&bearer_of(ALICE))), Err(Denied::RateLimited { .. })));
+    assert!(matches!(check(&auth, Some(&bearer_of(ALICE))), Err(Denied::RateLimited { .. })));
 }
 
 #[test]
 fn token_limits_charge_whole_requests() {
     let (_dir, auth) = auth_with(&format!("alice {ALICE} tokens_per_minute=1000\n"));
-    let alice = auth.check(Some(&bearer_of(ALICE))).unwrap();
+    let alice = check(&auth, Some(&bearer_of(ALICE))).unwrap();
     alice.charge_tokens(600).unwrap();
     assert!(matches!(alice.charge_tokens(600), Err(Denied::RateLimited { what: "token", .. })));
     alice.charge_tokens(400).unwrap();

@@ -15,6 +15,17 @@ pub fn root() -> PathBuf {
     }
 }
 
+/// Every committed fixture model.
+pub const FIXTURES: [&str; 7] = [
+    "qwen2-gqa",
+    "qwen2-tied-bf16-sharded",
+    "qwen3",
+    "qwen1-ntk-logn",
+    "qwen1-partial-rotary",
+    "qwen2-moe",
+    "qwen3-moe",
+];
+
 /// A committed fixture model directory.
 pub fn fixture(name: &str) -> PathBuf {
     root().join("fixtures/models").join(name)
