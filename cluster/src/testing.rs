@@ -39,13 +39,45 @@ mod tempfile_dir {
     impl Drop for TempDir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
+            let _ = std::fs::remove_file(self.0.with_extension("log"));
         }
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct loopback ports that were free a moment ago. They come from below Linux's
+/// ephemeral range (32768–60999), where `bind(…:0)` and every outgoing connection take their
+/// ports, so a client socket elsewhere in the test run cannot grab one between this call and the
+/// server's bind — the race that `bind(0)`-then-close has. All `n` are held open together so
+/// they differ.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Not a test input: only spreads concurrent test processes over the range.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut state = nanos.subsec_nanos() ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n * 200 {
+        if held.len() == n {
+            break;
+        }
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let port = (LOW + (state >> 8) % SPAN) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
+    if held.len() < n {
+        // A crowded range: fall back to the kernel's choice.
+        while held.len() < n {
+            held.push(TcpListener::bind("127.0.0.1:0")?);
+        }
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
+
+/// Attempts with fresh ports before `start_with` gives up: another process may still bind a
+/// port between our check and etcd's bind.
+const START_ATTEMPTS: usize = 4;
 
 impl EtcdServer {
     /// Starts etcd and waits until it answers; `Err` says what is missing.
@@ -56,8 +88,19 @@ impl EtcdServer {
     /// Starts etcd with `options`: TLS on its client port (clients need a certificate from the
     /// client CA), a short auth-token life.
     pub fn start_with(options: EtcdOptions) -> Result<EtcdServer, String> {
-        let port = || free_port().map_err(|e| e.to_string());
-        let (client_port, peer_port, metrics_port) = (port()?, port()?, port()?);
+        let mut errors = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::start_once(options.clone()) {
+                Ok(server) => return Ok(server),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(errors.join("; then "))
+    }
+
+    fn start_once(options: EtcdOptions) -> Result<EtcdServer, String> {
+        let ports = free_ports(3).map_err(|e| e.to_string())?;
+        let (client_port, peer_port, metrics_port) = (ports[0], ports[1], ports[2]);
         let dir = std::env::temp_dir().join(format!("qwen-etcd-{}-{client_port}", std::process::id()));
         let scheme = if options.tls.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{client_port}");
@@ -90,9 +133,12 @@ impl EtcdServer {
                 .arg(&tls.client_ca)
                 .arg("--client-cert-auth");
         }
+        // etcd logs to stderr; kept beside the data directory so a failed start can say why.
+        let log_path = self.log_path();
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let child = command
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start etcd (apt-get install etcd-server): {e}"))?;
         let child = self.child.insert(child);
@@ -101,7 +147,7 @@ impl EtcdServer {
         while !healthy(self.metrics_port) {
             // E.g. a port taken meanwhile by someone else (restarts reuse them): fail now.
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("etcd exited: {status}"));
+                return Err(format!("etcd exited: {status}: {}", self.log_tail()));
             }
             if Instant::now() > deadline {
                 return Err("etcd did not report healthy within 20 s".into());
@@ -109,6 +155,17 @@ impl EtcdServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    fn log_path(&self) -> std::path::PathBuf {
+        self.dir.0.with_extension("log")
+    }
+
+    /// etcd's last log lines (it logs one JSON or text line per event).
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(3)..].join(" | ")
     }
 
     /// How a client with no certificate or user reaches it.

@@ -56,7 +56,7 @@ fn promtool_check(text: &str) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    qwen_cluster::testing::free_ports(1).expect("a free loopback port")[0]
 }
 
 /// A real Prometheus server scraping `targets` every 200 ms; killed (by PID) on drop.
