@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 3] = ["fused", "attention", "sampling"];
+const KERNELS: [&str; 4] = ["fused", "attention", "sampling", "moe"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -262,8 +262,9 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
     }
     let after = idle_stats(&engine)?;
     // Off CUDA the graph runner's static-buffer path runs eagerly: its tokens are checked too.
-    // MoE models run eagerly on CUDA (their routing syncs with the host each layer).
-    let graphs_asked = !args.no_graphs && kernels == KernelMode::Fused && config.moe.is_none();
+    // MoE layers beyond the fused kernel sync with the host: those models run eagerly.
+    let graphs_asked =
+        !args.no_graphs && kernels == KernelMode::Fused && qwen_worker::model::moe::fused_covers(&config, max_batch);
     let token_check = if graphs_asked {
         // The same prompts, untimed, through this engine and through an eager one on the same
         // weights (the engine hands its model back when its last handle goes).

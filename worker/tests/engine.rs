@@ -224,7 +224,8 @@ fn decode_graph_buffers_keep_outputs_identical() {
 #[test]
 fn decode_graphs_on_the_gpu_replay_and_keep_goldens() {
     let Some(gpu) = common::gpu() else { return };
-    for name in ["qwen2-gqa", "qwen3", "qwen2-tied-bf16-sharded"] {
+    // The MoE fixtures run the fused MoE kernels, which keep routing on the device.
+    for name in ["qwen2-gqa", "qwen3", "qwen2-tied-bf16-sharded", "qwen2-moe", "qwen3-moe"] {
         let e = engine_with(name, (96, 4, 64), KernelMode::Fused, true, &gpu);
         expect_goldens(&e, name, 6, Duration::ZERO);
         let stats = e.stats();

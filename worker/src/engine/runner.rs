@@ -266,9 +266,10 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
 /// The decode-graph runner, with every batch bucket captured up front on CUDA (a capture costs
 /// several eager steps; paying it at start keeps it out of the first requests' latency).
 fn start_graphs(model: &mut Model, store: &mut PagedKvStore, config: &EngineConfig) -> Option<DecodeGraphs> {
-    if model.config().moe.is_some() && model.device().is_cuda() {
-        // Routing reads each MoE layer's expert ids on the host, which a graph cannot capture.
-        tracing::info!("mixture-of-experts model: decode steps run eagerly (no CUDA graphs)");
+    let largest = DEFAULT_BUCKETS[DEFAULT_BUCKETS.len() - 1];
+    if model.device().is_cuda() && !crate::model::moe::fused_covers(model.config(), largest) {
+        // The grouped MoE path reads expert ids on the host, which a graph cannot capture.
+        tracing::info!("mixture-of-experts layers beyond the fused kernel: decode steps run eagerly (no CUDA graphs)");
         return None;
     }
     let (bs, scratch) = (config.scheduler.block_size, config.num_blocks as u32);
@@ -603,12 +604,20 @@ impl Engine {
             graph_eager_steps: graphs.eager_steps,
             model_name: self.config.model_name.clone(),
             max_context: self.model.config().max_context(),
-            expert_tokens: self.model.expert_load().map(|l| l.snapshot()).unwrap_or_default(),
+            expert_tokens: self.model.expert_load().map(|l| collected(&l)).unwrap_or_default(),
         };
         if let Ok(mut st) = self.stats.lock() {
             *st = snapshot;
         }
     }
+}
+
+/// The per-expert totals with the fused path's device counts folded in.
+fn collected(load: &crate::model::moe::ExpertLoad) -> Vec<u64> {
+    if let Err(e) = load.collect() {
+        tracing::warn!(error = %e, "expert load: device counts unread");
+    }
+    load.snapshot()
 }
 
 #[cfg(test)]

@@ -8,11 +8,12 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchAr
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::reference::AttnShape;
+use super::reference::{AttnShape, MoeShape};
 
 const FUSED: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const SAMPLING: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+const MOE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe.ptx"));
 
 /// Blocks the split-K decode aims for: two per SM of an H100/H200 (132 SMs), so one sequence's
 /// long context still fills the GPU.
@@ -358,4 +359,132 @@ pub fn sample_rows(logits: In, params: In) -> Result<(CudaStorage, Shape)> {
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n_rows)))
     })
+}
+
+/// Token copies up to which the grouped GEMMs use 16-row tiles: decode-sized batches, where
+/// most experts get a row or two and larger tiles would multiply zeros.
+const MOE_SMALL_TILE_MAX_ASSIGNMENTS: usize = 256;
+
+/// The routing half of a fused MoE call (device tensors held by the op).
+pub struct MoeCall<'a> {
+    pub ids: &'a Tensor,
+    pub weights: &'a Tensor,
+    pub shape: MoeShape,
+}
+
+/// A device tensor's storage, for inputs that ride in an op's struct.
+fn on_gpu<'a>(storage: &'a Storage, layout: &'a Layout) -> Result<In<'a>> {
+    match storage {
+        Storage::Cuda(s) => Ok((s, layout)),
+        _ => bail!("fused MoE inputs must be on the GPU"),
+    }
+}
+
+pub fn moe_experts(call: &MoeCall, x: In, gate_up: In, down: In) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let s = call.shape;
+    let (t, h, f, k) = (x.1.shape().dims2()?.0, s.hidden, s.ff, s.top_k);
+    let assignments = t * k;
+    let bm = if assignments <= MOE_SMALL_TILE_MAX_ASSIGNMENTS { 16 } else { 64 };
+    // Each active local expert pads its rows up to a whole tile.
+    let capacity = (assignments + assignments.min(s.local) * (bm - 1)).div_ceil(bm) * bm;
+    let (ids_guard, w_guard) = (call.ids.storage_and_layout(), call.weights.storage_and_layout());
+    let ids = dense::<u32>(on_gpu(&ids_guard.0, ids_guard.1)?)?;
+    let weights = dense::<f32>(on_gpu(&w_guard.0, w_guard.1)?)?;
+    let sfx = suffix(x.0.dtype())?;
+    with_dtype!(x.0.dtype(), T => {
+        if assignments == 0 || s.local == 0 {
+            let out = dev.alloc_zeros::<T>(t * h)?;
+            return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((t, h))));
+        }
+        // SAFETY: the un-permute writes every token's row.
+        let out = unsafe { dev.alloc::<T>(t * h)? };
+        let (xv, guv, dv) = (dense::<T>(x)?, dense::<T>(gate_up)?, dense::<T>(down)?);
+        // SAFETY: moe_align writes all of rows, tile_expert and inv before the GEMMs read them.
+        let rows = unsafe { dev.alloc::<i32>(capacity)? };
+        let tile_expert = unsafe { dev.alloc::<i32>(capacity / bm)? };
+        let inv = unsafe { dev.alloc::<i32>(assignments)? };
+        // SAFETY: the gate/up GEMM writes every row of every used tile; the down GEMM reads only
+        // those, and the un-permute only rows that inv names.
+        let act = unsafe { dev.alloc::<T>(capacity * f)? };
+        let y = unsafe { dev.alloc::<T>(capacity * h)? };
+        let stream = dev.cuda_stream();
+        let (a_i, first, local, bm_i, cap_i) =
+            (assignments as i32, s.first as i32, s.local as i32, bm as i32, capacity as i32);
+        let (k_i, h_i, f_i) = (k as i32, h as i32, f as i32);
+        let align = func(&dev, MOE, "qs_moe", "moe_align")?;
+        let mut b = stream.launch_builder(&align);
+        b.arg(&ids);
+        b.arg(&a_i);
+        b.arg(&first);
+        b.arg(&local);
+        b.arg(&bm_i);
+        b.arg(&rows);
+        b.arg(&cap_i);
+        b.arg(&tile_expert);
+        b.arg(&inv);
+        // SAFETY: ids holds `assignments` u32; rows `capacity`, tile_expert capacity / bm and
+        // inv `assignments` i32; local <= MAX_FUSED_EXPERTS (checked by the caller).
+        unsafe { b.launch(cfg((1, 1, 1), 1024)) }.w()?;
+        let tiles = (capacity / bm) as u32;
+        let gate_up_f = func(&dev, MOE, "qs_moe", &format!("moe_gate_up_bm{bm}_{sfx}"))?;
+        let mut b = stream.launch_builder(&gate_up_f);
+        b.arg(&xv);
+        b.arg(&guv);
+        b.arg(&rows);
+        b.arg(&tile_expert);
+        b.arg(&act);
+        b.arg(&k_i);
+        b.arg(&h_i);
+        b.arg(&f_i);
+        // SAFETY: x is [t, h]; gate_up [local, 2f, h]; rows name assignments < t * k; act holds
+        // capacity rows of f.
+        unsafe { b.launch(cfg((tiles, f.div_ceil(64) as u32, 1), 256)) }.w()?;
+        let down_f = func(&dev, MOE, "qs_moe", &format!("moe_down_bm{bm}_{sfx}"))?;
+        let mut b = stream.launch_builder(&down_f);
+        b.arg(&act);
+        b.arg(&dv);
+        b.arg(&rows);
+        b.arg(&tile_expert);
+        b.arg(&y);
+        b.arg(&k_i);
+        b.arg(&f_i);
+        b.arg(&h_i);
+        // SAFETY: act is [capacity, f]; down [local, h, f]; y holds capacity rows of h.
+        unsafe { b.launch(cfg((tiles, h.div_ceil(64) as u32, 1), 256)) }.w()?;
+        let unpermute = func(&dev, MOE, "qs_moe", &format!("moe_unpermute_{sfx}"))?;
+        let mut b = stream.launch_builder(&unpermute);
+        b.arg(&y);
+        b.arg(&inv);
+        b.arg(&weights);
+        b.arg(&out);
+        b.arg(&k_i);
+        b.arg(&h_i);
+        // SAFETY: inv holds t * k entries, each -1 or a row < capacity of y; weights [t, k];
+        // out [t, h], one block per token.
+        unsafe { b.launch(cfg((t as u32, 1, 1), 256)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((t, h))))
+    })
+}
+
+pub fn moe_count(experts: usize, counts: (&mut CudaStorage, &Layout), ids: In) -> Result<()> {
+    let dev = ids.0.device().clone();
+    let n = ids.1.shape().elem_count();
+    if n == 0 {
+        return Ok(());
+    }
+    let idv = dense::<u32>(ids)?;
+    let start = counts.1.start_offset();
+    let mut cv = counts.0.as_cuda_slice_mut::<u32>()?.slice_mut(start..start + experts);
+    let f = func(&dev, MOE, "qs_moe", "moe_count")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&idv);
+    let (n_i, e_i) = (n as i32, experts as i32);
+    b.arg(&n_i);
+    b.arg(&e_i);
+    b.arg(&mut cv);
+    // SAFETY: ids holds n u32; counts `experts` u32, indexed only below that.
+    unsafe { b.launch(cfg((n.div_ceil(256).min(1024) as u32, 1, 1), 256)) }.w()?;
+    Ok(())
 }

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod moe;
 pub mod reference;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
+pub use moe::{count_experts, moe_experts, StackedExperts, MAX_FUSED_EXPERTS};
 pub use reference::{AttnSeq, AttnShape, DrawParams};
 
 /// Which implementation of the model's inner ops runs.

@@ -221,3 +221,59 @@ pub fn kept_probs(logits: &[f32], params: DrawParams) -> Option<(Vec<f32>, f32)>
     };
     Some((p, thr))
 }
+
+/// One MoE layer's expert shapes for [`moe_experts`].
+#[derive(Debug, Clone, Copy)]
+pub struct MoeShape {
+    pub top_k: usize,
+    /// The first expert this rank holds, and how many.
+    pub first: usize,
+    pub local: usize,
+    pub hidden: usize,
+    /// Each local expert's (this rank's share of the) intermediate width.
+    pub ff: usize,
+}
+
+/// The routed experts' weighted sum for every token: `x` `[T, hidden]`, `ids`/`weights`
+/// `[T, top_k]`, `gate_up` `[local, 2 ff, hidden]` (gate rows first), `down`
+/// `[local, hidden, ff]`. Slots routed to experts outside `first..first + local` add nothing.
+/// Per (token, slot) as the kernel's grouped rows: gate and up rounded to `dtype`, silu rounded,
+/// their product rounded, the down projection rounded; the slots summed in f32 in slot order and
+/// rounded once. Dot products run over the inner dimension in order.
+pub fn moe_experts(
+    x: &[f32],
+    ids: &[u32],
+    weights: &[f32],
+    gate_up: &[f32],
+    down: &[f32],
+    s: MoeShape,
+    dtype: DType,
+) -> Vec<f32> {
+    let (h, f) = (s.hidden, s.ff);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0.0f32, |acc, (x, y)| acc + x * y);
+    let tokens = x.len() / h;
+    let mut out = Vec::with_capacity(x.len());
+    let (mut act, mut acc) = (vec![0.0f32; f], vec![0.0f32; h]);
+    for t in 0..tokens {
+        let row = &x[t * h..(t + 1) * h];
+        acc.fill(0.0);
+        for j in 0..s.top_k {
+            let Some(e) = (ids[t * s.top_k + j] as usize).checked_sub(s.first).filter(|&e| e < s.local) else {
+                continue;
+            };
+            let gu = &gate_up[e * 2 * f * h..(e + 1) * 2 * f * h];
+            for (n, a) in act.iter_mut().enumerate() {
+                let gate = round_to(dot(row, &gu[n * h..(n + 1) * h]), dtype);
+                let up = round_to(dot(row, &gu[(f + n) * h..(f + n + 1) * h]), dtype);
+                *a = round_to(round_to(gate / (1.0 + (-gate).exp()), dtype) * up, dtype);
+            }
+            let d = &down[e * h * f..(e + 1) * h * f];
+            let w = weights[t * s.top_k + j];
+            for (n, a) in acc.iter_mut().enumerate() {
+                *a += w * round_to(dot(&act, &d[n * f..(n + 1) * f]), dtype);
+            }
+        }
+        out.extend(acc.iter().map(|&v| round_to(v, dtype)));
+    }
+    out
+}

@@ -232,6 +232,92 @@ fn sampling_reference_keeps_what_the_host_sampler_keeps() -> Result<()> {
     Ok(())
 }
 
+/// A random MoE layer's inputs: `x` `[t, h]`, seeded routing over `experts` ids, and `local`
+/// stacked experts.
+struct MoeCase {
+    x: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+fn moe_case(t: usize, top_k: usize, experts: usize, local: usize, (h, f): (usize, usize), dtype: DType) -> MoeCase {
+    let dev = Device::Cpu;
+    let ids = crate::test_util::uniform(0.0, experts as f32 - 0.01, &[t, top_k], &dev).to_dtype(DType::U32).unwrap();
+    MoeCase {
+        x: randn(&[t, h], dtype, &dev),
+        ids,
+        weights: crate::test_util::uniform(0.0, 1.0, &[t, top_k], &dev),
+        // Scaled as a checkpoint's (~1/sqrt(fan-in)), so sums stay near 1.
+        gate_up: (randn(&[local, 2 * f, h], DType::F32, &dev) / (h as f64).sqrt()).unwrap().to_dtype(dtype).unwrap(),
+        down: (randn(&[local, h, f], DType::F32, &dev) / (f as f64).sqrt()).unwrap().to_dtype(dtype).unwrap(),
+    }
+}
+
+impl MoeCase {
+    fn run(&self, dev: &Device, first: usize) -> Result<Tensor> {
+        let on = |t: &Tensor| t.to_device(dev).unwrap();
+        let (gate_up, down) = (on(&self.gate_up), on(&self.down));
+        moe_experts(
+            &on(&self.x),
+            &on(&self.ids),
+            &on(&self.weights),
+            &StackedExperts { gate_up: &gate_up, down: &down, first },
+        )
+    }
+
+    /// The unfused path's math with candle's ops, one (token, slot) at a time.
+    fn unfused(&self, first: usize) -> Result<Tensor> {
+        let (t, top_k) = self.ids.dims2()?;
+        let (local, two_f, _) = self.gate_up.dims3()?;
+        let f = two_f / 2;
+        let (ids, weights): (Vec<Vec<u32>>, Vec<Vec<f32>>) = (self.ids.to_vec2()?, self.weights.to_vec2()?);
+        let mut rows = Vec::new();
+        for tok in 0..t {
+            let x = self.x.narrow(0, tok, 1)?;
+            let mut acc = x.zeros_like()?.to_dtype(DType::F32)?;
+            for j in 0..top_k {
+                let Some(e) = (ids[tok][j] as usize).checked_sub(first).filter(|&e| e < local) else { continue };
+                let gu = x.matmul(&self.gate_up.get(e)?.t()?)?;
+                let inner = (candle_nn::ops::silu(&gu.narrow(1, 0, f)?)? * gu.narrow(1, f, f)?)?;
+                let y = inner.matmul(&self.down.get(e)?.t()?)?.to_dtype(DType::F32)?;
+                acc = (acc + (y * f64::from(weights[tok][j]))?)?;
+            }
+            rows.push(acc.to_dtype(self.x.dtype())?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+}
+
+#[test]
+fn fused_moe_reference_matches_the_unfused_experts() -> Result<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        // All experts here; then expert parallel: experts 2..5 of 8, the other slots skipped.
+        for (experts, local, first) in [(6, 6, 0), (8, 3, 2)] {
+            let case = moe_case(9, 3, experts, local, (40, 24), dtype);
+            let (got, want) = (case.run(&Device::Cpu, first)?, case.unfused(first)?);
+            // candle rounds gate, up, silu, the product and each expert's output, then sums.
+            assert!(max_rel(&got, &want) < tol(dtype, 16.0, 64.0), "{dtype:?} {local} of {experts}");
+        }
+    }
+    let case = moe_case(4, 2, 4, 4, (16, 8), DType::F32);
+    let bad = StackedExperts { gate_up: &case.down, down: &case.gate_up, first: 0 };
+    assert!(moe_experts(&case.x, &case.ids, &case.weights, &bad).is_err(), "swapped stacks");
+    Ok(())
+}
+
+#[test]
+fn expert_counts_add_up_in_place() -> Result<()> {
+    let counts = Tensor::zeros(5, DType::U32, &Device::Cpu)?;
+    let ids = Tensor::new(&[[4u32, 0], [4, 1], [9, 4]], &Device::Cpu)?;
+    count_experts(&counts, &ids)?;
+    count_experts(&counts, &ids.narrow(0, 0, 1)?)?;
+    assert_eq!(counts.to_vec1::<u32>()?, vec![2, 1, 0, 0, 4], "id 9 is out of range and ignored");
+    assert!(count_experts(&counts.to_dtype(DType::F32)?, &ids).is_err());
+    Ok(())
+}
+
 /// On a GPU (feature `cuda`): every kernel against its CPU reference. Skipped without a GPU
 /// unless `QWEN_REQUIRE_GPU=1`, which makes a missing GPU a failure.
 #[cfg(feature = "cuda")]
@@ -353,6 +439,37 @@ mod gpu {
                 assert!(agrees(&rows[i], *p, got[i], want[i]), "{dtype:?} row {i}: gpu {} cpu {}", got[i], want[i]);
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_moe_kernels_match_the_reference() -> Result<()> {
+        let Some(g) = gpu() else { return Ok(()) };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            // (tokens, top_k, experts, local, first, (hidden, ff)): decode-sized (16-row tiles),
+            // odd widths, expert parallel, and a prefill past the small-tile limit (64-row tiles).
+            for (t, k, e, local, first, hf) in [
+                (1, 2, 4, 4, 0, (64, 48)),
+                (5, 8, 16, 16, 0, (200, 72)),
+                (7, 4, 10, 3, 3, (96, 40)),
+                (100, 8, 64, 64, 0, (256, 96)),
+                (130, 2, 8, 5, 3, (128, 64)),
+            ] {
+                let case = moe_case(t, k, e, local, hf, dtype);
+                let (got, want) = (case.run(&g, first)?, case.run(&Device::Cpu, first)?);
+                // Inner dims up to 256 summed in another order (FMA), then the slot sum.
+                assert!(
+                    max_rel(&got, &want) < tol(dtype, 4.0, 512.0),
+                    "{dtype:?} {t}x{k} of {e}: {}",
+                    max_rel(&got, &want)
+                );
+            }
+        }
+        let ids = crate::test_util::uniform(0.0, 8.99, &[300, 8], &Device::Cpu).to_dtype(DType::U32)?;
+        let (cpu, gpu_counts) = (Tensor::zeros(9, DType::U32, &Device::Cpu)?, Tensor::zeros(9, DType::U32, &g)?);
+        count_experts(&cpu, &ids)?;
+        count_experts(&gpu_counts, &ids.to_device(&g)?)?;
+        assert_eq!(gpu_counts.to_vec1::<u32>()?, cpu.to_vec1::<u32>()?);
         Ok(())
     }
 }

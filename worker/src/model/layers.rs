@@ -28,6 +28,11 @@ impl Linear {
         Linear { weight, bias }
     }
 
+    /// `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// One projection computing all of `parts` side by side (outputs in order): one GEMM
     /// instead of several. Biases must be all present or all absent.
     pub fn concat(parts: &[Linear]) -> Result<Self> {

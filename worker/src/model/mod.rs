@@ -103,7 +103,7 @@ impl Model {
         let shard = Shard { rank: comm.rank(), world: comm.world_size() };
         parallel::check(&config, shard)?;
         moe::check(&config, shard, options.experts)?;
-        let load = moe::ExpertLoad::new(config.moe.as_ref().map_or(0, |m| m.num_experts));
+        let load = moe::ExpertLoad::on_device(config.moe.as_ref().map_or(0, |m| m.num_experts), &device)?;
         let experts = moe::ExpertPlan { split: options.experts, load: load.clone() };
         let stack = match config.architecture {
             Architecture::QWen => Stack::QWen(qwen::load(weights, &config, shard, &experts)?),

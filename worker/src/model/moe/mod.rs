@@ -3,11 +3,16 @@
 //! chosen experts' outputs are summed with their routing weights, and Qwen2-MoE adds a shared
 //! expert scaled by `sigmoid(shared_expert_gate(x))`.
 //!
-//! Tokens are grouped by expert once per layer: the routing ids come to the host (`[T, top_k]`,
-//! small), a counting sort orders the token copies by expert, one `index_select` gathers them,
-//! each active expert runs one GEMM pair over its contiguous rows, and one weighted `index_add`
-//! scatters the results back. Prefill and decode take the same path; nothing loops over tokens
-//! on the device.
+//! Each layer's experts are stacked (`[local, 2 ff, hidden]` and `[local, hidden, ff]`) and
+//! computed one of two ways, the same for prefill and decode, never looping over tokens:
+//! - fused ([`KernelMode::Fused`], up to [`FUSED_MAX_ASSIGNMENTS`] token copies): routing stays
+//!   on the device and one op groups the copies by expert, runs grouped GEMMs with SiLU·mul and
+//!   sums each token's slots (`kernels::moe_experts`); nothing waits for the host;
+//! - grouped: the routing ids come to the host (`[T, top_k]`, small), a counting sort orders the
+//!   token copies by expert, one `index_select` gathers them, each active expert runs one GEMM
+//!   pair (views of the stacked weights) over its contiguous rows, and one weighted `index_add`
+//!   scatters the results back. Large prefills take it on every device: per-expert GEMMs use the
+//!   tensor cores, and one host round trip is small next to them.
 //!
 //! Two ways to split experts over a group, both ending in the stack's one all-reduce per layer:
 //! - [`ExpertSplit::Sliced`] (tensor parallel): every rank holds a slice of every expert's
@@ -18,7 +23,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
@@ -27,6 +32,7 @@ use super::parallel::{column, row, Shard};
 use crate::config::{ModelConfig, MoeConfig};
 use crate::error::{Error, Result};
 use crate::kernels::KernelMode;
+use crate::kernels::StackedExperts;
 use crate::weights::Weights;
 
 /// How a group splits the routed experts.
@@ -39,20 +45,76 @@ pub enum ExpertSplit {
     Whole,
 }
 
+/// Token copies (tokens x top_k) up to which [`KernelMode::Fused`] runs the fused op; larger
+/// batches (long prefills) take the grouped path's per-expert GEMMs.
+pub const FUSED_MAX_ASSIGNMENTS: usize = 1024;
+
+/// Whether a batch of `tokens` runs every MoE layer of `cfg` through the fused op in
+/// [`KernelMode::Fused`] (true for dense models): then nothing in its forward waits for the
+/// host, and a CUDA graph can capture it.
+pub fn fused_covers(cfg: &ModelConfig, tokens: usize) -> bool {
+    cfg.moe
+        .as_ref()
+        .is_none_or(|m| tokens * m.top_k <= FUSED_MAX_ASSIGNMENTS && m.num_experts <= crate::kernels::MAX_FUSED_EXPERTS)
+}
+
 /// Tokens routed to each expert since start, summed over layers (each token counts once per
-/// layer and chosen expert). Updated once per layer and step, read by metrics and `Stats`.
+/// layer and chosen expert). The grouped path adds on the host once per layer; the fused path
+/// counts on the device (`device`), which [`ExpertLoad::collect`] folds in between steps. Read
+/// by metrics and `Stats`.
 #[derive(Debug)]
 pub struct ExpertLoad {
     tokens: Vec<AtomicU64>,
+    device: Option<DeviceCounts>,
+}
+
+#[derive(Debug)]
+struct DeviceCounts {
+    /// u32 `[num_experts]`, wrapping.
+    counts: Tensor,
+    /// `counts` when last collected: the difference is what is new.
+    seen: Mutex<Vec<u32>>,
 }
 
 impl ExpertLoad {
+    /// Counts on the host only.
     pub fn new(num_experts: usize) -> Arc<Self> {
-        Arc::new(ExpertLoad { tokens: (0..num_experts).map(|_| AtomicU64::new(0)).collect() })
+        Arc::new(ExpertLoad { tokens: (0..num_experts).map(|_| AtomicU64::new(0)).collect(), device: None })
+    }
+
+    /// Also keeps a counter on `device` for the fused path.
+    pub fn on_device(num_experts: usize, device: &candle_core::Device) -> Result<Arc<Self>> {
+        let counts = Tensor::zeros(num_experts, DType::U32, device)?;
+        Ok(Arc::new(ExpertLoad {
+            tokens: (0..num_experts).map(|_| AtomicU64::new(0)).collect(),
+            device: Some(DeviceCounts { counts, seen: Mutex::new(vec![0; num_experts]) }),
+        }))
     }
 
     pub fn snapshot(&self) -> Vec<u64> {
         self.tokens.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Folds the device counter into the totals: one copy of `num_experts` u32 to the host. Call
+    /// it on the thread that runs the forwards, between steps.
+    pub fn collect(&self) -> Result<()> {
+        let Some(d) = &self.device else { return Ok(()) };
+        let now: Vec<u32> = d.counts.to_vec1()?;
+        let mut seen =
+            d.seen.lock().map_err(|_| Error::Internal { what: "expert load", message: "a collect panicked".into() })?;
+        for ((c, n), s) in self.tokens.iter().zip(&now).zip(seen.iter_mut()) {
+            // Wrapping: a u32 counter turns over every 4 billion copies; one interval stays far below.
+            let new = n.wrapping_sub(*s);
+            if new > 0 {
+                c.fetch_add(u64::from(new), Ordering::Relaxed);
+            }
+            *s = *n;
+        }
+        Ok(())
+    }
+
+    fn device_counts(&self) -> Option<Tensor> {
+        self.device.as_ref().map(|d| d.counts.clone())
     }
 
     fn add(&self, counts: &[u32]) {
@@ -126,18 +188,40 @@ struct SharedExpert {
     gate: Linear,
 }
 
+/// The routed experts a rank holds, stacked for the fused op; the grouped path computes through
+/// per-expert views of the same storage.
+struct Experts {
+    /// `[local, 2 ff, hidden]`: each expert's gate rows, then its up rows.
+    gate_up: Tensor,
+    /// `[local, hidden, ff]`.
+    down: Tensor,
+    /// Expert id of local expert 0.
+    first: usize,
+    /// By local index.
+    views: Vec<Mlp>,
+}
+
+impl Experts {
+    /// Local expert `e` (a global id), if this rank holds it.
+    fn get(&self, e: usize) -> Option<&Mlp> {
+        e.checked_sub(self.first).and_then(|i| self.views.get(i))
+    }
+}
+
 /// One sparse MLP layer.
 pub struct SparseMoe {
     /// `[num_experts, hidden]`, on every rank.
     router: Linear,
+    num_experts: usize,
     top_k: usize,
     norm_topk_prob: bool,
-    /// By expert id; `None` for experts another rank holds.
-    experts: Vec<Option<Mlp>>,
+    experts: Experts,
     shared: Option<SharedExpert>,
     load: Arc<ExpertLoad>,
     /// Only rank 0 counts (every rank routes the same way).
     counts: bool,
+    /// The fused path's device counter (rank 0).
+    device_counts: Option<Tensor>,
 }
 
 /// A gated-SiLU MLP `{prefix}.{gate,up,down}_proj` of width `ff`, sliced per `shard`.
@@ -171,14 +255,11 @@ impl SparseMoe {
             ExpertSplit::Sliced => shard,
             ExpertSplit::Whole => Shard::SINGLE,
         };
-        let experts = (0..moe.num_experts)
-            .map(|e| {
-                owned
-                    .contains(&e)
-                    .then(|| mlp(w, &format!("{prefix}.mlp.experts.{e}"), h, moe.expert_hidden, expert_shard))
-                    .transpose()
-            })
+        let mlps = owned
+            .clone()
+            .map(|e| mlp(w, &format!("{prefix}.mlp.experts.{e}"), h, moe.expert_hidden, expert_shard))
             .collect::<Result<Vec<_>>>()?;
+        let experts = stack(mlps, owned.start)?;
         let shared = match moe.shared_expert_hidden {
             Some(ff) => Some(SharedExpert {
                 mlp: mlp(w, &format!("{prefix}.mlp.shared_expert"), h, ff, shard)?,
@@ -186,24 +267,38 @@ impl SparseMoe {
             }),
             None => None,
         };
+        let counts = shard.rank == 0;
         Ok(SparseMoe {
             router,
+            num_experts: moe.num_experts,
             top_k: moe.top_k,
             norm_topk_prob: moe.norm_topk_prob,
             experts,
             shared,
             load: plan.load.clone(),
-            counts: shard.rank == 0,
+            counts,
+            device_counts: if counts { plan.load.device_counts() } else { None },
         })
     }
 
     /// `x`: `[T, hidden]` → this rank's part of the layer's output `[T, hidden]`.
     pub fn forward(&self, x: &Tensor, mode: KernelMode) -> Result<Tensor> {
         let (t, h) = x.dims2()?;
-        let routes = self.route(x)?;
-        let mut out = match self.experts_forward(x, &routes, mode)? {
-            Some(out) => out,
-            None => Tensor::zeros((t, h), x.dtype(), x.device())?,
+        let (ids, weights) = self.route(x)?;
+        let fused = t * self.top_k <= FUSED_MAX_ASSIGNMENTS && self.num_experts <= crate::kernels::MAX_FUSED_EXPERTS;
+        let mut out = if mode == KernelMode::Fused && fused {
+            if let Some(counts) = &self.device_counts {
+                crate::kernels::count_experts(counts, &ids)?;
+            }
+            let stacked =
+                StackedExperts { gate_up: &self.experts.gate_up, down: &self.experts.down, first: self.experts.first };
+            crate::kernels::moe_experts(x, &ids, &weights, &stacked)?
+        } else {
+            let routes = Routes { ids: ids.flatten_all()?.to_vec1()?, weights: weights.flatten_all()?.to_vec1()? };
+            match self.experts_forward(x, &routes, mode)? {
+                Some(out) => out,
+                None => Tensor::zeros((t, h), x.dtype(), x.device())?,
+            }
         };
         if let Some(shared) = &self.shared {
             let scale = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?;
@@ -212,8 +307,8 @@ impl SparseMoe {
         Ok(out)
     }
 
-    /// Each token's experts and routing weights, as host vectors `[T * top_k]` (token-major).
-    fn route(&self, x: &Tensor) -> Result<Routes> {
+    /// Each token's experts (u32) and routing weights (f32), `[T, top_k]` on the device.
+    fn route(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let logits = self.router.forward(x)?.to_dtype(DType::F32)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         let ids = probs.arg_sort_last_dim(false)?.narrow(1, 0, self.top_k)?.contiguous()?;
@@ -221,14 +316,14 @@ impl SparseMoe {
         if self.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
         }
-        Ok(Routes { ids: ids.flatten_all()?.to_vec1()?, weights: weights.flatten_all()?.to_vec1()? })
+        Ok((ids, weights.contiguous()?))
     }
 
     /// The routed experts' weighted sum for every token (the experts this rank holds); `None`
     /// when no token reached them.
     fn experts_forward(&self, x: &Tensor, routes: &Routes, mode: KernelMode) -> Result<Option<Tensor>> {
         let (t, h) = x.dims2()?;
-        let groups = group_by_expert(&routes.ids, self.top_k, self.experts.len())?;
+        let groups = group_by_expert(&routes.ids, self.top_k, self.num_experts)?;
         if self.counts {
             self.load.add(&groups.counts);
         }
@@ -236,8 +331,8 @@ impl SparseMoe {
         let mut tokens = Vec::new();
         let mut weights = Vec::new();
         let mut active = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
-            let (Some(expert), n) = (expert, groups.counts[e] as usize) else { continue };
+        for e in 0..self.num_experts {
+            let (Some(expert), n) = (self.experts.get(e), groups.counts[e] as usize) else { continue };
             if n == 0 {
                 continue;
             }
@@ -262,6 +357,18 @@ impl SparseMoe {
         let weighted = Tensor::cat(&outputs, 0)?.broadcast_mul(&weights)?;
         Ok(Some(Tensor::zeros((t, h), x.dtype(), x.device())?.index_add(&index, &weighted, 0)?))
     }
+}
+
+/// Stacks a rank's experts (`first` is the id of `mlps[0]`) and rebuilds each as a view of the
+/// stacks, so the per-expert copies are freed.
+fn stack(mlps: Vec<Mlp>, first: usize) -> Result<Experts> {
+    let ff = mlps.first().map_or(0, |m| m.ff);
+    let gate_up = Tensor::stack(&mlps.iter().map(|m| m.gate_up.weight()).collect::<Vec<_>>(), 0)?;
+    let down = Tensor::stack(&mlps.iter().map(|m| m.down.weight()).collect::<Vec<_>>(), 0)?;
+    let views = (0..mlps.len())
+        .map(|i| Ok(Mlp { gate_up: Linear::new(gate_up.get(i)?, None), ff, down: Linear::new(down.get(i)?, None) }))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Experts { gate_up, down, first, views })
 }
 
 /// Routing decisions on the host.

@@ -70,7 +70,7 @@ fn checkpoint(moe: &MoeConfig) -> (tempfile::TempDir, HashMap<String, Tensor>) {
 
 fn layer(dir: &std::path::Path, moe: &MoeConfig, shard: Shard, split: ExpertSplit) -> SparseMoe {
     let w = Weights::open(dir, DType::F32, &Device::Cpu).unwrap();
-    let plan = ExpertPlan { split, load: ExpertLoad::new(moe.num_experts) };
+    let plan = ExpertPlan { split, load: ExpertLoad::on_device(moe.num_experts, &Device::Cpu).unwrap() };
     SparseMoe::load(&w, &model_config(moe.clone()), moe, "model.layers.0", shard, &plan).unwrap()
 }
 
@@ -147,16 +147,18 @@ fn split_experts_sum_to_the_whole_layer() {
     for (world, split) in
         [(2, ExpertSplit::Sliced), (4, ExpertSplit::Sliced), (2, ExpertSplit::Whole), (4, ExpertSplit::Whole)]
     {
-        let mut sum: Option<Tensor> = None;
-        for rank in 0..world {
-            let part = layer(dir.path(), &moe, Shard { rank, world }, split).forward(&x, KernelMode::Plain).unwrap();
-            sum = Some(match sum {
-                Some(s) => (s + part).unwrap(),
-                None => part,
-            });
+        for mode in [KernelMode::Plain, KernelMode::Fused] {
+            let mut sum: Option<Tensor> = None;
+            for rank in 0..world {
+                let part = layer(dir.path(), &moe, Shard { rank, world }, split).forward(&x, mode).unwrap();
+                sum = Some(match sum {
+                    Some(s) => (s + part).unwrap(),
+                    None => part,
+                });
+            }
+            let d = max_diff(&sum.unwrap(), &want);
+            assert!(d < 1e-5, "{split:?} over {world} {mode:?}: {d}");
         }
-        let d = max_diff(&sum.unwrap(), &want);
-        assert!(d < 1e-5, "{split:?} over {world}: {d}");
     }
 }
 
@@ -183,8 +185,33 @@ fn load_counts_tokens_per_expert_on_rank_zero() {
     let moe = moe_config(4, 2, true, false);
     let (dir, _) = checkpoint(&moe);
     let l = layer(dir.path(), &moe, Shard::SINGLE, ExpertSplit::Sliced);
-    l.forward(&randn(&[5, H], DType::F32, &Device::Cpu), KernelMode::Plain).unwrap();
+    let x = randn(&[5, H], DType::F32, &Device::Cpu);
+    l.forward(&x, KernelMode::Plain).unwrap();
     assert_eq!(l.load.snapshot().iter().sum::<u64>(), 10, "5 tokens x top 2");
+    // The fused path counts on the device; collecting folds only what is new.
+    l.forward(&x, KernelMode::Fused).unwrap();
+    assert_eq!(l.load.snapshot().iter().sum::<u64>(), 10, "not yet collected");
+    l.load.collect().unwrap();
+    let once = l.load.snapshot();
+    assert_eq!(once.iter().sum::<u64>(), 20);
+    l.load.collect().unwrap();
+    assert_eq!(l.load.snapshot(), once, "a second collect adds nothing");
+    let other = layer(dir.path(), &moe, Shard { rank: 1, world: 2 }, ExpertSplit::Sliced);
+    other.forward(&x, KernelMode::Fused).unwrap();
+    other.load.collect().unwrap();
+    assert_eq!(other.load.snapshot().iter().sum::<u64>(), 0, "only rank 0 counts");
+}
+
+#[test]
+fn a_long_prefill_in_fused_mode_takes_the_grouped_path_with_the_same_result() {
+    let moe = moe_config(6, 2, false, true);
+    let (dir, tensors) = checkpoint(&moe);
+    let t = FUSED_MAX_ASSIGNMENTS / moe.top_k + 3;
+    let x = randn(&[t, H], DType::F32, &Device::Cpu);
+    let l = layer(dir.path(), &moe, Shard::SINGLE, ExpertSplit::Sliced);
+    let d = max_diff(&l.forward(&x, KernelMode::Fused).unwrap(), &reference(&tensors, &moe, &x));
+    assert!(d < 1e-5, "{d}");
+    assert_eq!(l.load.snapshot().iter().sum::<u64>(), (t * moe.top_k) as u64, "counted on the host");
 }
 
 #[test]
