@@ -278,6 +278,155 @@ def qwen2_like(name, arch, cfg, dtype, seed, save_kwargs, tokenizer=None, min_ro
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantized checkpoints: random quantized tensors written in each format, and the reference run
+# on their dequantization (in f32). The packing below follows the formats' documentation; the
+# Rust loader's own unit tests check it against bit layouts written out by hand.
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble k of a word holds column AWQ_ORDER[k] of its 8
+QUANT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "c_attn", "attn.c_proj", "w1", "w2", "mlp.c_proj")
+
+
+def pack(values, bits, dim, order=None):
+    """Packs non-negative ints `values` (int64) along `dim` into int32 words, 32 / bits per word,
+    element k of each run of the word at bits k * bits (AWQ: element AWQ_ORDER[k])."""
+    per = 32 // bits
+    v = values.movedim(dim, -1)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
+    if order is not None:
+        v = v[..., order]
+    word = torch.zeros(v.shape[:-1], dtype=torch.int64)
+    for k in range(per):
+        word |= v[..., k] << (bits * k)
+    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return word.movedim(-1, dim).contiguous()
+
+
+def quantize(fmt, out_dim, in_dim, g):
+    """Random quantized tensors of one linear `[out, in]` in `fmt`, and their dequantization."""
+    kind = fmt["quant_method"]
+    if kind == "gptq":
+        bits, gs = fmt["bits"], fmt["group_size"]
+        groups = 1 if gs == -1 else -(-in_dim // gs)
+        q = torch.randint(0, 2**bits, (in_dim, out_dim), generator=g)
+        if fmt["sym"]:
+            zeros = torch.full((groups, out_dim), 2 ** (bits - 1), dtype=torch.int64)
+        else:
+            zeros = torch.randint(1, 2**bits + 1, (groups, out_dim), generator=g)
+        spread = 2**bits / math.sqrt(12)
+        scales = ((0.5 + torch.rand(groups, out_dim, generator=g)) * 0.15 / spread).half()
+        g_idx = torch.arange(in_dim) // (in_dim if gs == -1 else gs)
+        if fmt["desc_act"]:
+            perm = torch.randperm(in_dim, generator=g)
+            g_idx = torch.empty(in_dim, dtype=torch.int64)
+            g_idx[perm] = torch.arange(in_dim) // gs
+        w_t = (q - zeros[g_idx]).float() * scales[g_idx].float()
+        tensors = {"qweight": pack(q, bits, 0), "qzeros": pack(zeros - 1, bits, 1), "scales": scales,
+                   "g_idx": g_idx.to(torch.int32)}
+        return tensors, w_t.T.contiguous()
+    if kind == "awq":
+        gs = fmt["group_size"]
+        groups = -(-in_dim // gs)
+        q = torch.randint(0, 16, (in_dim, out_dim), generator=g)
+        zeros = torch.randint(0, 16, (groups, out_dim), generator=g)
+        scales = ((0.5 + torch.rand(groups, out_dim, generator=g)) * 0.15 / (16 / math.sqrt(12))).half()
+        gi = torch.arange(in_dim) // gs
+        w_t = (q - zeros[gi]).float() * scales[gi].float()
+        tensors = {"qweight": pack(q, 4, 1, AWQ_ORDER), "qzeros": pack(zeros, 4, 1, AWQ_ORDER), "scales": scales}
+        return tensors, w_t.T.contiguous()
+    if kind == "fp8":
+        br, bc = fmt["weight_block_size"]
+        w0 = torch.randn(out_dim, in_dim, generator=g) * 0.15
+        rows, cols = -(-out_dim // br), -(-in_dim // bc)
+        scale = torch.empty(rows, cols)
+        q = torch.empty(out_dim, in_dim, dtype=torch.float8_e4m3fn)
+        deq = torch.empty(out_dim, in_dim)
+        for r in range(rows):
+            for c in range(cols):
+                blk = w0[r * br:(r + 1) * br, c * bc:(c + 1) * bc]
+                scale[r, c] = blk.abs().max() / 448.0
+                qb = (blk / scale[r, c]).to(torch.float8_e4m3fn)
+                q[r * br:(r + 1) * br, c * bc:(c + 1) * bc] = qb
+                deq[r * br:(r + 1) * br, c * bc:(c + 1) * bc] = qb.float() * scale[r, c]
+        return {"weight": q, "weight_scale_inv": scale}, deq
+    raise ValueError(kind)
+
+
+def quantize_hf_model(model, fmt, seed):
+    """Replaces every quantizable linear of `model` (experts included) by the dequantization of
+    random quantized tensors; returns {checkpoint prefix: tensors} in the Hub's layout."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in QUANT_LINEARS:
+            tensors, deq = quantize(fmt, module.out_features, module.in_features, g)
+            module.weight.copy_(deq)
+            out[name] = tensors
+        elif name.endswith("mlp.experts") and hasattr(module, "gate_up_proj"):
+            gate_up, down = module.gate_up_proj, module.down_proj
+            ff = gate_up.shape[1] // 2
+            for e in range(gate_up.shape[0]):
+                for proj, rows in (("gate_proj", slice(0, ff)), ("up_proj", slice(ff, 2 * ff))):
+                    tensors, deq = quantize(fmt, ff, gate_up.shape[2], g)
+                    gate_up[e, rows].copy_(deq)
+                    out[f"{name}.{e}.{proj}"] = tensors
+                tensors, deq = quantize(fmt, down.shape[1], down.shape[2], g)
+                down[e].copy_(deq)
+                out[f"{name}.{e}.down_proj"] = tensors
+    return out
+
+
+def write_quantized(d, fmt, quantized):
+    """Swaps each quantized linear's `weight` in the checkpoint for its quantized tensors and
+    adds `quantization_config`."""
+    from safetensors.torch import load_file
+
+    files = sorted(d.glob("*.safetensors"))
+    assert len(files) == 1, files
+    tensors = load_file(files[0])
+    for prefix, parts in quantized.items():
+        del tensors[f"{prefix}.weight"]
+        for k, v in parts.items():
+            tensors[f"{prefix}.{k}"] = v.contiguous()
+    files[0].unlink()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    cfg_path = d / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["quantization_config"] = fmt
+    cfg_path.write_text(json.dumps(config, indent=2))
+
+
+def quantized_like(name, arch, cfg, seed, fmt, gen, min_router_margin=None):
+    print(f"{name}: {arch} {fmt['quant_method']}")
+    model = hf_model(arch, dict(cfg, _seed=seed), torch.float16)
+    quantized = quantize_hf_model(model, fmt, seed)
+    if min_router_margin is not None:
+        ROUTER_MARGIN[0] = float("inf")
+        watch_router_margins(model, cfg["num_experts_per_tok"])
+    fn = hf_logits_fn(model)
+    cases = [case(p, fn) for p in prompts(seed, [1, 6, 13, 29])]
+    gap = min(c["min_top2_gap"] for c in cases)
+    print(f"  smallest greedy gap {gap:.2e}" + (f", routing margin {ROUTER_MARGIN[0]:.2e}" if min_router_margin else ""))
+    if gap < 1e-4 or (min_router_margin is not None and ROUTER_MARGIN[0] < min_router_margin):
+        return False
+    d = OUT / "models" / name
+    save_hf(model, d, torch.float16, gen_cfg=gen)
+    if "Moe" in arch:
+        hub_expert_layout(d)
+    write_quantized(d, fmt, quantized)
+    write_golden(d, cases, {"quantization": fmt["quant_method"]})
+    return True
+
+
+def quantized_fixture(name, arch, cfg, seed, fmt, gen, min_router_margin=None):
+    """The first seed from `seed` (in steps of 100) clear of greedy (and routing) near-ties."""
+    for attempt in range(20):
+        if quantized_like(name, arch, cfg, seed + 100 * attempt, fmt, gen, min_router_margin):
+            return
+    raise SystemExit(f"{name}: no seed without near-ties in 20 tries")
+
+
+# ---------------------------------------------------------------------------------------------
 # The original Qwen (QWenLMHeadModel): a plain PyTorch reference from the public modeling code.
 
 
@@ -360,9 +509,21 @@ def qwen1_logits(cfg, w, ids, ntk_alpha):
     return x[-1] @ w["lm_head.weight"].T
 
 
-def qwen1(name, cfg, seed, lengths):
-    print(f"{name}: QWenLMHeadModel")
+def qwen1(name, cfg, seed, lengths, fmt=None):
+    print(f"{name}: QWenLMHeadModel" + (f" {fmt['quant_method']}" if fmt else ""))
     w = qwen1_weights(cfg, seed)
+    quantized = {}
+    if fmt:
+        # Qwen-Chat-Int4 quantizes these five; embeddings, norms, biases and lm_head stay f16.
+        g = torch.Generator().manual_seed(seed)
+        for key in list(w):
+            prefix = key[: -len(".weight")]
+            if key.endswith(".weight") and prefix.endswith(("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")):
+                tensors, deq = quantize(fmt, w[key].shape[0], w[key].shape[1], g)
+                w[key] = deq
+                quantized[prefix] = tensors
+            else:
+                w[key] = w[key].half().float()
     cases = []
     for prompt in prompts(seed, lengths):
         alpha = qwen1_ntk_alpha(cfg, len(prompt))
@@ -402,8 +563,15 @@ def qwen1(name, cfg, seed, lengths):
     (d / "generation_config.json").write_text(
         json.dumps({"eos_token_id": 151643, "pad_token_id": 151643, "top_p": 0.8, "top_k": 0, "max_new_tokens": 512}, indent=2)
     )
+    if fmt:
+        full["torch_dtype"], full["fp16"], full["fp32"] = "float16", True, False
+        full["quantization_config"] = fmt
+        (d / "config.json").write_text(json.dumps(full, indent=2))
+        w = {k: v.half() for k, v in w.items() if k[: -len(".weight")] not in quantized}
+        for prefix, parts in quantized.items():
+            w.update({f"{prefix}.{k}": v for k, v in parts.items()})
     save_file({k: v.contiguous() for k, v in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
-    write_golden(d, cases)
+    write_golden(d, cases, {"quantization": fmt["quant_method"]} if fmt else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,6 +738,37 @@ def main():
         cfg = dict(moe_base, head_dim=24, num_experts=10, num_experts_per_tok=3, moe_intermediate_size=32,
                    norm_topk_prob=True, decoder_sparse_step=1, attention_bias=False)
         moe_fixture("qwen3-moe", "Qwen3MoeForCausalLM", cfg, 15, gen, tok)
+    # Quantized checkpoints (issue 17): formats as their tools write them, small groups and blocks
+    # so that tensor-parallel cuts at 2 and 4 ranks cross several of them.
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True,
+            "checkpoint_format": "gptq"}
+    if wanted("qwen2-gptq-int4"):
+        quantized_fixture("qwen2-gptq-int4", "Qwen2ForCausalLM",
+                          dict(base, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0),
+                          31, gptq, gen)
+    if wanted("qwen3-gptq-int8-actorder"):
+        fmt = dict(gptq, bits=8, group_size=16, desc_act=True, sym=False)
+        quantized_fixture("qwen3-gptq-int8-actorder", "Qwen3ForCausalLM",
+                          dict(base, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                               rope_theta=1000000.0, attention_bias=False), 32, fmt, gen)
+    if wanted("qwen2-awq"):
+        fmt = {"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemm", "zero_point": True}
+        quantized_fixture("qwen2-awq", "Qwen2ForCausalLM",
+                          dict(base, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
+                          33, fmt, gen)
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [16, 24]}
+    if wanted("qwen3-fp8"):
+        quantized_fixture("qwen3-fp8", "Qwen3ForCausalLM",
+                          dict(base, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                               rope_theta=1000000.0, attention_bias=False), 34, fp8, gen)
+    if wanted("qwen3-moe-fp8"):
+        cfg = dict(moe_base, head_dim=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                   norm_topk_prob=True, decoder_sparse_step=1, attention_bias=False)
+        quantized_fixture("qwen3-moe-fp8", "Qwen3MoeForCausalLM", cfg, 35, fp8, gen, min_router_margin=2e-5)
+    if wanted("qwen1-gptq-int4"):
+        qwen1("qwen1-gptq-int4",
+              dict(qwen1_base, rotary_pct=1.0, seq_length=16, use_dynamic_ntk=True, use_logn_attn=True),
+              36, [1, 5, 19], fmt=dict(gptq, group_size=16))
     if wanted("tiktoken"):
         tiktoken_cases()
 

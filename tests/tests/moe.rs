@@ -2,6 +2,8 @@
 //! Qwen2-MoE group with tensor-parallel experts (`--tp 2`) and a Qwen3-MoE group with expert
 //! parallelism over four ranks (`--tp 4 --expert-parallel`, 10 experts as 3, 3, 2, 2) serve the
 //! transformers goldens to concurrent clients, and count tokens per expert in Stats and metrics.
+//! Quantized groups (GPTQ Int4 at `--tp 2`, FP8 experts at `--tp 2 --expert-parallel`, the
+//! original Qwen's GPTQ Int4) do the same with their checkpoints kept quantized.
 
 use std::time::{Duration, Instant};
 
@@ -60,24 +62,15 @@ async fn wait_models(router: &RouterProcess, want: usize, limit: Duration) {
                 }
             }
         }
-        assert!(start.elapsed() < limit, "the router did not find {want} MoE groups within {limit:?}");
+        assert!(start.elapsed() < limit, "the router did not find {want} groups within {limit:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moe_groups_serve_goldens_through_etcd_and_the_router() {
-    let etcd = EtcdServer::start().expect("etcd");
-    let groups = [
-        ("qwen2-moe", 6usize, start_group(&etcd, "qwen2-moe", &["--tp", "2"])),
-        ("qwen3-moe", 10, start_group(&etcd, "qwen3-moe", &["--tp", "4", "--expert-parallel"])),
-    ];
-    let router = RouterProcess::start(&["--etcd", &etcd.endpoint]);
-    wait_models(&router, 2, Duration::from_secs(60)).await;
-
-    // Every golden case of both models at once.
+/// Every golden case of every model at once, through the router.
+async fn expect_goldens(router: &RouterProcess, models: &[&str]) {
     let mut calls = Vec::new();
-    for (model, ..) in &groups {
+    for model in models {
         for case in golden(model)["cases"].as_array().unwrap() {
             let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["greedy"]));
             let grpc = router.grpc.clone();
@@ -93,6 +86,32 @@ async fn moe_groups_serve_goldens_through_etcd_and_the_router() {
         let (model, len, got, want) = call.await.unwrap();
         assert_eq!(got, want, "{model}, prompt of {len}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantized_groups_serve_goldens_through_etcd_and_the_router() {
+    let etcd = EtcdServer::start().expect("etcd");
+    let _groups = [
+        start_group(&etcd, "qwen2-gptq-int4", &["--tp", "2"]),
+        start_group(&etcd, "qwen3-moe-fp8", &["--tp", "2", "--expert-parallel"]),
+        start_group(&etcd, "qwen1-gptq-int4", &[]),
+    ];
+    let router = RouterProcess::start(&["--etcd", &etcd.endpoint]);
+    wait_models(&router, 3, Duration::from_secs(60)).await;
+    expect_goldens(&router, &["qwen2-gptq-int4", "qwen3-moe-fp8", "qwen1-gptq-int4"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_groups_serve_goldens_through_etcd_and_the_router() {
+    let etcd = EtcdServer::start().expect("etcd");
+    let groups = [
+        ("qwen2-moe", 6usize, start_group(&etcd, "qwen2-moe", &["--tp", "2"])),
+        ("qwen3-moe", 10, start_group(&etcd, "qwen3-moe", &["--tp", "4", "--expert-parallel"])),
+    ];
+    let router = RouterProcess::start(&["--etcd", &etcd.endpoint]);
+    wait_models(&router, 2, Duration::from_secs(60)).await;
+
+    expect_goldens(&router, &["qwen2-moe", "qwen3-moe"]).await;
 
     // Tokens per expert: in Stats (one entry per expert) and in the metrics.
     for (model, experts, worker) in &groups {

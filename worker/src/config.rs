@@ -129,6 +129,8 @@ pub struct ModelConfig {
     pub long_context: Option<LongContext>,
     /// The experts of a mixture-of-experts model.
     pub moe: Option<MoeConfig>,
+    /// `quantization_config`: the format of the quantized linears, if any.
+    pub quant: Option<crate::quant::QuantConfig>,
 }
 
 /// A JSON object plus the file it came from, so every error names file and field.
@@ -268,6 +270,7 @@ impl ModelConfig {
                 ..qwen2_config(&f, architecture, declared_dtype)?
             },
         };
+        let cfg = ModelConfig { quant: crate::quant::QuantConfig::parse(path, map.get("quantization_config"))?, ..cfg };
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -444,6 +447,7 @@ fn qwen2_config(f: &Fields, architecture: Architecture, declared_dtype: Option<D
         declared_dtype,
         long_context: None,
         moe: None,
+        quant: None,
     })
 }
 
@@ -532,6 +536,7 @@ fn qwen_config(f: &Fields, declared_dtype: Option<DType>) -> Result<ModelConfig>
         qk_norm: false,
         declared_dtype,
         moe: None,
+        quant: None,
         long_context: Some(LongContext {
             seq_length,
             // QWenConfig turns both on unless the checkpoint says otherwise.

@@ -10,6 +10,7 @@ pub mod info;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod quant;
 pub mod request;
 pub mod sampling;
 pub mod server;

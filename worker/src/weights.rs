@@ -12,6 +12,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::quant::QuantConfig;
 
 struct Shard {
     path: PathBuf,
@@ -43,6 +44,8 @@ pub struct Weights {
     dtype: DType,
     /// Bytes of random tensors handed out so far, when random.
     random: Option<std::cell::Cell<usize>>,
+    /// The checkpoint's quantization format, set from its config before the model loads.
+    quant: std::cell::Cell<Option<QuantConfig>>,
 }
 
 impl Weights {
@@ -66,7 +69,7 @@ impl Weights {
             }
             shards.push(shard);
         }
-        Ok(Weights { shards, index, device: device.clone(), dtype, random: None })
+        Ok(Weights { shards, index, device: device.clone(), dtype, random: None, quant: Default::default() })
     }
 
     /// Random weights, made directly on `device`: N(0, 0.02) for matrices and biases, 1 for
@@ -79,7 +82,17 @@ impl Weights {
             device: device.clone(),
             dtype,
             random: Some(std::cell::Cell::new(0)),
+            quant: Default::default(),
         }
+    }
+
+    /// The format of the checkpoint's quantized linears (from `config.json`).
+    pub fn quant(&self) -> Option<QuantConfig> {
+        self.quant.get()
+    }
+
+    pub fn set_quant(&self, quant: Option<QuantConfig>) {
+        self.quant.set(quant);
     }
 
     /// Bytes of the random tensors made so far (the model's weight bytes once it is built).
@@ -116,7 +129,7 @@ impl Weights {
         if self.random.is_some() {
             return self.make_random(name, shape);
         }
-        let (data, dtype) = self.raw(name, shape)?;
+        let (data, dtype) = self.raw(name, shape, false)?;
         self.finish(data, dtype, shape)
     }
 
@@ -124,6 +137,30 @@ impl Weights {
     /// `shape`), concatenated in order: a tensor-parallel rank's slice, read straight from the
     /// memory map without materialising the rest. Tensors of up to two dimensions.
     pub fn get_ranges(&self, name: &str, shape: &[usize], dim: usize, ranges: &[Range<usize>]) -> Result<Tensor> {
+        if self.random.is_some() {
+            let mut sliced = shape.to_vec();
+            sliced[dim.min(shape.len().saturating_sub(1))] = ranges.iter().map(|r| r.end - r.start).sum();
+            return self.make_random(name, &sliced);
+        }
+        let (out, dtype, sliced) = self.stored_ranges(name, shape, dim, ranges)?;
+        self.finish(&out, dtype, &sliced)
+    }
+
+    /// The stored dtype and shape of tensor `name`, if the checkpoint has it.
+    pub fn stored_info(&self, name: &str) -> Option<(DType, Vec<usize>)> {
+        let info = self.shard_of(name).ok()?.metadata.info(name)?;
+        Some((stored_dtype(info.dtype)?, info.shape.clone()))
+    }
+
+    /// [`Weights::get_ranges`] without any conversion: the bytes as stored (integers and FP8
+    /// included, for quantized linears), their dtype and the sliced shape, on the host.
+    pub fn stored_ranges(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        ranges: &[Range<usize>],
+    ) -> Result<(Vec<u8>, DType, Vec<usize>)> {
         let bad = |message: String| Error::InvalidInput { field: "shard", message: format!("`{name}`: {message}") };
         if shape.len() > 2 || dim >= shape.len() {
             return Err(bad(format!("cannot slice dim {dim} of a tensor of shape {shape:?}")));
@@ -131,12 +168,7 @@ impl Weights {
         if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > shape[dim]) {
             return Err(bad(format!("range {r:?} outside 0..{}", shape[dim])));
         }
-        if self.random.is_some() {
-            let mut sliced = shape.to_vec();
-            sliced[dim] = ranges.iter().map(|r| r.end - r.start).sum();
-            return self.make_random(name, &sliced);
-        }
-        let (data, dtype) = self.raw(name, shape)?;
+        let (data, dtype) = self.raw(name, shape, true)?;
         let el = dtype.size_in_bytes();
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
         let mut out = Vec::new();
@@ -153,11 +185,13 @@ impl Weights {
         }
         let mut sliced = shape.to_vec();
         sliced[dim] = ranges.iter().map(|r| r.end - r.start).sum();
-        self.finish(&out, dtype, &sliced)
+        Ok((out, dtype, sliced))
     }
 
-    /// The bytes and stored dtype of tensor `name`, checked against `shape`.
-    fn raw(&self, name: &str, shape: &[usize]) -> Result<(&[u8], DType)> {
+    /// The bytes and stored dtype of tensor `name`, checked against `shape`. Only float
+    /// tensors, unless `any_dtype` (the integer and FP8 parts of quantized linears, which must
+    /// never be converted as if they were values).
+    fn raw(&self, name: &str, shape: &[usize], any_dtype: bool) -> Result<(&[u8], DType)> {
         let shard = self.shard_of(name)?;
         let info = shard.metadata.info(name).ok_or_else(|| self.missing(name))?;
         if info.shape != shape {
@@ -168,16 +202,16 @@ impl Weights {
                 found: info.shape.clone(),
             });
         }
-        let dtype = match info.dtype {
-            StDtype::F32 => DType::F32,
-            StDtype::F16 => DType::F16,
-            StDtype::BF16 => DType::BF16,
-            other => {
+        let dtype = match stored_dtype(info.dtype) {
+            Some(d @ (DType::F32 | DType::F16 | DType::BF16)) => d,
+            Some(d) if any_dtype => d,
+            _ => {
+                let other = info.dtype;
                 return Err(Error::TensorDtype {
                     path: shard.path.clone(),
                     name: name.to_string(),
                     found: format!("{other:?}"),
-                })
+                });
             }
         };
         let (start, end) = info.data_offsets;
@@ -211,6 +245,18 @@ impl Weights {
         let searched = self.shards.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
         Error::MissingTensor { name: name.to_string(), searched }
     }
+}
+
+fn stored_dtype(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::I32 => DType::I32,
+        StDtype::U8 => DType::U8,
+        StDtype::F8_E4M3 => DType::F8E4M3,
+        _ => return None,
+    })
 }
 
 /// The distinct shard files named by an index's `weight_map`, in a stable order.

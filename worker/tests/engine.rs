@@ -97,7 +97,8 @@ fn wait_idle(e: &EngineHandle) {
 /// tokens they get alone — on every architecture.
 #[test]
 fn concurrent_staggered_requests_match_goldens() {
-    for name in ["qwen2-gqa", "qwen3", "qwen1-ntk-logn", "qwen2-moe", "qwen3-moe"] {
+    let quantized = ["qwen2-gptq-int4", "qwen3-gptq-int8-actorder", "qwen2-awq", "qwen3-moe-fp8", "qwen1-gptq-int4"];
+    for name in ["qwen2-gqa", "qwen3", "qwen1-ntk-logn", "qwen2-moe", "qwen3-moe"].into_iter().chain(quantized) {
         let e = engine(name, 256, 4, 64);
         let cases = goldens(name);
         let mut streams = Vec::new();

@@ -91,7 +91,7 @@ fn with_group<T: Send + 'static>(tp: usize, f: impl Fn(Comm) -> T + Clone + Send
 #[test]
 fn expert_parallel_groups_match_goldens() {
     let options = LoadOptions { experts: ExpertSplit::Whole };
-    for name in ["qwen2-moe", "qwen3-moe"] {
+    for name in ["qwen2-moe", "qwen3-moe", "qwen3-moe-fp8"] {
         let cases = cases(name);
         for tp in [2, 4] {
             let c = cases.clone();

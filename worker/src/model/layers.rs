@@ -12,8 +12,17 @@ use crate::kernels::{self, KernelMode};
 use crate::weights::Weights;
 
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+enum LinearWeight {
+    Dense(Tensor),
+    /// Kept quantized; dequantized a tile at a time by each forward.
+    Quant(std::sync::Arc<crate::quant::QuantWeight>),
+    /// Projections fused by [`Linear::concat`] that cannot share one tensor (quantized parts,
+    /// each with its own packing): their outputs side by side.
+    Parts(Vec<Linear>),
 }
 
 impl Linear {
@@ -21,22 +30,41 @@ impl Linear {
     pub fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight: LinearWeight::Dense(weight), bias })
     }
 
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear { weight: LinearWeight::Dense(weight), bias }
     }
 
-    /// `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    pub fn quantized(weight: crate::quant::QuantWeight, bias: Option<Tensor>) -> Self {
+        Linear { weight: LinearWeight::Quant(std::sync::Arc::new(weight)), bias }
+    }
+
+    /// `[out, in]`, when the weight is one plain tensor.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Bytes of quantized weights held (0 for plain tensors).
+    pub fn quantized_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(_) => 0,
+            LinearWeight::Quant(q) => q.resident_bytes(),
+            LinearWeight::Parts(parts) => parts.iter().map(Linear::quantized_bytes).sum(),
+        }
     }
 
     /// One projection computing all of `parts` side by side (outputs in order): one GEMM
     /// instead of several. Biases must be all present or all absent.
-    pub fn concat(parts: &[Linear]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+    pub fn concat(parts: Vec<Linear>) -> Result<Self> {
+        if parts.iter().any(|p| p.dense_weight().is_none()) {
+            return Ok(Linear { weight: LinearWeight::Parts(parts), bias: None });
+        }
+        let weights: Vec<&Tensor> = parts.iter().filter_map(|p| p.dense_weight()).collect();
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.len() {
             0 => None,
@@ -48,12 +76,18 @@ impl Linear {
                 })
             }
         };
-        Ok(Linear { weight: Tensor::cat(&weights, 0)?, bias })
+        Ok(Linear { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias })
     }
 
     /// `x`: `[T, in]` → `[T, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) => q.matmul(x)?,
+            LinearWeight::Parts(parts) => {
+                Tensor::cat(&parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?, 1)?
+            }
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

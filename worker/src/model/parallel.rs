@@ -12,6 +12,7 @@ use super::layers::{Block, DecoderStack, Ffn, Linear, Mlp, RmsNorm};
 use super::moe::{ExpertPlan, SparseMoe};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::quant;
 use crate::weights::Weights;
 
 /// This rank's place in its tensor-parallel group.
@@ -120,8 +121,11 @@ pub fn column(
     ranges: &[Range<usize>],
     bias: bool,
 ) -> Result<Linear> {
-    let weight = w.get_ranges(&format!("{prefix}.weight"), &[out_dim, in_dim], 0, ranges)?;
     let bias = if bias { Some(w.get_ranges(&format!("{prefix}.bias"), &[out_dim], 0, ranges)?) } else { None };
+    if let Some(q) = quant::load::load(w, prefix, (in_dim, out_dim), quant::load::Cut::Columns(ranges))? {
+        return Ok(Linear::quantized(q, bias));
+    }
+    let weight = w.get_ranges(&format!("{prefix}.weight"), &[out_dim, in_dim], 0, ranges)?;
     Ok(Linear::new(weight, bias))
 }
 
@@ -136,8 +140,11 @@ pub fn row(
     bias: bool,
     shard: Shard,
 ) -> Result<Linear> {
-    let weight = w.get_ranges(&format!("{prefix}.weight"), &[out_dim, in_dim], 1, &[cols])?;
     let bias = if bias && shard.rank == 0 { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+    if let Some(q) = quant::load::load(w, prefix, (in_dim, out_dim), quant::load::Cut::Rows(&cols))? {
+        return Ok(Linear::quantized(q, bias));
+    }
+    let weight = w.get_ranges(&format!("{prefix}.weight"), &[out_dim, in_dim], 1, &[cols])?;
     Ok(Linear::new(weight, bias))
 }
 
@@ -159,7 +166,7 @@ fn dense_mlp(w: &Weights, cfg: &ModelConfig, names: &TensorNames, p: &str, shard
     let (h, ff) = (cfg.hidden_size, cfg.mlp_hidden);
     let ff_part = [shard.split(ff)];
     Ok(Mlp {
-        gate_up: Linear::concat(&[
+        gate_up: Linear::concat(vec![
             column(w, &format!("{p}.{}", names.gate), h, ff, &ff_part, false)?,
             column(w, &format!("{p}.{}", names.up), h, ff, &ff_part, false)?,
         ])?,
@@ -239,6 +246,7 @@ mod tests {
             declared_dtype: None,
             long_context: None,
             moe: None,
+            quant: None,
         }
     }
 

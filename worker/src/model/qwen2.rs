@@ -40,7 +40,7 @@ impl Qwen2Attention {
         let (q_rows, kv_rows) = ([rows(&heads.q, d, 0)], [rows(&heads.kv, d, 0)]);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         Ok(Qwen2Attention {
-            qkv: Linear::concat(&[
+            qkv: Linear::concat(vec![
                 column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, true)?,
                 column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, true)?,
                 column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, true)?,

@@ -30,7 +30,7 @@ impl Qwen3Attention {
         let (q_rows, kv_rows) = ([rows(&heads.q, d, 0)], [rows(&heads.kv, d, 0)]);
         let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
         Ok(Qwen3Attention {
-            qkv: Linear::concat(&[
+            qkv: Linear::concat(vec![
                 column(w, &format!("{p}.self_attn.q_proj"), h, qd, &q_rows, bias)?,
                 column(w, &format!("{p}.self_attn.k_proj"), h, kvd, &kv_rows, bias)?,
                 column(w, &format!("{p}.self_attn.v_proj"), h, kvd, &kv_rows, bias)?,

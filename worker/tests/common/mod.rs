@@ -16,7 +16,7 @@ pub fn root() -> PathBuf {
 }
 
 /// Every committed fixture model.
-pub const FIXTURES: [&str; 7] = [
+pub const FIXTURES: [&str; 13] = [
     "qwen2-gqa",
     "qwen2-tied-bf16-sharded",
     "qwen3",
@@ -24,6 +24,12 @@ pub const FIXTURES: [&str; 7] = [
     "qwen1-partial-rotary",
     "qwen2-moe",
     "qwen3-moe",
+    "qwen2-gptq-int4",
+    "qwen3-gptq-int8-actorder",
+    "qwen2-awq",
+    "qwen3-fp8",
+    "qwen3-moe-fp8",
+    "qwen1-gptq-int4",
 ];
 
 /// A committed fixture model directory.

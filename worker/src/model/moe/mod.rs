@@ -189,12 +189,12 @@ struct SharedExpert {
 }
 
 /// The routed experts a rank holds, stacked for the fused op; the grouped path computes through
-/// per-expert views of the same storage.
+/// per-expert views of the same storage. Quantized experts are not stacked (no fused op for
+/// them): the grouped path runs them one by one.
 struct Experts {
-    /// `[local, 2 ff, hidden]`: each expert's gate rows, then its up rows.
-    gate_up: Tensor,
+    /// `[local, 2 ff, hidden]` (each expert's gate rows, then its up rows) and
     /// `[local, hidden, ff]`.
-    down: Tensor,
+    stacked: Option<(Tensor, Tensor)>,
     /// Expert id of local expert 0.
     first: usize,
     /// By local index.
@@ -228,7 +228,7 @@ pub struct SparseMoe {
 fn mlp(w: &Weights, prefix: &str, hidden: usize, ff: usize, shard: Shard) -> Result<Mlp> {
     let part = [shard.split(ff)];
     Ok(Mlp {
-        gate_up: Linear::concat(&[
+        gate_up: Linear::concat(vec![
             column(w, &format!("{prefix}.gate_proj"), hidden, ff, &part, false)?,
             column(w, &format!("{prefix}.up_proj"), hidden, ff, &part, false)?,
         ])?,
@@ -285,13 +285,14 @@ impl SparseMoe {
     pub fn forward(&self, x: &Tensor, mode: KernelMode) -> Result<Tensor> {
         let (t, h) = x.dims2()?;
         let (ids, weights) = self.route(x)?;
-        let fused = t * self.top_k <= FUSED_MAX_ASSIGNMENTS && self.num_experts <= crate::kernels::MAX_FUSED_EXPERTS;
-        let mut out = if mode == KernelMode::Fused && fused {
+        let fits = t * self.top_k <= FUSED_MAX_ASSIGNMENTS && self.num_experts <= crate::kernels::MAX_FUSED_EXPERTS;
+        let mut out = if let Some((gate_up, down)) =
+            self.experts.stacked.as_ref().filter(|_| mode == KernelMode::Fused && fits)
+        {
             if let Some(counts) = &self.device_counts {
                 crate::kernels::count_experts(counts, &ids)?;
             }
-            let stacked =
-                StackedExperts { gate_up: &self.experts.gate_up, down: &self.experts.down, first: self.experts.first };
+            let stacked = StackedExperts { gate_up, down, first: self.experts.first };
             crate::kernels::moe_experts(x, &ids, &weights, &stacked)?
         } else {
             let routes = Routes { ids: ids.flatten_all()?.to_vec1()?, weights: weights.flatten_all()?.to_vec1()? };
@@ -363,12 +364,15 @@ impl SparseMoe {
 /// stacks, so the per-expert copies are freed.
 fn stack(mlps: Vec<Mlp>, first: usize) -> Result<Experts> {
     let ff = mlps.first().map_or(0, |m| m.ff);
-    let gate_up = Tensor::stack(&mlps.iter().map(|m| m.gate_up.weight()).collect::<Vec<_>>(), 0)?;
-    let down = Tensor::stack(&mlps.iter().map(|m| m.down.weight()).collect::<Vec<_>>(), 0)?;
+    let dense = |get: fn(&Mlp) -> Option<&Tensor>| mlps.iter().map(get).collect::<Option<Vec<_>>>();
+    let (Some(gate_ups), Some(downs)) = (dense(|m| m.gate_up.dense_weight()), dense(|m| m.down.dense_weight())) else {
+        return Ok(Experts { stacked: None, first, views: mlps });
+    };
+    let (gate_up, down) = (Tensor::stack(&gate_ups, 0)?, Tensor::stack(&downs, 0)?);
     let views = (0..mlps.len())
         .map(|i| Ok(Mlp { gate_up: Linear::new(gate_up.get(i)?, None), ff, down: Linear::new(down.get(i)?, None) }))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Experts { gate_up, down, first, views })
+    Ok(Experts { stacked: Some((gate_up, down)), first, views })
 }
 
 /// Routing decisions on the host.

@@ -42,6 +42,7 @@ fn model_config(moe: MoeConfig) -> ModelConfig {
         declared_dtype: None,
         long_context: None,
         moe: Some(moe),
+        quant: None,
     }
 }
 

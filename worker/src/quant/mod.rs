@@ -1,0 +1,212 @@
+//! Quantized linears (GPTQ, AWQ, block FP8) kept quantized in memory. A forward dequantizes
+//! one tile of output columns at a time into f32 and multiplies it, so at most one tile of
+//! dequantized weights exists at once; each weight is `(q − zero) · scale` (GPTQ, AWQ) or
+//! `e4m3(q) · scale_inv` (FP8), computed exactly as a dequantize-to-f32 reference does.
+//!
+//! Which linears are quantized is read from the checkpoint itself (a `qweight` tensor, or an
+//! FP8 `weight`); routers, norms, embeddings and the LM head stay as they are. This rank's slice
+//! of a tensor-parallel group is cut at load ([`load`]); scales and zeros are unpacked there too,
+//! so slicing needs no packing alignment except GPTQ's input rows (whole `int32` words).
+
+mod config;
+pub mod load;
+#[cfg(test)]
+mod tests;
+
+pub use config::QuantConfig;
+
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+
+use crate::error::{Error, Result};
+
+/// Output columns dequantized per tile: a tile of a 4,864-wide input is 2.4 MB of f32.
+const TILE_COLS: usize = 128;
+
+/// AWQ packs 8 output columns per `int32`, column `j` in nibble `AWQ_NIBBLE[j]`.
+pub const AWQ_NIBBLE: [u32; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+
+/// One linear's weight (this rank's slice), quantized, on the host.
+#[derive(Debug)]
+pub struct QuantWeight {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// GPTQ (packed along inputs) or AWQ (packed along outputs).
+    Int(IntWeight),
+    Fp8(Fp8Weight),
+}
+
+#[derive(Debug)]
+struct IntWeight {
+    bits: u32,
+    packing: Packing,
+    packed: Vec<u32>,
+    /// `[groups, out]`: the true zero point (GPTQ's stored zero + 1, up to 256 at 8 bits).
+    zeros: Vec<u16>,
+    /// `[groups, out]`.
+    scales: Vec<f32>,
+    /// Group of each input row, indexing `zeros`/`scales`.
+    group: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Packing {
+    /// GPTQ: `[in / (32 / bits), out]`, input row `i` in bits `(i % per) * bits`.
+    AlongIn,
+    /// AWQ: `[in, out / 8]`, output column `o` in nibble `AWQ_NIBBLE[o % 8]`.
+    AlongOut,
+}
+
+#[derive(Debug)]
+struct Fp8Weight {
+    /// `[out, in]` float8_e4m3fn bytes.
+    weight: Vec<u8>,
+    /// The checkpoint's whole `weight_scale_inv` `[ceil(out / br), ceil(in / bc)]`.
+    scale_inv: Vec<f32>,
+    block: [usize; 2],
+    scale_cols: usize,
+    /// The checkpoint row of each local row, and the checkpoint column of local column 0.
+    rows: Vec<u32>,
+    col0: usize,
+}
+
+impl QuantWeight {
+    /// Bytes this weight holds in memory (packed values, scales, zeros, maps).
+    pub fn resident_bytes(&self) -> usize {
+        match &self.kind {
+            Kind::Int(w) => w.packed.len() * 4 + w.zeros.len() * 2 + w.scales.len() * 4 + w.group.len() * 4,
+            Kind::Fp8(w) => w.weight.len() + w.scale_inv.len() * 4 + w.rows.len() * 4,
+        }
+    }
+
+    /// `x` `[T, in]` (CPU, any float dtype) times this weight → `[T, out]` in `x`'s dtype.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        if !matches!(x.device(), Device::Cpu) {
+            return Err(Error::InvalidInput {
+                field: "quantization_config",
+                message: "quantized weights run on the CPU in this build (no GPU kernels for them yet)".into(),
+            });
+        }
+        let (t, k) = x.dims2()?;
+        if k != self.in_dim {
+            return Err(Error::Internal { what: "quantized matmul", message: format!("x {:?}, in {}", x.dims(), k) });
+        }
+        let xf = x.to_dtype(DType::F32)?;
+        let mut tile = Vec::new();
+        let mut parts = Vec::with_capacity(self.out_dim.div_ceil(TILE_COLS));
+        for o0 in (0..self.out_dim).step_by(TILE_COLS) {
+            let n = TILE_COLS.min(self.out_dim - o0);
+            let part = match &self.kind {
+                Kind::Int(w) => {
+                    w.dequant_t(self.out_dim, o0, n, &mut tile);
+                    xf.matmul(&Tensor::from_slice(&tile, (k, n), &Device::Cpu)?)?
+                }
+                Kind::Fp8(w) => {
+                    w.dequant(self.in_dim, o0, n, &mut tile);
+                    xf.matmul(&Tensor::from_slice(&tile, (n, k), &Device::Cpu)?.t()?)?
+                }
+            };
+            parts.push(part);
+        }
+        let y =
+            if parts.is_empty() { Tensor::zeros((t, 0), DType::F32, &Device::Cpu)? } else { Tensor::cat(&parts, 1)? };
+        Ok(y.to_dtype(x.dtype())?)
+    }
+
+    /// The whole weight dequantized, `[out, in]` f32: the reference the tiles are checked
+    /// against, and what tests compare with a format's hand-written reading.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut tile = Vec::new();
+        Ok(match &self.kind {
+            Kind::Int(w) => {
+                w.dequant_t(self.out_dim, 0, self.out_dim, &mut tile);
+                Tensor::from_slice(&tile, (self.in_dim, self.out_dim), &Device::Cpu)?.t()?.contiguous()?
+            }
+            Kind::Fp8(w) => {
+                w.dequant(self.in_dim, 0, self.out_dim, &mut tile);
+                Tensor::from_slice(&tile, (self.out_dim, self.in_dim), &Device::Cpu)?
+            }
+        })
+    }
+}
+
+impl IntWeight {
+    /// Columns `o0..o0 + n` of the transposed weight into `tile` `[in, n]`.
+    fn dequant_t(&self, out: usize, o0: usize, n: usize, tile: &mut Vec<f32>) {
+        let rows = self.group.len();
+        tile.clear();
+        tile.resize(rows * n, 0.0);
+        let mask = (1u32 << self.bits) - 1;
+        let per = (32 / self.bits) as usize;
+        for (i, dst) in tile.chunks_exact_mut(n).enumerate() {
+            let g = self.group[i] as usize;
+            let zeros = &self.zeros[g * out + o0..g * out + o0 + n];
+            let scales = &self.scales[g * out + o0..g * out + o0 + n];
+            match self.packing {
+                Packing::AlongIn => {
+                    let shift = (i % per) as u32 * self.bits;
+                    let words = &self.packed[(i / per) * out + o0..(i / per) * out + o0 + n];
+                    for (((d, &q), &z), &s) in dst.iter_mut().zip(words).zip(zeros).zip(scales) {
+                        *d = (((q >> shift) & mask) as i32 - i32::from(z)) as f32 * s;
+                    }
+                }
+                Packing::AlongOut => {
+                    let row = &self.packed[i * (out / 8)..(i + 1) * (out / 8)];
+                    for (j, ((d, &z), &s)) in dst.iter_mut().zip(zeros).zip(scales).enumerate() {
+                        let o = o0 + j;
+                        let q = (row[o / 8] >> (4 * AWQ_NIBBLE[o % 8])) & 0xF;
+                        *d = (q as i32 - i32::from(z)) as f32 * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Fp8Weight {
+    /// Rows `o0..o0 + n` of the weight into `tile` `[n, in]`.
+    fn dequant(&self, in_dim: usize, o0: usize, n: usize, tile: &mut Vec<f32>) {
+        let lut = fp8_table();
+        tile.clear();
+        tile.resize(n * in_dim, 0.0);
+        let [br, bc] = self.block;
+        for (r, dst) in tile.chunks_exact_mut(in_dim).enumerate() {
+            let o = o0 + r;
+            let scales = &self.scale_inv[(self.rows[o] as usize / br) * self.scale_cols..];
+            let src = &self.weight[o * in_dim..(o + 1) * in_dim];
+            for (i, (d, &q)) in dst.iter_mut().zip(src).enumerate() {
+                *d = lut[q as usize] * scales[(self.col0 + i) / bc];
+            }
+        }
+    }
+}
+
+/// float8_e4m3fn → f32 for every byte: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no
+/// infinities, NaN at `S.1111.111`; subnormals at exponent 0.
+pub fn fp8_e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (i32::from((b >> 3) & 0xF), f32::from(b & 0x7));
+    if e == 0xF && b & 0x7 == 0x7 {
+        return f32::NAN;
+    }
+    sign * if e == 0 { m / 8.0 * 2f32.powi(-6) } else { (1.0 + m / 8.0) * 2f32.powi(e - 7) }
+}
+
+fn fp8_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|b| fp8_e4m3_to_f32(b as u8)))
+}
+
+/// f16 bytes (little-endian) → f32 values.
+fn f16s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+}
+
+fn u32s(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
