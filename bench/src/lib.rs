@@ -26,11 +26,50 @@ pub enum Shape {
     Qwen3_30bA3b2l,
 }
 
+/// How the checkpoint's linears (attention and MLP projections) are stored.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum Quant {
+    /// bf16, like the published full-precision checkpoints.
+    None,
+    /// GPTQ 4-bit, group 128, symmetric (as Qwen2.5-*-GPTQ-Int4).
+    #[value(name = "gptq-int4")]
+    GptqInt4,
+    /// Block FP8 e4m3 with 128 x 128 scales (as Qwen3-*-FP8).
+    Fp8,
+}
+
 impl Shape {
     /// Default directory for its random checkpoint.
     pub fn default_dir(self) -> PathBuf {
         PathBuf::from(format!("target/bench-models/{self:?}").to_lowercase())
     }
+
+    /// Default directory for its random checkpoint stored as `quant`.
+    pub fn dir_for(self, quant: Quant) -> PathBuf {
+        match quant {
+            Quant::None => self.default_dir(),
+            q => PathBuf::from(format!("target/bench-models/{self:?}-{q:?}").to_lowercase()),
+        }
+    }
+}
+
+/// Whether tensor `name` is a projection a quantized checkpoint stores quantized.
+fn quantizable(name: &str) -> bool {
+    const PROJ: [&str; 12] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "c_attn",
+        "attn.c_proj",
+        "w1",
+        "w2",
+        "mlp.c_proj",
+    ];
+    name.strip_suffix(".weight").is_some_and(|p| PROJ.iter().any(|s| p.ends_with(s)) && !p.contains(".experts."))
 }
 
 /// Attention heads of a Qwen2/Qwen3 block.
@@ -142,32 +181,84 @@ fn checkpoint(shape: Shape) -> (serde_json::Value, Vec<(String, Vec<usize>, bool
     }
 }
 
-/// Writes a random bf16 checkpoint of `shape` into `dir`; weights already there are reused.
-pub fn ensure_checkpoint(shape: Shape, dir: &Path) -> anyhow::Result<()> {
+/// Writes a random checkpoint of `shape` into `dir` (bf16, or its projections stored as
+/// `quant`); weights already there are reused.
+pub fn ensure_checkpoint(shape: Shape, quant: Quant, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (cfg, tensors) = checkpoint(shape);
+    let (mut cfg, tensors) = checkpoint(shape);
+    match quant {
+        Quant::None => {}
+        Quant::GptqInt4 => {
+            cfg["quantization_config"] =
+                json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false, "sym": true});
+        }
+        Quant::Fp8 => {
+            cfg["quantization_config"] =
+                json!({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]});
+        }
+    }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     if dir.join("model.safetensors").exists() {
         return Ok(());
     }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
-    let data: Vec<Vec<u8>> = tensors
+    let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, shape, norm) in &tensors {
+        let n: usize = shape.iter().product();
+        if quant != Quant::None && quantizable(name) {
+            let p = name.trim_end_matches(".weight");
+            let (o, i) = (shape[0], shape[1]);
+            out.extend(quantized(quant, p, (o, i), &mut rng));
+            continue;
+        }
+        let bytes = (0..n)
+            .flat_map(|_| {
+                let x = if *norm { 1.0 } else { (rng.random::<f32>() - 0.5) * 0.04 };
+                half::bf16::from_f32(x).to_le_bytes()
+            })
+            .collect();
+        out.push((name.clone(), Dtype::BF16, shape.clone(), bytes));
+    }
+    let views = out
         .iter()
-        .map(|(_, shape, norm)| {
-            let n: usize = shape.iter().product();
-            (0..n)
-                .flat_map(|_| {
-                    let x = if *norm { 1.0 } else { (rng.random::<f32>() - 0.5) * 0.04 };
-                    half::bf16::from_f32(x).to_le_bytes()
-                })
-                .collect()
-        })
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&data)
-        .map(|((name, shape, _), bytes)| Ok((name.clone(), TensorView::new(Dtype::BF16, shape.clone(), bytes)?)))
+        .map(|(name, dtype, shape, bytes)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
     Ok(())
+}
+
+/// Random tensors of projection `p` (`[out, in]`) in `quant`'s layout: GPTQ's packed 4-bit
+/// words with zero 8 and small scales, or FP8 bytes (never NaN) with 128 x 128 scales.
+fn quantized(
+    quant: Quant,
+    p: &str,
+    (o, i): (usize, usize),
+    rng: &mut impl Rng,
+) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+    let words = |n: usize, rng: &mut dyn rand::RngCore| (0..n).flat_map(|_| rng.next_u32().to_le_bytes()).collect();
+    match quant {
+        Quant::None => Vec::new(),
+        Quant::GptqInt4 => {
+            let groups = i.div_ceil(128);
+            let scales = (0..groups * o).flat_map(|_| half::f16::from_f32(0.003).to_le_bytes()).collect();
+            let zeros = (0..groups * o / 8).flat_map(|_| 0x7777_7777u32.to_le_bytes()).collect();
+            let g_idx = (0..i).flat_map(|r| ((r / 128) as u32).to_le_bytes()).collect();
+            vec![
+                (format!("{p}.qweight"), Dtype::I32, vec![i / 8, o], words(i / 8 * o, rng)),
+                (format!("{p}.qzeros"), Dtype::I32, vec![groups, o / 8], zeros),
+                (format!("{p}.scales"), Dtype::F16, vec![groups, o], scales),
+                (format!("{p}.g_idx"), Dtype::I32, vec![i], g_idx),
+            ]
+        }
+        Quant::Fp8 => {
+            let (r, c) = (o.div_ceil(128), i.div_ceil(128));
+            // Exponent bits below all-ones: no NaN.
+            let bytes = (0..o * i).map(|_| rng.random::<u8>() & 0xEF).collect();
+            let scales = (0..r * c).flat_map(|_| 1e-4f32.to_le_bytes()).collect();
+            vec![
+                (format!("{p}.weight"), Dtype::F8_E4M3, vec![o, i], bytes),
+                (format!("{p}.weight_scale_inv"), Dtype::F32, vec![r, c], scales),
+            ]
+        }
+    }
 }

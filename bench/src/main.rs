@@ -3,13 +3,14 @@
 //! Face checkpoint directory and loaded through the same path as a real model.
 //!
 //!     cargo run --release -p qwen-bench -- --shape qwen2.5-0.5b --prompt-len 128 --decode-steps 32 --batch 1,8
+//!     cargo run --release -p qwen-bench -- --shape qwen2.5-0.5b --quant gptq-int4 --dtype bf16
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use clap::Parser;
-use qwen_bench::{ensure_checkpoint, Shape};
+use qwen_bench::{ensure_checkpoint, Quant, Shape};
 use rand::{Rng, SeedableRng};
 
 use qwen_worker::comm::{Comm, TcpComm, TcpConfig};
@@ -29,15 +30,36 @@ struct Args {
     /// Batch sizes to measure decode at (comma-separated).
     #[arg(long, env = "QWEN_BENCH_BATCH", value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,
+    /// How the checkpoint stores its projections.
+    #[arg(long, env = "QWEN_BENCH_QUANT", value_enum, default_value = "none")]
+    quant: Quant,
+    /// Compute dtype (weights not quantized, activations, KV cache).
+    #[arg(long, env = "QWEN_BENCH_DTYPE", value_enum, default_value = "f32")]
+    dtype: ComputeDtype,
     /// Tensor-parallel ranks (threads of this process, TCP collectives on loopback).
     #[arg(long, env = "QWEN_BENCH_TP", default_value_t = 1)]
     tp: usize,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum, Debug)]
+enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
+/// This process's resident and peak resident memory (`VmRSS`, `VmHWM`), in MiB.
+fn resident_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+    };
+    (field("VmRSS:").unwrap_or(0.0) / 1024.0, field("VmHWM:").unwrap_or(0.0) / 1024.0)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = args.dir.clone().unwrap_or_else(|| args.shape.default_dir());
-    ensure_checkpoint(args.shape, &dir)?;
+    let dir = args.dir.clone().unwrap_or_else(|| args.shape.dir_for(args.quant));
+    ensure_checkpoint(args.shape, args.quant, &dir)?;
     if args.tp <= 1 {
         return bench_rank(&args, &dir, Comm::Single);
     }
@@ -66,13 +88,18 @@ fn main() -> anyhow::Result<()> {
 fn bench_rank(args: &Args, dir: &std::path::Path, comm: Comm) -> anyhow::Result<()> {
     let report = comm.rank() == 0;
     let t0 = Instant::now();
-    let mut model = Model::load_sharded(dir, DType::F32, &Device::Cpu, comm)?;
+    let dtype = match args.dtype {
+        ComputeDtype::F32 => DType::F32,
+        ComputeDtype::Bf16 => DType::BF16,
+    };
+    let mut model = Model::load_sharded(dir, dtype, &Device::Cpu, comm)?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     if report {
+        let (rss, _) = resident_mib();
         println!(
-            "shape {:?}: {} layers, hidden {}, tp {}, load {load_s:.2} s (bf16 file → f32)",
-            args.shape, cfg.num_layers, cfg.hidden_size, args.tp
+            "shape {:?} ({:?}, {:?}): {} layers, hidden {}, tp {}, load {load_s:.2} s, resident after load {rss:.0} MiB",
+            args.shape, args.quant, args.dtype, cfg.num_layers, cfg.hidden_size, args.tp
         );
         println!("| shape | tp | batch | prompt | prefill tok/s | decode ms/step | decode tok/s | collectives |");
         println!("|---|---|---|---|---|---|---|---|");
@@ -116,6 +143,10 @@ fn bench_rank(args: &Args, dir: &std::path::Path, comm: Comm) -> anyhow::Result<
                 100.0 * comm_s / decode_s,
             );
         }
+    }
+    if report {
+        let (rss, peak) = resident_mib();
+        println!("resident at the end {rss:.0} MiB, peak {peak:.0} MiB");
     }
     Ok(())
 }

@@ -224,3 +224,46 @@ fn bad_moe_checkpoints_name_the_tensor_or_field() {
         assert!(err.to_string().contains(&format!("`{field}`")), "{field}: {err}");
     }
 }
+
+/// Rewrites `config.json` through `edit`.
+fn rewrite_config(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+}
+
+#[test]
+fn bad_quantized_checkpoints_name_the_field_or_tensor() {
+    // A format this worker cannot run exactly.
+    let dir = copy_fixture("qwen2-gptq-int4");
+    rewrite_config(dir.path(), |c| c["quantization_config"]["bits"] = 3.into());
+    let err = load_err(dir.path()).to_string();
+    assert!(err.contains("quantization_config.bits") && err.contains("config.json"), "{err}");
+    // A packed tensor missing, or in the wrong shape.
+    let dir = copy_fixture("qwen2-gptq-int4");
+    rewrite_weights(dir.path(), |t| t.retain(|(n, ..)| n != "model.layers.1.mlp.down_proj.qzeros"));
+    let err = load_err(dir.path()).to_string();
+    assert!(err.contains("model.layers.1.mlp.down_proj.qzeros"), "{err}");
+    let dir = copy_fixture("qwen2-awq");
+    rewrite_weights(dir.path(), |t| {
+        let s = t.iter_mut().find(|(n, ..)| n == "model.layers.0.self_attn.q_proj.scales").unwrap();
+        s.2.reverse();
+        s.3.truncate(s.2.iter().product::<usize>() * 2);
+    });
+    let err = load_err(dir.path()).to_string();
+    assert!(err.contains("model.layers.0.self_attn.q_proj.scales"), "{err}");
+    // Quantized tensors with no quantization_config, or under another format's name.
+    let dir = copy_fixture("qwen3-fp8");
+    rewrite_config(dir.path(), |c| {
+        c.as_object_mut().unwrap().remove("quantization_config");
+    });
+    let err = load_err(dir.path()).to_string();
+    assert!(err.contains("no quantization_config"), "{err}");
+    let dir = copy_fixture("qwen3-fp8");
+    rewrite_config(dir.path(), |c| {
+        c["quantization_config"] = serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 16})
+    });
+    let err = load_err(dir.path()).to_string();
+    assert!(err.contains("not stored as awq"), "{err}");
+}

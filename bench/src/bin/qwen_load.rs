@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use qwen_bench::{ensure_checkpoint, Shape};
+use qwen_bench::{ensure_checkpoint, Quant, Shape};
 use qwen_proto::worker::worker_client::WorkerClient;
 use qwen_proto::worker::{GenerateRequest, SamplingParams};
 use rand::{Rng, SeedableRng};
@@ -134,7 +134,7 @@ fn hf_tokens_per_s(python: &str, dir: &std::path::Path, prompts: &[Vec<u32>], n:
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = args.dir.clone().unwrap_or_else(|| args.shape.default_dir());
-    ensure_checkpoint(args.shape, &dir)?;
+    ensure_checkpoint(args.shape, Quant::None, &dir)?;
     let (_worker, addr) = start_worker(&args, &dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);

@@ -1,7 +1,10 @@
-//! Quantized linears (GPTQ, AWQ, block FP8) kept quantized in memory. A forward dequantizes
-//! one tile of output columns at a time into f32 and multiplies it, so at most one tile of
-//! dequantized weights exists at once; each weight is `(q − zero) · scale` (GPTQ, AWQ) or
-//! `e4m3(q) · scale_inv` (FP8), computed exactly as a dequantize-to-f32 reference does.
+//! Quantized linears (GPTQ, AWQ, block FP8) kept quantized in memory. Each weight is
+//! `(q − zero) · scale` (GPTQ, AWQ) or `e4m3(q) · scale_inv` (FP8), computed exactly as a
+//! dequantize-to-f32 reference does, and never stored dequantized beyond one tile:
+//! - up to [`GEMV_MAX_TOKENS`] rows (decode): each weight is dequantized in registers and used
+//!   for every row at once, output columns split over the CPU's threads;
+//! - more rows (prefill): one tile of output columns at a time is dequantized into f32 and
+//!   multiplied by candle's GEMM, the dequantizing amortised over the rows.
 //!
 //! Which linears are quantized is read from the checkpoint itself (a `qweight` tensor, or an
 //! FP8 `weight`); routers, norms, embeddings and the LM head stay as they are. This rank's slice
@@ -15,6 +18,8 @@ mod tests;
 
 pub use config::QuantConfig;
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 
@@ -22,6 +27,12 @@ use crate::error::{Error, Result};
 
 /// Output columns dequantized per tile: a tile of a 4,864-wide input is 2.4 MB of f32.
 const TILE_COLS: usize = 128;
+
+/// Rows up to which the forward dequantizes in registers instead of into tiles.
+pub const GEMV_MAX_TOKENS: usize = 8;
+
+/// Output columns per parallel task of the small-batch path (a multiple of AWQ's 8).
+const GEMV_COLS: usize = 256;
 
 /// AWQ packs 8 output columns per `int32`, column `j` in nibble `AWQ_NIBBLE[j]`.
 pub const AWQ_NIBBLE: [u32; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
@@ -97,6 +108,9 @@ impl QuantWeight {
             return Err(Error::Internal { what: "quantized matmul", message: format!("x {:?}, in {}", x.dims(), k) });
         }
         let xf = x.to_dtype(DType::F32)?;
+        if t <= GEMV_MAX_TOKENS {
+            return self.gemv(&xf.flatten_all()?.to_vec1()?, t)?.to_dtype(x.dtype()).map_err(Into::into);
+        }
         let mut tile = Vec::new();
         let mut parts = Vec::with_capacity(self.out_dim.div_ceil(TILE_COLS));
         for o0 in (0..self.out_dim).step_by(TILE_COLS) {
@@ -135,54 +149,128 @@ impl QuantWeight {
     }
 }
 
+impl QuantWeight {
+    /// `x` (`t` rows of `in_dim`, row-major) times the weight, each weight dequantized once and
+    /// applied to every row; `[t, out]`.
+    fn gemv(&self, x: &[f32], t: usize) -> Result<Tensor> {
+        use rayon::prelude::*;
+        // Column-major [out, t] so each task owns a contiguous run of outputs.
+        let mut y = vec![0f32; self.out_dim * t];
+        let xt: Vec<f32> = match &self.kind {
+            Kind::Int(_) => (0..self.in_dim).flat_map(|i| (0..t).map(move |r| x[r * self.in_dim + i])).collect(),
+            Kind::Fp8(_) => Vec::new(),
+        };
+        y.par_chunks_mut(GEMV_COLS * t).enumerate().for_each(|(c, chunk)| {
+            let (o0, n) = (c * GEMV_COLS, chunk.len() / t);
+            match &self.kind {
+                Kind::Int(w) => w.gemv(&xt, (t, self.in_dim, self.out_dim), o0..o0 + n, chunk),
+                Kind::Fp8(w) => w.gemv(x, (t, self.in_dim), o0..o0 + n, chunk),
+            }
+        });
+        Ok(Tensor::from_vec(y, (self.out_dim, t), &Device::Cpu)?.t()?.contiguous()?)
+    }
+}
+
 impl IntWeight {
-    /// Columns `o0..o0 + n` of the transposed weight into `tile` `[in, n]`.
-    fn dequant_t(&self, out: usize, o0: usize, n: usize, tile: &mut Vec<f32>) {
-        let rows = self.group.len();
-        tile.clear();
-        tile.resize(rows * n, 0.0);
-        let mask = (1u32 << self.bits) - 1;
-        let per = (32 / self.bits) as usize;
-        for (i, dst) in tile.chunks_exact_mut(n).enumerate() {
-            let g = self.group[i] as usize;
-            let zeros = &self.zeros[g * out + o0..g * out + o0 + n];
-            let scales = &self.scales[g * out + o0..g * out + o0 + n];
-            match self.packing {
-                Packing::AlongIn => {
-                    let shift = (i % per) as u32 * self.bits;
-                    let words = &self.packed[(i / per) * out + o0..(i / per) * out + o0 + n];
-                    for (((d, &q), &z), &s) in dst.iter_mut().zip(words).zip(zeros).zip(scales) {
-                        *d = (((q >> shift) & mask) as i32 - i32::from(z)) as f32 * s;
-                    }
+    /// Input row `i`'s weights for output columns `cols` into `dst`.
+    fn row(&self, i: usize, out: usize, cols: Range<usize>, dst: &mut [f32]) {
+        let g = self.group[i] as usize;
+        let zeros = &self.zeros[g * out + cols.start..g * out + cols.end];
+        let scales = &self.scales[g * out + cols.start..g * out + cols.end];
+        match self.packing {
+            Packing::AlongIn => {
+                let per = (32 / self.bits) as usize;
+                let (shift, mask) = ((i % per) as u32 * self.bits, (1u32 << self.bits) - 1);
+                let words = &self.packed[(i / per) * out + cols.start..(i / per) * out + cols.end];
+                for (((d, &q), &z), &s) in dst.iter_mut().zip(words).zip(zeros).zip(scales) {
+                    *d = (((q >> shift) & mask) as i32 - i32::from(z)) as f32 * s;
                 }
-                Packing::AlongOut => {
-                    let row = &self.packed[i * (out / 8)..(i + 1) * (out / 8)];
-                    for (j, ((d, &z), &s)) in dst.iter_mut().zip(zeros).zip(scales).enumerate() {
-                        let o = o0 + j;
-                        let q = (row[o / 8] >> (4 * AWQ_NIBBLE[o % 8])) & 0xF;
-                        *d = (q as i32 - i32::from(z)) as f32 * s;
-                    }
+            }
+            Packing::AlongOut => {
+                let words = &self.packed[i * (out / 8)..(i + 1) * (out / 8)];
+                for (j, ((d, &z), &s)) in dst.iter_mut().zip(zeros).zip(scales).enumerate() {
+                    let o = cols.start + j;
+                    *d = (((words[o / 8] >> (4 * AWQ_NIBBLE[o % 8])) & 0xF) as i32 - i32::from(z)) as f32 * s;
                 }
             }
         }
     }
+
+    /// `y[(o - o0) * t + r] += Σ_i x[i, r] · w(i, o)` for outputs `cols`, inputs in order;
+    /// `xt` is `x` transposed (`[in, t]`), so each input's `t` values sit together.
+    fn gemv(&self, xt: &[f32], (t, in_dim, out): (usize, usize, usize), cols: Range<usize>, y: &mut [f32]) {
+        let mut w = vec![0f32; cols.len()];
+        for i in 0..in_dim {
+            self.row(i, out, cols.clone(), &mut w);
+            let xi = &xt[i * t..(i + 1) * t];
+            if t == 1 {
+                // One row: a plain axpy, which vectorizes over the outputs.
+                y.iter_mut().zip(&w).for_each(|(y, &w)| *y += xi[0] * w);
+                continue;
+            }
+            for (yj, &wj) in y.chunks_exact_mut(t).zip(&w) {
+                yj.iter_mut().zip(xi).for_each(|(y, &x)| *y += x * wj);
+            }
+        }
+    }
+
+    /// Columns `o0..o0 + n` of the transposed weight into `tile` `[in, n]`, rows in parallel.
+    fn dequant_t(&self, out: usize, o0: usize, n: usize, tile: &mut Vec<f32>) {
+        use rayon::prelude::*;
+        tile.clear();
+        tile.resize(self.group.len() * n, 0.0);
+        tile.par_chunks_mut(n).enumerate().for_each(|(i, dst)| self.row(i, out, o0..o0 + n, dst));
+    }
+}
+
+/// `a · b` in eight interleaved f32 partial sums (vectorizable).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 impl Fp8Weight {
-    /// Rows `o0..o0 + n` of the weight into `tile` `[n, in]`.
-    fn dequant(&self, in_dim: usize, o0: usize, n: usize, tile: &mut Vec<f32>) {
-        let lut = fp8_table();
-        tile.clear();
-        tile.resize(n * in_dim, 0.0);
-        let [br, bc] = self.block;
-        for (r, dst) in tile.chunks_exact_mut(in_dim).enumerate() {
-            let o = o0 + r;
-            let scales = &self.scale_inv[(self.rows[o] as usize / br) * self.scale_cols..];
-            let src = &self.weight[o * in_dim..(o + 1) * in_dim];
-            for (i, (d, &q)) in dst.iter_mut().zip(src).enumerate() {
-                *d = lut[q as usize] * scales[(self.col0 + i) / bc];
+    /// Output row `o`'s weights into `dst` (`in` long), block by block: the scale changes
+    /// every `block[1]` checkpoint columns.
+    fn row(&self, o: usize, dst: &mut [f32]) {
+        let (lut, bc) = (fp8_table(), self.block[1]);
+        let scales = &self.scale_inv[(self.rows[o] as usize / self.block[0]) * self.scale_cols..];
+        let src = &self.weight[o * dst.len()..(o + 1) * dst.len()];
+        let mut i = 0;
+        while i < dst.len() {
+            let end = dst.len().min(i + bc - (self.col0 + i) % bc);
+            let s = scales[(self.col0 + i) / bc];
+            for (d, &q) in dst[i..end].iter_mut().zip(&src[i..end]) {
+                *d = lut[q as usize] * s;
+            }
+            i = end;
+        }
+    }
+
+    /// `y[(o - o0) * t + r] = x[r] · w(o)` for output rows `rows`.
+    fn gemv(&self, x: &[f32], (t, in_dim): (usize, usize), rows: Range<usize>, y: &mut [f32]) {
+        let mut w = vec![0f32; in_dim];
+        for (j, o) in rows.enumerate() {
+            self.row(o, &mut w);
+            for r in 0..t {
+                y[j * t + r] = dot(&x[r * in_dim..(r + 1) * in_dim], &w);
             }
         }
+    }
+
+    /// Rows `o0..o0 + n` of the weight into `tile` `[n, in]`, in parallel.
+    fn dequant(&self, in_dim: usize, o0: usize, n: usize, tile: &mut Vec<f32>) {
+        use rayon::prelude::*;
+        tile.clear();
+        tile.resize(n * in_dim, 0.0);
+        tile.par_chunks_mut(in_dim).enumerate().for_each(|(r, dst)| self.row(o0 + r, dst));
     }
 }
 

@@ -220,13 +220,17 @@ fn the_tiled_forward_matches_the_dequantized_weight() {
     for (seed, (q, name)) in formats().into_iter().enumerate() {
         let dir = random_linear(q, (i, o), 10 + seed as u64);
         let qw = load(&open(&dir, q), "l", (i, o), Cut::Columns(&[0..o])).unwrap().unwrap();
+        // Decode-sized batches take the in-register path, larger ones the tiles.
+        for t in [1, 3, GEMV_MAX_TOKENS + 5] {
+            let x = crate::test_util::randn(&[t, i], DType::F32, &Device::Cpu);
+            let want = x.matmul(&qw.dequantize().unwrap().t().unwrap()).unwrap();
+            let got = qw.matmul(&x).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            // The same f32 products, summed over 64 inputs in another order.
+            assert!(diff <= scale * 64.0 * f32::EPSILON, "{name} x {t}: {diff} of {scale}");
+        }
         let x = crate::test_util::randn(&[3, i], DType::F32, &Device::Cpu);
-        let want = x.matmul(&qw.dequantize().unwrap().t().unwrap()).unwrap();
-        let got = qw.matmul(&x).unwrap();
-        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        // The same f32 products, summed over 64 inputs in another order.
-        assert!(diff <= scale * 64.0 * f32::EPSILON, "{name}: {diff} of {scale}");
         let bf = qw.matmul(&x.to_dtype(DType::BF16).unwrap()).unwrap();
         assert_eq!(bf.dtype(), DType::BF16, "{name}: output in the input's dtype");
         assert!(qw.resident_bytes() < i * o * 2, "{name}: under half of bf16's bytes");
