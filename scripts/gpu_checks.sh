@@ -5,7 +5,8 @@
 #   2. the fixtures on the GPU (greedy tokens in f32, bf16 logits within 1e-2) and CUDA graphs
 #      against eager through the engine (replays counted, golden tokens),
 #   3. bench-gpu per shape (graphs on: warm-up of every bucket, replay count, tokens checked
-#      against an eager engine on the same weights), with the PyTorch anchor in the same run.
+#      against an eager engine on the same weights), MoE and quantized (GPTQ Int4, FP8) 7B
+#      shapes included, with the PyTorch anchor in the same run.
 # Everything lands in $OUT (or ./gpu-results): each step's full log (RUST_LOG keeps the graph
 # capture lines), the bench and anchor JSON, and summary.txt with each step's status and time.
 # Planned to finish in under 8 minutes with the defaults; a missing GPU fails the tests.
@@ -46,6 +47,12 @@ done
 # tokens are checked against an eager engine like the dense shapes'.
 step bench-qwen3-30b-a3b 180 gpu .gpu/qwen-worker.xz bench-gpu --shapes qwen3-30b-a3b \
   --json "$out/bench-qwen3-30b-a3b.json"
+# Quantized projections on 7B shapes (W4A16 GEMV at decode, dequantize + cuBLAS at prefill):
+# the goal at batch 1 is well under bf16's step, the weights being 4x (GPTQ) or 2x (FP8) smaller.
+for quant in ${BENCH_QUANT:-gptq-int4 fp8}; do
+  step "bench-qwen2.5-7b-$quant" 150 gpu .gpu/qwen-worker.xz bench-gpu --shapes qwen2.5-7b --quant "$quant" \
+    --batches 1,8,32 --json "$out/bench-qwen2.5-7b-$quant.json"
+done
 step anchor 240 "$anchor_python" .gpu/gpu_anchor.py --models "${ANCHOR_MODELS:-7b}" \
   --batches 1,8,32,64 --new 64 --prompt 128 --json "$out/anchor.json"
 # Optional extras (longer runs): BENCH_EXTRA="qwen-7b" or BENCH_EAGER=1 (7B without graphs).

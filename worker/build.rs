@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 4] = ["fused", "attention", "sampling", "moe"];
+const KERNELS: [&str; 5] = ["fused", "attention", "sampling", "moe", "quant"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -101,6 +101,36 @@ pub enum Kernels {
     Fused,
 }
 
+/// How the projections are stored (random values in the format's layout).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchQuant {
+    /// In the compute dtype.
+    None,
+    /// GPTQ 4-bit, group 128 (Qwen2.5-*-GPTQ-Int4).
+    #[value(name = "gptq-int4")]
+    GptqInt4,
+    /// AWQ 4-bit GEMM, group 128 (Qwen2.5-*-AWQ).
+    Awq,
+    /// Block FP8 e4m3, 128 x 128 scales (Qwen3-*-FP8).
+    Fp8,
+}
+
+impl BenchQuant {
+    /// Its `quantization_config`, as the published checkpoints write it.
+    fn config(self) -> Option<serde_json::Value> {
+        Some(match self {
+            BenchQuant::None => return None,
+            BenchQuant::GptqInt4 => {
+                serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false, "sym": true})
+            }
+            BenchQuant::Awq => {
+                serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"})
+            }
+            BenchQuant::Fp8 => serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128]}),
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct BenchGpuArgs {
     /// Whose shapes to build (random weights; no files needed).
@@ -111,6 +141,9 @@ pub struct BenchGpuArgs {
     device: DeviceSpec,
     #[arg(long, env = "QWEN_DTYPE", value_enum, default_value = "bf16")]
     dtype: ComputeDtype,
+    /// Store the projections quantized (the rest stays in the compute dtype).
+    #[arg(long, env = "QWEN_BENCH_QUANT", value_enum, default_value = "none")]
+    quant: BenchQuant,
     /// Batch sizes to run, each a fresh set of requests.
     #[arg(long, env = "QWEN_BENCH_BATCHES", value_delimiter = ',', default_value = "1,8,32,64")]
     batches: Vec<usize>,
@@ -163,6 +196,7 @@ struct Report {
     shapes: &'static str,
     device: String,
     dtype: String,
+    quant: String,
     kernels: String,
     /// Graphs asked for on a CUDA device.
     cuda_graphs: bool,
@@ -190,6 +224,9 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
             bail!("--layers must be at least 1");
         }
         json["num_hidden_layers"] = n.into();
+    }
+    if let Some(q) = args.quant.config() {
+        json["quantization_config"] = q;
     }
     let config = ModelConfig::from_json_str(args.shapes.name(), &json.to_string())?;
     if args.prompt_len + args.decode_steps + 1 > config.max_context() {
@@ -281,6 +318,7 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
         shapes: args.shapes.name(),
         device: args.device.to_string(),
         dtype: format!("{dtype:?}").to_lowercase(),
+        quant: format!("{:?}", args.quant).to_lowercase(),
         kernels: format!("{kernels:?}").to_lowercase(),
         cuda_graphs: graphs_asked && device.is_cuda(),
         graph_replays: after.graph_replays - before.graph_replays,
@@ -363,10 +401,11 @@ fn idle_stats(engine: &EngineHandle) -> anyhow::Result<qwen_worker::engine::runn
 
 fn print_table(r: &Report) {
     println!(
-        "{} on {} ({}, {} kernels, CUDA graphs {}, {} layers): weights {:.2} GB, copy bandwidth {:.0} GB/s, floor {:.2} ms/step",
+        "{} on {} ({}, projections {}, {} kernels, CUDA graphs {}, {} layers): weights {:.2} GB, copy bandwidth {:.0} GB/s, floor {:.2} ms/step",
         r.shapes,
         r.device,
         r.dtype,
+        r.quant,
         r.kernels,
         if r.cuda_graphs { "on" } else { "off" },
         r.layers,

@@ -100,6 +100,19 @@ impl Weights {
         self.random.as_ref().map_or(0, |c| c.get())
     }
 
+    /// Whether tensors are made up rather than read.
+    pub fn is_random(&self) -> bool {
+        self.random.is_some()
+    }
+
+    /// Counts `bytes` of random weights made elsewhere (quantized linears) in
+    /// [`Weights::random_bytes`].
+    pub fn note_random_bytes(&self, bytes: usize) {
+        if let Some(c) = &self.random {
+            c.set(c.get() + bytes);
+        }
+    }
+
     fn make_random(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = if name.contains("norm") || name.contains(".ln_") || name.ends_with("ln_f.weight") {
             Tensor::ones(shape, self.dtype, &self.device)?

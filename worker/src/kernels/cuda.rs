@@ -8,12 +8,14 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchAr
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::quant::QuantTensors;
 use super::reference::{AttnShape, MoeShape};
 
 const FUSED: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const SAMPLING: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 const MOE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe.ptx"));
+const QUANT: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));
 
 /// Blocks the split-K decode aims for: two per SM of an H100/H200 (132 SMs), so one sequence's
 /// long context still fills the GPU.
@@ -487,4 +489,148 @@ pub fn moe_count(experts: usize, counts: (&mut CudaStorage, &Layout), ids: In) -
     // SAFETY: ids holds n u32; counts `experts` u32, indexed only below that.
     unsafe { b.launch(cfg((n.div_ceil(256).min(1024) as u32, 1, 1), 256)) }.w()?;
     Ok(())
+}
+
+/// A quantized weight and its `(in, out)`.
+pub struct QuantCall<'a> {
+    pub w: &'a QuantTensors,
+    pub dims: (usize, usize),
+}
+
+/// The device view of a tensor held by an op.
+macro_rules! held {
+    ($guard:ident = $t:expr, $ty:ty => $view:ident) => {
+        let $guard = $t.storage_and_layout();
+        let $view = dense::<$ty>(on_gpu(&$guard.0, $guard.1)?)?;
+    };
+}
+
+/// Threads per block of the integer GEMV: 32 columns x 8 slices of the inputs (quant.cu).
+const QGEMV_INT_THREADS: u32 = 256;
+/// Output rows per block of the FP8 GEMV (a warp each).
+const QGEMV_FP8_ROWS: usize = 8;
+
+pub fn qgemv(call: &QuantCall, x: In) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let (rows, _) = x.1.shape().dims2()?;
+    let (i, o) = call.dims;
+    let sfx = suffix(x.0.dtype())?;
+    with_dtype!(x.0.dtype(), T => {
+        let xv = dense::<T>(x)?;
+        // SAFETY: the kernel writes every (row, output) entry.
+        let y = unsafe { dev.alloc::<T>(rows * o)? };
+        if rows * o == 0 {
+            return Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((rows, o))));
+        }
+        let stream = dev.cuda_stream();
+        let (rows_i, in_i, out_i) = (rows as i32, i as i32, o as i32);
+        match call.w {
+            QuantTensors::Int { bits, along_out, packed, zeros, scales, group } => {
+                held!(pg = packed, u32 => pv);
+                held!(zg = zeros, f32 => zv);
+                held!(sg = scales, f32 => sv);
+                held!(gg = group, u32 => gv);
+                let f = func(&dev, QUANT, "qs_quant", &format!("qgemv_int_{sfx}"))?;
+                let (bits_i, along_i) = (*bits as i32, i32::from(*along_out));
+                let mut b = stream.launch_builder(&f);
+                b.arg(&xv);
+                b.arg(&pv);
+                b.arg(&zv);
+                b.arg(&sv);
+                b.arg(&gv);
+                b.arg(&y);
+                b.arg(&rows_i);
+                b.arg(&in_i);
+                b.arg(&out_i);
+                b.arg(&bits_i);
+                b.arg(&along_i);
+                // SAFETY: x is [rows <= 8, in]; the packed words, zeros/scales and groups match
+                // (in, out) as `quant::load` built them; y is [rows, out].
+                unsafe { b.launch(cfg((o.div_ceil(32) as u32, 1, 1), QGEMV_INT_THREADS)) }.w()?;
+            }
+            QuantTensors::Fp8 { weight, scale_inv, rows: wrows, block, scale_cols, col0 } => {
+                held!(wg = weight, u8 => wv);
+                held!(sg = scale_inv, f32 => sv);
+                held!(rg = wrows, u32 => rv);
+                let f = func(&dev, QUANT, "qs_quant", &format!("qgemv_fp8_{sfx}"))?;
+                let (br, bc, sc, c0) = (block[0] as i32, block[1] as i32, *scale_cols as i32, *col0 as i32);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&xv);
+                b.arg(&wv);
+                b.arg(&sv);
+                b.arg(&rv);
+                b.arg(&y);
+                b.arg(&rows_i);
+                b.arg(&in_i);
+                b.arg(&out_i);
+                b.arg(&br);
+                b.arg(&bc);
+                b.arg(&sc);
+                b.arg(&c0);
+                // SAFETY: weight is [out, in] bytes, rows [out] checkpoint rows within scale_inv's
+                // block rows, col0 + in within its columns; one warp per output row.
+                let blocks = o.div_ceil(QGEMV_FP8_ROWS) as u32;
+                unsafe { b.launch(cfg((blocks, 1, 1), 32 * QGEMV_FP8_ROWS as u32)) }.w()?;
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((rows, o))))
+    })
+}
+
+pub fn qdequant(call: &QuantCall, x: In) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let (i, o) = call.dims;
+    let sfx = suffix(x.0.dtype())?;
+    let blocks = (i * o).div_ceil(256).clamp(1, 65_535) as u32;
+    let (in_i, out_i) = (i as i32, o as i32);
+    with_dtype!(x.0.dtype(), T => {
+        // SAFETY: the kernel writes all in * out elements (grid-stride).
+        let w_out = unsafe { dev.alloc::<T>(i * o)? };
+        let stream = dev.cuda_stream();
+        let shape = match call.w {
+            QuantTensors::Int { bits, along_out, packed, zeros, scales, group } => {
+                held!(pg = packed, u32 => pv);
+                held!(zg = zeros, f32 => zv);
+                held!(sg = scales, f32 => sv);
+                held!(gg = group, u32 => gv);
+                let f = func(&dev, QUANT, "qs_quant", &format!("qdequant_int_{sfx}"))?;
+                let (bits_i, along_i) = (*bits as i32, i32::from(*along_out));
+                let mut b = stream.launch_builder(&f);
+                b.arg(&pv);
+                b.arg(&zv);
+                b.arg(&sv);
+                b.arg(&gv);
+                b.arg(&w_out);
+                b.arg(&in_i);
+                b.arg(&out_i);
+                b.arg(&bits_i);
+                b.arg(&along_i);
+                // SAFETY: as for qgemv; w_out holds in * out elements.
+                unsafe { b.launch(cfg((blocks, 1, 1), 256)) }.w()?;
+                Shape::from((i, o))
+            }
+            QuantTensors::Fp8 { weight, scale_inv, rows, block, scale_cols, col0 } => {
+                held!(wg = weight, u8 => wv);
+                held!(sg = scale_inv, f32 => sv);
+                held!(rg = rows, u32 => rv);
+                let f = func(&dev, QUANT, "qs_quant", &format!("qdequant_fp8_{sfx}"))?;
+                let (br, bc, sc, c0) = (block[0] as i32, block[1] as i32, *scale_cols as i32, *col0 as i32);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&wv);
+                b.arg(&sv);
+                b.arg(&rv);
+                b.arg(&w_out);
+                b.arg(&in_i);
+                b.arg(&out_i);
+                b.arg(&br);
+                b.arg(&bc);
+                b.arg(&sc);
+                b.arg(&c0);
+                // SAFETY: as for qgemv; w_out holds out * in elements.
+                unsafe { b.launch(cfg((blocks, 1, 1), 256)) }.w()?;
+                Shape::from((o, i))
+            }
+        };
+        Ok((CudaStorage::wrap_cuda_slice(w_out, dev.clone()), shape))
+    })
 }

@@ -7,6 +7,7 @@
 #[cfg(feature = "cuda")]
 mod cuda;
 mod moe;
+mod quant;
 pub mod reference;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, In
 
 use crate::error::{Error, Result};
 pub use moe::{count_experts, moe_experts, StackedExperts, MAX_FUSED_EXPERTS};
+pub use quant::{quant_matmul, QuantTensors, QGEMV_MAX_ROWS};
 pub use reference::{AttnSeq, AttnShape, DrawParams};
 
 /// Which implementation of the model's inner ops runs.

@@ -103,15 +103,6 @@ impl Model {
         let shard = Shard { rank: comm.rank(), world: comm.world_size() };
         parallel::check(&config, shard)?;
         moe::check(&config, shard, options.experts)?;
-        if let Some(q) = config.quant.filter(|_| !matches!(device, Device::Cpu)) {
-            return Err(Error::InvalidInput {
-                field: "quantization_config",
-                message: format!(
-                    "{} checkpoints run on the CPU in this build (no GPU kernels for them yet)",
-                    q.method()
-                ),
-            });
-        }
         weights.set_quant(config.quant);
         let load = moe::ExpertLoad::on_device(config.moe.as_ref().map_or(0, |m| m.num_experts), &device)?;
         let experts = moe::ExpertPlan { split: options.experts, load: load.clone() };

@@ -23,6 +23,15 @@ pub enum Cut<'a> {
 /// `{prefix}` as a quantized linear cut per `cut`, or `None` when the checkpoint stores it as
 /// a plain `weight` (routers, LM heads, layers a format leaves alone).
 pub fn load(w: &Weights, prefix: &str, (in_dim, out_dim): (usize, usize), cut: Cut) -> Result<Option<QuantWeight>> {
+    if let Some(q) = w.quant().filter(|_| w.is_random()) {
+        let dims = match cut {
+            Cut::Columns(r) => (in_dim, r.iter().map(|r| r.len()).sum()),
+            Cut::Rows(r) => (r.len(), out_dim),
+        };
+        let weight = random(q, dims, prefix)?.to_device(w.device())?;
+        w.note_random_bytes(weight.resident_bytes());
+        return Ok(Some(weight));
+    }
     let stored_fp8 = w.stored_info(&format!("{prefix}.weight")).is_some_and(|(d, _)| d == DType::F8E4M3);
     let packed = w.contains(&format!("{prefix}.qweight"));
     if !stored_fp8 && !packed {
@@ -48,7 +57,53 @@ pub fn load(w: &Weights, prefix: &str, (in_dim, out_dim): (usize, usize), cut: C
             })
         }
     };
-    Ok(Some(QuantWeight { in_dim: in_local, out_dim: out_local, kind }))
+    QuantWeight { in_dim: in_local, out_dim: out_local, kind }.to_device(w.device()).map(Some)
+}
+
+/// A random weight `(in, out)` in `q`'s format, seeded by `prefix` (benchmarks of real shapes):
+/// uniform codes, the middle zero point, scales that keep activations near unit size.
+fn random(q: QuantConfig, (i, o): (usize, usize), prefix: &str) -> Result<QuantWeight> {
+    use rand::{Rng, SeedableRng};
+    let seed = prefix.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut words = |n: usize| (0..n).map(|_| rng.random::<u32>()).collect::<Vec<_>>();
+    let int = |bits: u32, group: Option<usize>, packing: Packing, packed: Vec<u32>| {
+        let groups = group.map_or(1, |g| i.div_ceil(g));
+        // Scale so a weight's spread is about 1/sqrt(in): activations keep their size.
+        let scale = 2.0 / (((1u32 << bits) as f32) * (i as f32).sqrt());
+        IntWeight {
+            bits,
+            packing,
+            packed,
+            zeros: vec![1u16 << (bits - 1); groups * o],
+            scales: vec![scale; groups * o],
+            group: (0..i).map(|r| group.map_or(0, |g| r / g) as u32).collect(),
+        }
+    };
+    let kind = match q {
+        QuantConfig::Gptq { bits, group_size, .. } => {
+            let per = (32 / bits) as usize;
+            Kind::Int(int(bits, group_size, Packing::AlongIn, words(i.div_ceil(per) * o)))
+        }
+        QuantConfig::Awq { group_size } => {
+            Kind::Int(int(4, Some(group_size), Packing::AlongOut, words(i * o.div_ceil(8))))
+        }
+        QuantConfig::Fp8 { block } => {
+            // Any byte but the two NaNs (exponent and mantissa all ones).
+            let weight = words(i * o).into_iter().map(|w| (w as u8) & 0xF7).collect();
+            let (r, c) = (o.div_ceil(block[0]), i.div_ceil(block[1]));
+            let scale = 1.0 / (64.0 * (i as f32).sqrt());
+            Kind::Fp8(Fp8Weight {
+                weight,
+                scale_inv: vec![scale; r * c],
+                block,
+                scale_cols: c,
+                rows: (0..o as u32).collect(),
+                col0: 0,
+            })
+        }
+    };
+    Ok(QuantWeight { in_dim: i, out_dim: o, kind })
 }
 
 struct Part<'a> {

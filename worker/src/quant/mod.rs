@@ -47,9 +47,11 @@ pub struct QuantWeight {
 
 #[derive(Debug)]
 enum Kind {
-    /// GPTQ (packed along inputs) or AWQ (packed along outputs).
+    /// GPTQ (packed along inputs) or AWQ (packed along outputs), on the host.
     Int(IntWeight),
     Fp8(Fp8Weight),
+    /// Either, on a GPU (`kernels::quant_matmul`).
+    Device(crate::kernels::QuantTensors),
 }
 
 #[derive(Debug)]
@@ -90,6 +92,7 @@ impl QuantWeight {
     /// Bytes this weight holds in memory (packed values, scales, zeros, maps).
     pub fn resident_bytes(&self) -> usize {
         match &self.kind {
+            Kind::Device(t) => t.bytes(),
             Kind::Int(w) => w.packed.len() * 4 + w.zeros.len() * 2 + w.scales.len() * 4 + w.group.len() * 4,
             Kind::Fp8(w) => w.weight.len() + w.scale_inv.len() * 4 + w.rows.len() * 4,
         }
@@ -97,11 +100,11 @@ impl QuantWeight {
 
     /// `x` `[T, in]` (CPU, any float dtype) times this weight → `[T, out]` in `x`'s dtype.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        if let Kind::Device(w) = &self.kind {
+            return crate::kernels::quant_matmul(x, w, (self.in_dim, self.out_dim));
+        }
         if !matches!(x.device(), Device::Cpu) {
-            return Err(Error::InvalidInput {
-                field: "quantization_config",
-                message: "quantized weights run on the CPU in this build (no GPU kernels for them yet)".into(),
-            });
+            return Err(Error::Internal { what: "quantized matmul", message: "host weights, device input".into() });
         }
         let (t, k) = x.dims2()?;
         if k != self.in_dim {
@@ -124,6 +127,7 @@ impl QuantWeight {
                     w.dequant(self.in_dim, o0, n, &mut tile);
                     xf.matmul(&Tensor::from_slice(&tile, (n, k), &Device::Cpu)?.t()?)?
                 }
+                Kind::Device(_) => unreachable!("device weights returned above"),
             };
             parts.push(part);
         }
@@ -145,7 +149,52 @@ impl QuantWeight {
                 w.dequant(self.in_dim, 0, self.out_dim, &mut tile);
                 Tensor::from_slice(&tile, (self.out_dim, self.in_dim), &Device::Cpu)?
             }
+            Kind::Device(_) => {
+                return Err(Error::Internal { what: "dequantize", message: "weights are on the device".into() })
+            }
         })
+    }
+
+    /// The weight moved to `device` (unchanged for the CPU): the packed words and FP8 bytes as
+    /// they are, zero points and scales as f32 for the kernels.
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        use crate::kernels::QuantTensors;
+        if matches!(device, Device::Cpu) {
+            return Ok(self);
+        }
+        let on = |t: Tensor| t.to_device(device);
+        let kind = match self.kind {
+            Kind::Int(w) => {
+                let (groups, out) = (w.zeros.len() / self.out_dim.max(1), self.out_dim);
+                let zeros: Vec<f32> = w.zeros.iter().map(|&z| f32::from(z)).collect();
+                let words = w.packed.len();
+                let packed_shape = match w.packing {
+                    Packing::AlongIn => (words / out.max(1), out),
+                    Packing::AlongOut => (self.in_dim, out / 8),
+                };
+                Kind::Device(QuantTensors::Int {
+                    bits: w.bits,
+                    along_out: w.packing == Packing::AlongOut,
+                    packed: on(Tensor::from_vec(w.packed, packed_shape, &Device::Cpu)?)?,
+                    zeros: on(Tensor::from_vec(zeros, (groups, out), &Device::Cpu)?)?,
+                    scales: on(Tensor::from_vec(w.scales, (groups, out), &Device::Cpu)?)?,
+                    group: on(Tensor::from_vec(w.group, self.in_dim, &Device::Cpu)?)?,
+                })
+            }
+            Kind::Fp8(w) => {
+                let scale_rows = w.scale_inv.len() / w.scale_cols.max(1);
+                Kind::Device(QuantTensors::Fp8 {
+                    weight: on(Tensor::from_vec(w.weight, (self.out_dim, self.in_dim), &Device::Cpu)?)?,
+                    scale_inv: on(Tensor::from_vec(w.scale_inv, (scale_rows, w.scale_cols), &Device::Cpu)?)?,
+                    rows: on(Tensor::from_vec(w.rows, self.out_dim, &Device::Cpu)?)?,
+                    block: w.block,
+                    scale_cols: w.scale_cols,
+                    col0: w.col0,
+                })
+            }
+            Kind::Device(t) => Kind::Device(t),
+        };
+        Ok(QuantWeight { kind, ..self })
     }
 }
 
@@ -158,13 +207,14 @@ impl QuantWeight {
         let mut y = vec![0f32; self.out_dim * t];
         let xt: Vec<f32> = match &self.kind {
             Kind::Int(_) => (0..self.in_dim).flat_map(|i| (0..t).map(move |r| x[r * self.in_dim + i])).collect(),
-            Kind::Fp8(_) => Vec::new(),
+            _ => Vec::new(),
         };
         y.par_chunks_mut(GEMV_COLS * t).enumerate().for_each(|(c, chunk)| {
             let (o0, n) = (c * GEMV_COLS, chunk.len() / t);
             match &self.kind {
                 Kind::Int(w) => w.gemv(&xt, (t, self.in_dim, self.out_dim), o0..o0 + n, chunk),
                 Kind::Fp8(w) => w.gemv(x, (t, self.in_dim), o0..o0 + n, chunk),
+                Kind::Device(_) => {}
             }
         });
         Ok(Tensor::from_vec(y, (self.out_dim, t), &Device::Cpu)?.t()?.contiguous()?)

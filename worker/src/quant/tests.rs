@@ -271,3 +271,51 @@ fn quantization_configs_parse_or_name_the_field() {
         assert!(err.contains(field), "{json}: {err}");
     }
 }
+
+/// On a GPU (feature `cuda`): the kernels against the host path on the same checkpoints.
+/// Skipped without a GPU unless `QWEN_REQUIRE_GPU=1`.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+
+    #[test]
+    fn quantized_kernels_match_the_host_path() {
+        let g = match crate::device::DeviceSpec::Cuda(0).open() {
+            Ok(d) => d,
+            Err(e) => {
+                assert!(std::env::var("QWEN_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU: {e}");
+                return;
+            }
+        };
+        let (i, o) = (64, 48);
+        for (seed, (q, name)) in formats().into_iter().enumerate() {
+            let dir = random_linear(q, (i, o), 20 + seed as u64);
+            let host = load(&open(&dir, q), "l", (i, o), Cut::Columns(&[0..o])).unwrap().unwrap();
+            let w = Weights::open(dir.path(), DType::F32, &g).unwrap();
+            w.set_quant(Some(q));
+            // Both cut kinds, as a tensor-parallel rank loads them.
+            let dev = load(&w, "l", (i, o), Cut::Columns(&[0..o])).unwrap().unwrap();
+            let dev_rows = load(&w, "l", (i, o), Cut::Rows(&(32..64))).unwrap().unwrap();
+            let host_rows = load(&open(&dir, q), "l", (i, o), Cut::Rows(&(32..64))).unwrap().unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                // GEMV rows (1..=8) and the dequantize-then-GEMM path (20).
+                for t in [1, 3, 8, 20] {
+                    let x = crate::test_util::randn(&[t, i], DType::F32, &Device::Cpu).to_dtype(dtype).unwrap();
+                    for (h, d, k) in [(&host, &dev, i), (&host_rows, &dev_rows, 32)] {
+                        let xs = x.narrow(1, i - k, k).unwrap();
+                        let want = h.matmul(&xs).unwrap().to_dtype(DType::F32).unwrap();
+                        let got = d.matmul(&xs.to_device(&g).unwrap()).unwrap().to_dtype(DType::F32).unwrap();
+                        let got = got.to_device(&Device::Cpu).unwrap();
+                        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        // f32: sums in another order; bf16: one more rounding of the output, and of
+                        // the dequantized weight on the GEMM path.
+                        let tol = if dtype == DType::F32 { 64.0 * f32::EPSILON } else { 3.0 / 256.0 };
+                        assert!(diff <= scale * tol, "{name} {dtype:?} x {t} (k {k}): {diff} of {scale}");
+                    }
+                }
+            }
+            assert!(dev.resident_bytes() <= host.resident_bytes() * 2, "{name}: resident on the device");
+        }
+    }
+}
