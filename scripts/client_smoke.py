@@ -53,6 +53,22 @@ parts = client.chat.completions.create(
 streamed = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
 assert streamed == chat.choices[0].message.content, (streamed, chat.choices[0].message.content)
 
+# Agent fields as the openai client sends them: tools, a call and its result in the history.
+tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+history = [
+    {"role": "user", "content": "Paris?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18"},
+]
+agent = client.chat.completions.create(model=model, messages=history, tools=tools, max_tokens=4, **greedy)
+assert agent.choices[0].finish_reason in ("length", "stop", "tool_calls"), agent
+try:
+    client.chat.completions.create(model=model, messages=history, tools=tools, tool_choice="required", max_tokens=1)
+    raise AssertionError("tool_choice=required accepted without constrained decoding")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "tool_choice", e.body
+
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     raise AssertionError("unknown model accepted")

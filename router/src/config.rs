@@ -93,6 +93,14 @@ pub struct RouterArgs {
     /// off by default, as group names are internal.
     #[arg(long, env = "QWEN_ROUTER_EXPOSE_GROUP")]
     pub expose_group: bool,
+    /// Tool-call markup parsed out of chat answers: `auto` (what the model's chat template
+    /// renders), `none`, or `hermes` (Qwen2.5/Qwen3's `<tool_call>` JSON).
+    #[arg(long, env = "QWEN_ROUTER_TOOL_PARSER", value_enum, default_value = "auto")]
+    pub tool_parser: ToolParserArg,
+    /// Reasoning markup split into `reasoning_content`: `auto` (from the template), `none`, or
+    /// `qwen3` (`<think>...</think>`).
+    #[arg(long, env = "QWEN_ROUTER_REASONING_PARSER", value_enum, default_value = "auto")]
+    pub reasoning_parser: ReasoningParserArg,
     /// Open connections per public port; one more is refused at once (HTTP 503, gRPC closed).
     /// 0: half of what the open-file limit leaves after 256 for the router's own use.
     #[arg(long, env = "QWEN_ROUTER_MAX_CONNECTIONS", default_value_t = 0)]
@@ -148,6 +156,36 @@ pub struct RouterArgs {
 pub enum Discovery {
     Static(Vec<Member>),
     Etcd { etcd: qwen_cluster::Etcd, relist_every: Duration },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ToolParserArg {
+    Auto,
+    None,
+    Hermes,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ReasoningParserArg {
+    Auto,
+    None,
+    Qwen3,
+}
+
+fn format_flags(tools: ToolParserArg, reasoning: ReasoningParserArg) -> crate::agent::FormatFlags {
+    use crate::agent::{Choice, ReasoningFormat, ToolFormat};
+    crate::agent::FormatFlags {
+        tools: match tools {
+            ToolParserArg::Auto => Choice::Auto,
+            ToolParserArg::None => Choice::Off,
+            ToolParserArg::Hermes => Choice::Use(ToolFormat::Hermes),
+        },
+        reasoning: match reasoning {
+            ReasoningParserArg::Auto => Choice::Auto,
+            ReasoningParserArg::None => Choice::Off,
+            ReasoningParserArg::Qwen3 => Choice::Use(ReasoningFormat::Qwen3),
+        },
+    }
 }
 
 pub struct RouterConfig {
@@ -274,6 +312,7 @@ impl RouterArgs {
                 first_token_timeout: Duration::from_secs(self.first_token_timeout_secs),
                 inter_token_timeout: Duration::from_secs(self.inter_token_timeout_secs),
                 expose_group: self.expose_group,
+                formats: format_flags(self.tool_parser, self.reasoning_parser),
                 admission: AdmissionConfig {
                     max_in_flight: self.max_in_flight,
                     max_queued: self.max_queued,

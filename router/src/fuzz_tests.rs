@@ -37,6 +37,7 @@ fn model() -> Arc<ModelInfo> {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen2-gqa");
             let tokenizer = Arc::new(qwen_tokenizer::Tokenizer::from_dir(&dir).unwrap());
             Arc::new(ModelInfo {
+                formats: Default::default(),
                 name: "m".into(),
                 max_context: 4096,
                 vocab_size: tokenizer.vocab_size(),
@@ -175,9 +176,9 @@ proptest! {
     ) {
         let roles = [Role::System, Role::User, Role::Assistant, Role::Tool];
         let messages: Vec<Message> =
-            contents.into_iter().map(|(r, content)| Message { role: roles[r], content }).collect();
+            contents.into_iter().map(|(r, content)| Message::new(roles[r], content)).collect();
         let turns = messages.len() + usize::from(messages[0].role != Role::System) + 1;
-        let job = Job { model: "m".into(), prompt: Ok(Prompt::Chat(messages)), options: Default::default(), n: 1 };
+        let job = Job { model: "m".into(), prompt: Ok(Prompt::Chat(crate::template::Chat { messages, ..Default::default() })), options: Default::default(), n: 1 };
         if let Ok(prepared) = check_job(job) {
             let tokenizer = model().tokenizer.clone().unwrap();
             let im_start = tokenizer.token_to_id("<|im_start|>").unwrap();

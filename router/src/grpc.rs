@@ -74,9 +74,9 @@ pub(crate) fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Resu
     let messages = messages
         .into_iter()
         .enumerate()
-        .map(|(i, m)| Ok(Message { role: role(i, &m.role)?, content: m.content }))
+        .map(|(i, m)| Ok(Message::new(role(i, &m.role)?, m.content)))
         .collect::<Result<_, RouterError>>()?;
-    Ok(Prompt::Chat(messages))
+    Ok(Prompt::Chat(crate::template::Chat { messages, ..Default::default() }))
 }
 
 /// Trace context, deadline and the API key's holder (put there by [`KeyCheck`]) from the request.

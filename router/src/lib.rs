@@ -4,6 +4,7 @@
 //! token, detokenization, `stop` strings) → back to the client as it streams.
 
 pub mod admission;
+pub mod agent;
 pub mod auth;
 pub mod breaker;
 pub mod config;

@@ -27,6 +27,8 @@ pub struct ModelInfo {
     pub max_token_bytes: usize,
     /// The Info digest it was learnt from: other groups serving this name must report the same.
     pub digest: String,
+    /// The reasoning and tool-call markup its chat template renders.
+    pub formats: crate::agent::Formats,
 }
 
 /// A model's tokenizer and chat template from a local directory (`--tokenizer NAME=DIR`),
@@ -74,9 +76,11 @@ impl ModelInfo {
             (Some(_), true) => Some(ChatTemplate::new(CHATML)?),
         };
         let max_token_bytes = tokenizer.as_ref().map_or(1, |t| t.max_token_bytes().max(1));
+        let formats = crate::agent::Formats::detect(&template);
         Ok(ModelInfo {
             max_token_bytes,
             digest: info.digest.clone(),
+            formats,
             name: info.model_name.clone(),
             max_context: info.max_context as usize,
             vocab_size: info.vocab_size as usize,
@@ -92,4 +96,24 @@ impl ModelInfo {
             RouterError::invalid(field, format!("model `{}` has no tokenizer: send token ids", self.name))
         })
     }
+}
+
+/// A model with the `qwen2-gqa` fixture's tokenizer and `template` (tests).
+#[cfg(test)]
+pub(crate) fn fixture_chat_model(template: &str) -> (Arc<ModelInfo>, Arc<Tokenizer>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen2-gqa");
+    let tok = Arc::new(Tokenizer::from_dir(&dir).unwrap());
+    let model = ModelInfo {
+        name: "m".into(),
+        max_context: 4096,
+        vocab_size: tok.vocab_size(),
+        eos_token_ids: vec![],
+        tokenizer: Some(tok.clone()),
+        chat_template: Some(ChatTemplate::new(template).unwrap()),
+        formats: crate::agent::Formats::detect(template),
+        learned_at: 0,
+        max_token_bytes: tok.max_token_bytes(),
+        digest: String::new(),
+    };
+    (Arc::new(model), tok)
 }

@@ -15,10 +15,11 @@ pub const CHATML: &str = "{% for m in messages %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// Who speaks a chat message; templates see the lowercase name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
+    #[default]
     User,
     Assistant,
     Tool,
@@ -38,11 +39,37 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// An assistant turn's calls as templates read them: `{"id", "type", "function": {"name",
+    /// "arguments"}}` with `arguments` an object (Qwen's templates `tojson` it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message { role, content: content.into(), ..Default::default() }
+    }
+}
+
+/// A chat to render: its messages, the tools offered (OpenAI's `tools` entries), and extra
+/// template variables (`chat_template_kwargs`).
+#[derive(Debug, Clone, Default)]
+pub struct Chat {
+    pub messages: Vec<Message>,
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Template variables a client's `chat_template_kwargs` may not replace.
+pub const RESERVED_VARIABLES: [&str; 3] = ["messages", "tools", "add_generation_prompt"];
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -62,11 +89,20 @@ impl ChatTemplate {
         Ok(ChatTemplate { env })
     }
 
-    /// The prompt text for `messages`, ending with the assistant's turn opener.
-    pub fn render(&self, messages: &[Message]) -> Result<String> {
+    /// The prompt text for `messages` (in place of `chat`'s own: the caller may mark them),
+    /// with `chat`'s tools and variables, ending with the assistant's turn opener.
+    pub fn render(&self, messages: &[Message], chat: &Chat) -> Result<String> {
         let template = self.env.get_template("chat").map_err(|e| RouterError::Internal(e.to_string()))?;
+        let mut vars = chat.kwargs.clone();
+        vars.retain(|k, _| !RESERVED_VARIABLES.contains(&k.as_str()));
+        let ctx = context! {
+            messages => messages,
+            tools => chat.tools.as_ref(),
+            add_generation_prompt => true,
+            ..minijinja::Value::from_serialize(&vars)
+        };
         template
-            .render(context! { messages => messages, add_generation_prompt => true })
+            .render(ctx)
             // A template raising on the conversation (e.g. roles out of order) is the caller's
             // input being refused.
             .map_err(|e| RouterError::invalid("messages", format!("the chat template refused them: {e}")))
@@ -77,19 +113,25 @@ impl ChatTemplate {
 mod tests {
     use super::*;
 
+    impl ChatTemplate {
+        fn render_all(&self, messages: &[Message]) -> Result<String> {
+            self.render(messages, &Chat::default())
+        }
+    }
+
     fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
-        pairs.iter().map(|(r, c)| Message { role: Role::parse(r).unwrap(), content: c.to_string() }).collect()
+        pairs.iter().map(|(r, c)| Message::new(Role::parse(r).unwrap(), *c)).collect()
     }
 
     #[test]
     fn chatml_matches_qwen_chat_make_context() {
         let t = ChatTemplate::new(CHATML).unwrap();
-        let out = t.render(&msgs(&[("user", "hi")])).unwrap();
+        let out = t.render_all(&msgs(&[("user", "hi")])).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let out = t.render(&msgs(&[("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")])).unwrap();
+        let out = t.render_all(&msgs(&[("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")])).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
@@ -100,8 +142,8 @@ mod tests {
     fn python_methods_and_raise_exception() {
         let src = "{% for m in messages %}{% if m.content.startswith('!') %}{{ raise_exception('no bangs') }}{% endif %}{{ m.content.strip() }}{% endfor %}";
         let t = ChatTemplate::new(src).unwrap();
-        assert_eq!(t.render(&msgs(&[("user", "  x ")])).unwrap(), "x");
-        let err = t.render(&msgs(&[("user", "!x")])).unwrap_err();
+        assert_eq!(t.render_all(&msgs(&[("user", "  x ")])).unwrap(), "x");
+        let err = t.render_all(&msgs(&[("user", "!x")])).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("no bangs"), "{err}");
         assert!(ChatTemplate::new("{% for %}").is_err());

@@ -220,3 +220,21 @@ impl Drop for RouterProcess {
         stop_child(&mut self.child, std::time::Duration::from_secs(5));
     }
 }
+
+impl RouterProcess {
+    /// POSTs `body` as JSON to `path` of the HTTP API: the status and the JSON answer.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new().post(format!("{}{path}", self.http)).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A streamed (SSE) answer: every `data:` payload in order.
+    pub async fn post_stream(&self, path: &str, body: serde_json::Value) -> Vec<String> {
+        let resp = reqwest::Client::new().post(format!("{}{path}", self.http)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let text = resp.text().await.unwrap();
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+    }
+}

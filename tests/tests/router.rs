@@ -80,21 +80,6 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
-async fn post(r: &RouterProcess, path: &str, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new().post(format!("{}{path}", r.http)).json(&body).send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-/// A streamed (SSE) response: every `data:` payload in order.
-async fn post_stream(r: &RouterProcess, path: &str, body: Value) -> Vec<String> {
-    let resp = reqwest::Client::new().post(format!("{}{path}", r.http)).json(&body).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let text = resp.text().await.unwrap();
-    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_and_http_return_the_workers_tokens() {
     let w = WorkerProcess::start(MODEL, &[]);
@@ -124,13 +109,13 @@ async fn grpc_and_http_return_the_workers_tokens() {
         assert_eq!(last, Some(FinishReason::Length as i32));
         // OpenAI completions with token ids, unary and streamed.
         let body = merge(greedy_json(greedy.len()), json!({"prompt": prompt}));
-        let (status, v) = post(&r, "/v1/completions", body.clone()).await;
+        let (status, v) = r.post("/v1/completions", body.clone()).await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(ids(&v["choices"][0]["token_ids"]), greedy);
         assert_eq!(v["choices"][0]["text"], json!(resp.text));
         assert_eq!(v["choices"][0]["finish_reason"], json!("length"));
         assert_eq!(v["usage"]["completion_tokens"], json!(n));
-        let events = post_stream(&r, "/v1/completions", merge(body, json!({"stream": true}))).await;
+        let events = r.post_stream("/v1/completions", merge(body, json!({"stream": true}))).await;
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
         let streamed: Vec<u32> = chunks.iter().flat_map(|c| ids(&c["choices"][0]["token_ids"])).collect();
@@ -142,9 +127,9 @@ async fn grpc_and_http_return_the_workers_tokens() {
     // Logprobs: a stream's text_offset goes on across chunks (from the completion's start), as
     // the unary response's does.
     let body = merge(greedy_json(6), json!({"prompt": cases()[0].0, "logprobs": 2}));
-    let (status, unary) = post(&r, "/v1/completions", body.clone()).await;
+    let (status, unary) = r.post("/v1/completions", body.clone()).await;
     assert_eq!(status, 200, "{unary}");
-    let events = post_stream(&r, "/v1/completions", merge(body, json!({"stream": true}))).await;
+    let events = r.post_stream("/v1/completions", merge(body, json!({"stream": true}))).await;
     let offsets: Vec<Value> = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str::<Value>(e).unwrap())
@@ -212,17 +197,17 @@ async fn chat_over_grpc_and_http_agree_and_streams_end_in_done() {
         greedy_json(12),
         json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hello, Qwen!"}]}]}),
     );
-    let (status, v) = post(&r, "/v1/chat/completions", body.clone()).await;
+    let (status, v) = r.post("/v1/chat/completions", body.clone()).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["object"], json!("chat.completion"));
     assert_eq!(ids(&v["choices"][0]["token_ids"]), resp.token_ids);
     assert_eq!(v["choices"][0]["message"]["content"], json!(resp.text));
-    let events = post_stream(
-        &r,
-        "/v1/chat/completions",
-        merge(body, json!({"stream": true, "stream_options": {"include_usage": true}})),
-    )
-    .await;
+    let events = r
+        .post_stream(
+            "/v1/chat/completions",
+            merge(body, json!({"stream": true, "stream_options": {"include_usage": true}})),
+        )
+        .await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], json!("assistant"));
@@ -234,7 +219,7 @@ async fn chat_over_grpc_and_http_agree_and_streams_end_in_done() {
     // n = 3 sampled choices, each complete.
     let body =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 5, "seed": 7});
-    let (status, v) = post(&r, "/v1/chat/completions", body).await;
+    let (status, v) = r.post("/v1/chat/completions", body).await;
     assert_eq!(status, 200, "{v}");
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
@@ -254,19 +239,19 @@ async fn stop_strings_cut_the_text_and_end_the_request() {
     wait_for_groups(&r, 1).await;
     let (prompt, greedy) = cases().remove(0);
     let body = merge(greedy_json(greedy.len()), json!({"prompt": prompt}));
-    let (_, full) = post(&r, "/v1/completions", body.clone()).await;
+    let (_, full) = r.post("/v1/completions", body.clone()).await;
     let text = full["choices"][0]["text"].as_str().unwrap().to_string();
     // A stop string from the middle of the output: what comes back is everything before it.
     let chars: Vec<char> = text.chars().collect();
     assert!(chars.len() >= 6, "greedy text too short to cut: {text:?}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let cut = &text[..text.find(&stop).unwrap()];
-    let (status, v) = post(&r, "/v1/completions", merge(body.clone(), json!({"stop": stop}))).await;
+    let (status, v) = r.post("/v1/completions", merge(body.clone(), json!({"stop": stop}))).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["text"], json!(cut));
     assert_eq!(v["choices"][0]["finish_reason"], json!("stop"));
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < greedy.len() as u64);
-    let events = post_stream(&r, "/v1/completions", merge(body, json!({"stop": [stop], "stream": true}))).await;
+    let events = r.post_stream("/v1/completions", merge(body, json!({"stop": [stop], "stream": true}))).await;
     let streamed: String = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
@@ -330,9 +315,9 @@ async fn bad_input_gets_4xx_or_invalid_argument_naming_the_field() {
         // Fields that change the output are refused by name, never silently dropped.
         (
             "/v1/chat/completions",
-            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}),
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
             400,
-            "tools",
+            "response_format",
         ),
         ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "logit_bias": {"1": 5}}), 400, "logit_bias"),
     ];

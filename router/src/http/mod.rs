@@ -3,6 +3,7 @@
 //! OpenAI's JSON shape and status codes. Requests become [`Prompt`] + [`Options`] here; checks
 //! happen in `validate`, as for gRPC.
 
+pub mod chat;
 pub mod types;
 
 use std::convert::Infallible;
@@ -24,17 +25,18 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Caller, Denied, Gate};
 use crate::conn::{BodyLimits, ConnConfig, Limited};
 
+use crate::agent::TurnOptions;
 use crate::error::{ErrorKind, RouterError};
 use crate::generate::{Chunk, Collected, Generation, Job, RequestMeta, Router, RouterScrape, Started, TokenLogprob};
 use crate::metrics::Api as Endpoint;
 use crate::models::ModelInfo;
-use crate::template::{Message, Role};
+use crate::template::Role;
 use crate::validate::{completion_extras, CompletionExtras, Options, Prompt};
 use qwen_telemetry::TraceContext;
 use types::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatLogprobs, ChatRequest, ChatTokenLogprob, CompletionChoice,
-    CompletionLogprobs, CompletionRequest, Delta, ErrorBody, ErrorDetail, FinishReason, ModelCard, ModelList,
-    PromptInput, Sampling, StopInput, StreamError, TopLogprob, Usage,
+    ChatChoice, ChatChunkChoice, ChatLogprobs, ChatRequest, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, Delta, ErrorBody, ErrorDetail, FinishReason, ModelCard, ModelList, PromptInput, Sampling,
+    StopInput, StreamError, TopLogprob, Usage,
 };
 
 pub struct HttpConfig {
@@ -241,6 +243,7 @@ enum Api {
     },
     Chat {
         logprobs: bool,
+        agent: chat::AgentRequest,
     },
 }
 
@@ -321,19 +324,15 @@ pub(crate) fn chat_job(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(Job, Reply), ApiError> {
-    let req: ChatRequest = parse(headers, body)?;
+    let mut req: ChatRequest = parse(headers, body)?;
     let n = req.sampling.n.unwrap_or(1);
-    let reply = Reply::new(Api::Chat { logprobs: req.logprobs }, &req.sampling);
+    let (chat, agent) = chat::chat_prompt(&mut req)?;
+    let reply = Reply::new(Api::Chat { logprobs: req.logprobs, agent }, &req.sampling);
     let mut opts = options(req.sampling, headers)?;
-    let messages = req
-        .messages
-        .into_iter()
-        .map(|m| Message { role: m.role, content: m.content.map(types::Content::into_text).unwrap_or_default() })
-        .collect();
     opts.max_tokens = req.max_completion_tokens.or(opts.max_tokens);
     opts.logprobs = req.logprobs;
     opts.top_logprobs = req.top_logprobs.unwrap_or(0);
-    Ok((Job { model: req.model, prompt: Ok(Prompt::Chat(messages)), options: opts, n }, reply))
+    Ok((Job { model: req.model, prompt: Ok(Prompt::Chat(chat)), options: opts, n }, reply))
 }
 
 /// Both endpoints' common tail: start the job through the router's one entry point, then
@@ -354,12 +353,21 @@ async fn run(
     let group_header =
         router.cfg.expose_group.then(|| axum::http::HeaderValue::from_str(&groups.join(",")).ok()).flatten();
     let head = Head { api: reply.api, id, created: now(), name };
+    // Each chat choice's parsing: the model's formats, and whether its prompt opened `<think>`.
+    let formats = router.cfg.formats.apply(model.formats);
+    let turns: Vec<Option<TurnOptions>> = generations
+        .iter()
+        .map(|g| match reply.api {
+            Api::Chat { agent, .. } => Some(agent.turn_options(formats, chat::reasoning_open(&model, &g.prompt))),
+            Api::Completions { .. } => None,
+        })
+        .collect();
     let mut response = if reply.stream {
         let cfg = SseConfig { head, model, include_usage: reply.include_usage };
-        Sse::new(sse(cfg, generations)).into_response()
+        Sse::new(sse(cfg, generations, turns)).into_response()
     } else {
         let collected = futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await?;
-        whole(&head, &model, collected)
+        whole(&head, &model, collected, &turns)
     };
     if let Some(v) = group_header {
         response.headers_mut().insert(crate::grpc::GROUP_HEADER, v);
@@ -401,7 +409,7 @@ impl Head {
     }
 }
 
-fn whole(head: &Head, model: &ModelInfo, collected: Vec<Collected>) -> Response {
+fn whole(head: &Head, model: &ModelInfo, collected: Vec<Collected>, turns: &[Option<TurnOptions>]) -> Response {
     let mut usage = crate::generate::Usage::default();
     for c in &collected {
         usage.add_choice(c.usage);
@@ -420,14 +428,18 @@ fn whole(head: &Head, model: &ModelInfo, collected: Vec<Collected>) -> Response 
                 .collect();
             axum::Json(head.body(false, choices, Some(usage))).into_response()
         }
-        Api::Chat { logprobs } => {
+        Api::Chat { logprobs, .. } => {
             let choices: Vec<ChatChoice> = choices
-                .map(|(index, c)| ChatChoice {
-                    index,
-                    logprobs: logprobs.then(|| chat_logprobs(model, &c.logprobs)),
-                    message: AssistantMessage { role: Role::Assistant, content: c.text },
-                    finish_reason: c.finish.map(FinishReason::from),
-                    token_ids: c.token_ids,
+                .map(|(index, c)| {
+                    let opts = turns.get(index).copied().flatten().unwrap_or_default();
+                    let (message, finish_reason) = chat::message_out(opts, &c.text, c.finish.map(FinishReason::from));
+                    ChatChoice {
+                        index,
+                        logprobs: logprobs.then(|| chat_logprobs(model, &c.logprobs)),
+                        message,
+                        finish_reason,
+                        token_ids: c.token_ids,
+                    }
                 })
                 .collect();
             axum::Json(head.body(false, choices, Some(usage))).into_response()
@@ -495,19 +507,26 @@ struct ChoiceState {
     role_pending: bool,
     offset: usize,
     done: bool,
+    /// A chat choice's parser.
+    turn: Option<chat::StreamTurn>,
 }
 
 /// Each choice's chunks as SSE events, interleaved as they come, then the usage chunk (when
 /// asked) and `[DONE]`. Dropping the stream (client gone) drops the generations, which cancels
 /// them on the workers.
-fn sse(cfg: SseConfig, gens: Vec<Generation>) -> impl Stream<Item = Result<Event, Infallible>> {
+fn sse(
+    cfg: SseConfig,
+    gens: Vec<Generation>,
+    turns: Vec<Option<TurnOptions>>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     let cfg = Arc::new(cfg);
     let usage = Arc::new(std::sync::Mutex::new(crate::generate::Usage::default()));
     let (choice_cfg, choice_usage) = (cfg.clone(), usage.clone());
-    let per_choice = gens.into_iter().enumerate().map(move |(i, generation)| {
+    let per_choice = gens.into_iter().zip(turns).enumerate().map(move |(i, (generation, turn))| {
         let (cfg, usage) = (choice_cfg.clone(), choice_usage.clone());
         let role_pending = matches!(cfg.head.api, Api::Chat { .. });
-        let state = ChoiceState { generation, role_pending, offset: 0, done: false };
+        let turn = turn.map(chat::StreamTurn::new);
+        let state = ChoiceState { generation, role_pending, offset: 0, done: false, turn };
         stream::unfold(state, move |mut st| {
             let (cfg, usage) = (cfg.clone(), usage.clone());
             async move {
@@ -557,10 +576,14 @@ fn chunk_event(
             let choice = CompletionChoice { index, text, logprobs, finish_reason: finish, token_ids };
             data(&cfg.head.body(true, vec![choice], None))
         }
-        Api::Chat { logprobs: want } => {
-            let delta = Delta {
-                role: std::mem::take(&mut st.role_pending).then_some(Role::Assistant),
-                content: finish.is_none().then_some(text),
+        Api::Chat { logprobs: want, .. } => {
+            let role = std::mem::take(&mut st.role_pending).then_some(Role::Assistant);
+            let (delta, finish) = match &mut st.turn {
+                Some(turn) => {
+                    let pieces = if finish.is_some() { turn.parser.finish() } else { turn.parser.push(&text) };
+                    (chat::delta(pieces, role), finish.map(|f| turn.finish_reason(f)))
+                }
+                None => (Delta { role, content: finish.is_none().then_some(text), ..Delta::default() }, finish),
             };
             let logprobs = (want && !logprobs.is_empty()).then(|| chat_logprobs(&cfg.model, &logprobs));
             let choice = ChatChunkChoice { index, delta, logprobs, finish_reason: finish, token_ids };

@@ -1,0 +1,147 @@
+//! Recorded-style model outputs through the whole-turn and streaming paths, streamed split at
+//! every character boundary: the same reasoning, content and calls, and no markup leaked.
+
+use super::*;
+
+fn opts(reasoning_open: bool) -> TurnOptions {
+    TurnOptions {
+        formats: Formats { reasoning: Some(ReasoningFormat::Qwen3), tools: Some(ToolFormat::Hermes) },
+        reasoning_open,
+        tools: true,
+        single_call: false,
+    }
+}
+
+/// (name, arguments) of each call, ids aside (they are random).
+fn calls(turn: &Turn) -> Vec<(&str, &str)> {
+    turn.calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect()
+}
+
+/// `text` streamed in `chunks`, gathered back into a turn.
+fn streamed(o: TurnOptions, chunks: &[&str]) -> Turn {
+    let mut p = TurnParser::new(o);
+    let mut pieces = Vec::new();
+    for c in chunks {
+        pieces.extend(p.push(c));
+    }
+    pieces.extend(p.finish());
+    let mut turn = Turn::default();
+    let mut ids = std::collections::HashSet::new();
+    for piece in pieces {
+        match piece {
+            Piece::Reasoning(s) => turn.reasoning.get_or_insert_with(String::new).push_str(&s),
+            // A leaked tag fragment would make the joined content differ from the whole turn's.
+            Piece::Content(s) => turn.content.get_or_insert_with(String::new).push_str(&s),
+            Piece::CallStart { index, id, name } => {
+                assert_eq!(index, turn.calls.len(), "calls announced once, in order");
+                assert!(ids.insert(id.clone()) && id.starts_with("call_") && id.len() == 29, "{id}");
+                turn.calls.push(ToolCall { id, name, arguments: String::new() });
+            }
+            Piece::CallArgs { index, text } => turn.calls[index].arguments.push_str(&text),
+        }
+    }
+    if !turn.calls.is_empty() && turn.content.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        turn.content = None;
+    }
+    turn
+}
+
+/// Every way of cutting `text` in two, and one character at a time, agree with the whole.
+fn agrees_streamed(o: TurnOptions, text: &str) -> Turn {
+    let whole = Turn::parse(o, text);
+    let cuts: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
+    for &at in &cuts {
+        let s = streamed(o, &[&text[..at], &text[at..]]);
+        assert_eq!(
+            (s.reasoning.as_deref(), s.content.as_deref()),
+            (whole.reasoning.as_deref(), whole.content.as_deref()),
+            "cut at {at}"
+        );
+        assert_eq!(calls(&s), calls(&whole), "cut at {at}");
+    }
+    let chars: Vec<String> = text.chars().map(String::from).collect();
+    let s = streamed(o, &chars.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!((s.reasoning.as_deref(), s.content.as_deref()), (whole.reasoning.as_deref(), whole.content.as_deref()));
+    assert_eq!(calls(&s), calls(&whole));
+    whole
+}
+
+#[test]
+fn two_calls_after_text_in_one_turn() {
+    let text = "Let me check both cities.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"°C\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"Europe/Berlin\"}}\n</tool_call>";
+    let turn = agrees_streamed(opts(false), text);
+    assert_eq!(turn.content.as_deref(), Some("Let me check both cities.\n"));
+    assert_eq!(
+        calls(&turn),
+        vec![("get_weather", "{\"city\": \"Paris\", \"unit\": \"°C\"}"), ("get_time", "{\"tz\": \"Europe/Berlin\"}")]
+    );
+    assert_eq!(turn.reasoning, None);
+}
+
+#[test]
+fn reasoning_then_a_call() {
+    let text = "<think>\nThe user wants weather; {braces} and <b>tags</b> are thought.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+    let turn = agrees_streamed(opts(false), text);
+    assert_eq!(turn.reasoning.as_deref(), Some("\nThe user wants weather; {braces} and <b>tags</b> are thought.\n"));
+    assert_eq!(turn.content, None);
+    assert_eq!(calls(&turn), vec![("get_weather", "{\"city\": \"Oslo\"}")]);
+}
+
+#[test]
+fn a_prompt_that_opened_think_starts_in_reasoning() {
+    let turn = agrees_streamed(opts(true), "Two plus two.\n</think>\n\nIt is 4.");
+    assert_eq!((turn.reasoning.as_deref(), turn.content.as_deref()), (Some("Two plus two.\n"), Some("It is 4.")));
+    // Without the open tag and without reasoning_open: all of it is the answer.
+    let turn = agrees_streamed(opts(false), "It is 4, <thinking> aside.");
+    assert_eq!((turn.reasoning, turn.content.as_deref()), (None, Some("It is 4, <thinking> aside.")));
+}
+
+#[test]
+fn malformed_calls_are_content_never_errors() {
+    for text in [
+        "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}\n</tool_call>", // unbalanced
+        "<tool_call>\nnot json at all\n</tool_call> then text",
+        "<tool_call>\n{\"arguments\": {}}\n</tool_call>", // no name
+    ] {
+        let turn = Turn::parse(opts(false), text);
+        assert!(turn.calls.is_empty(), "{text}");
+        assert_eq!(turn.content.as_deref(), Some(text), "returned as written");
+    }
+    // Text that only looks like the start of a tag is text.
+    let turn = agrees_streamed(opts(false), "<tool use is fun> and <tool_cal");
+    assert_eq!(turn.content.as_deref(), Some("<tool use is fun> and <tool_cal"));
+}
+
+#[test]
+fn other_key_orders_string_arguments_and_a_cut_off_call() {
+    let turn =
+        agrees_streamed(opts(false), "<tool_call>\n{\"arguments\": {\"q\": 1}, \"name\": \"search\"}\n</tool_call>");
+    assert_eq!(calls(&turn), vec![("search", "{\"q\":1}")]);
+    let turn = Turn::parse(opts(false), "<tool_call>{\"name\": \"s\", \"arguments\": \"{\\\"q\\\": 2}\"}</tool_call>");
+    assert_eq!(calls(&turn), vec![("s", "{\"q\": 2}")], "a JSON string of arguments is the arguments");
+    // The length limit hit after the object closed but before the tag: still a call.
+    let turn = agrees_streamed(opts(false), "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n");
+    assert_eq!(calls(&turn), vec![("f", "{}")]);
+    let turn = Turn::parse(opts(false), "<tool_call>\n{\"name\": \"f\", \"argu");
+    assert_eq!((turn.calls.len(), turn.content.as_deref()), (0, Some("<tool_call>\n{\"name\": \"f\", \"argu")));
+}
+
+#[test]
+fn single_call_keeps_the_first_and_tool_parsing_can_be_off() {
+    let text = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>";
+    let single = TurnOptions { single_call: true, ..opts(false) };
+    assert_eq!(calls(&agrees_streamed(single, text)), vec![("a", "{}")]);
+    let off = TurnOptions { tools: false, ..opts(false) };
+    let turn = Turn::parse(off, text);
+    assert_eq!((turn.calls.len(), turn.content.as_deref()), (0, Some(text)));
+}
+
+#[test]
+fn formats_are_detected_from_the_template() {
+    let qwen3 = "{%- if tools %}<tools>{% endif %}<tool_call>\n{{ x }}</tool_call>{% if reasoning_content %}<think>{% endif %}</think>";
+    assert_eq!(
+        Formats::detect(qwen3),
+        Formats { reasoning: Some(ReasoningFormat::Qwen3), tools: Some(ToolFormat::Hermes) }
+    );
+    assert_eq!(Formats::detect(crate::template::CHATML), Formats::default());
+}

@@ -1,0 +1,96 @@
+//! Agent requests through a real worker and router: tools, tool calls and tool results reach
+//! a chat template that speaks them (given to the router with `--tokenizer`), reasoning is split
+//! from the answer unary and streamed, and bad agent fields are 400s naming them. The fixture's
+//! weights are random, so what it writes is not a call; the parsers' formats are unit-tested in
+//! the router.
+
+use serde_json::{json, Value};
+
+use qwen_tests::{bare, fixture, root, RouterProcess, WorkerProcess};
+
+const MODEL: &str = "qwen2-gqa";
+
+/// The fixture's tokenizer with the agent template, as `--tokenizer` reads a model directory.
+fn tokenizer_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture(MODEL).join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    let template = std::fs::read_to_string(root().join("fixtures/templates/agent.jinja")).unwrap();
+    let config = json!({"chat_template": template, "eos_token": "<|im_end|>"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+fn chat(extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL, "temperature": 0.0, "max_tokens": 12, "ignore_eos": true,
+        // Small: the fixture's context is 256 tokens of a tiny vocabulary.
+        "tools": [{"type": "function", "function": {"name": "weather"}}],
+        "messages": [
+            {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "weather", "arguments": "{\"c\": \"P\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18"},
+        ],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_requests_render_parse_and_refuse_by_name() {
+    let w = WorkerProcess::start(MODEL, &[]);
+    let tokenizer = tokenizer_dir();
+    let spec = format!("{MODEL}={}", tokenizer.path().display());
+    let r = RouterProcess::start(&["--worker", bare(&w.addr), "--tokenizer", &spec]);
+    r.wait_ready().await;
+
+    // The template opened <think>: everything the model wrote (no </think>) is reasoning.
+    let (status, v) = r.post("/v1/chat/completions", chat(json!({}))).await;
+    assert_eq!(status, 200, "{v}");
+    let message = &v["choices"][0]["message"];
+    let reasoning = message["reasoning_content"].as_str().expect("reasoning_content").to_string();
+    assert!(!reasoning.is_empty() && !reasoning.contains("</think>"), "{v}");
+    assert_eq!(message["content"], "", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // The tools and the call history made the prompt longer than the question alone.
+    let (_, bare_chat) = r
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "max_tokens": 1,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}]}),
+        )
+        .await;
+    assert!(v["usage"]["prompt_tokens"].as_u64() > bare_chat["usage"]["prompt_tokens"].as_u64(), "{v}");
+
+    // Streamed: the same reasoning in reasoning_content deltas, no content, then the finish.
+    let events = r.post_stream("/v1/chat/completions", chat(json!({"stream": true}))).await;
+    let chunks: Vec<Value> =
+        events.iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str()).collect();
+    assert_eq!(streamed, reasoning);
+    assert!(chunks.iter().all(|c| c["choices"][0]["delta"].get("content").is_none()), "{chunks:?}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+
+    // enable_thinking: false closes the block in the prompt: the text is the answer.
+    let (status, v) =
+        r.post("/v1/chat/completions", chat(json!({"chat_template_kwargs": {"enable_thinking": false}}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"].get("reasoning_content").is_none(), "{v}");
+    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{v}");
+
+    // Bad agent fields: 400 in OpenAI's shape, naming the field.
+    for (extra, param) in [
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"name": "x", "description": "<|im_start|>"}}]}), "tools"),
+        (
+            json!({"chat_template_kwargs": {"add_generation_prompt": false}}),
+            "chat_template_kwargs.add_generation_prompt",
+        ),
+    ] {
+        let (status, v) = r.post("/v1/chat/completions", chat(extra)).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some(param)), "{v}");
+    }
+}
