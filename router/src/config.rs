@@ -94,7 +94,8 @@ pub struct RouterArgs {
     #[arg(long, env = "QWEN_ROUTER_EXPOSE_GROUP")]
     pub expose_group: bool,
     /// Tool-call markup parsed out of chat answers: `auto` (what the model's chat template
-    /// renders), `none`, or `hermes` (Qwen2.5/Qwen3's `<tool_call>` JSON).
+    /// renders), `none`, `hermes` (Qwen2.5/Qwen3's `<tool_call>` JSON) or `qwen3-coder`
+    /// (`<function=...><parameter=...>`).
     #[arg(long, env = "QWEN_ROUTER_TOOL_PARSER", value_enum, default_value = "auto")]
     pub tool_parser: ToolParserArg,
     /// Reasoning markup split into `reasoning_content`: `auto` (from the template), `none`, or
@@ -163,6 +164,7 @@ pub enum ToolParserArg {
     Auto,
     None,
     Hermes,
+    Qwen3Coder,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -179,6 +181,7 @@ fn format_flags(tools: ToolParserArg, reasoning: ReasoningParserArg) -> crate::a
             ToolParserArg::Auto => Choice::Auto,
             ToolParserArg::None => Choice::Off,
             ToolParserArg::Hermes => Choice::Use(ToolFormat::Hermes),
+            ToolParserArg::Qwen3Coder => Choice::Use(ToolFormat::Qwen3Coder),
         },
         reasoning: match reasoning {
             ReasoningParserArg::Auto => Choice::Auto,

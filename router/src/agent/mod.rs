@@ -3,12 +3,16 @@
 //! whole text or incrementally as it streams. Markup split across tokens is held back until it
 //! is known to be markup or text, so no tag leaks into content.
 
-mod hermes;
+mod calls;
+mod coder;
 mod reasoning;
 #[cfg(test)]
 mod tests;
 
-use hermes::ToolCallParser;
+use std::sync::Arc;
+
+use calls::ToolCallParser;
+pub use coder::ToolSchemas;
 use reasoning::ThinkSplitter;
 
 /// The reasoning markup a model's template speaks.
@@ -24,6 +28,9 @@ pub enum ToolFormat {
     /// `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, one block per call (Qwen2.5,
     /// Qwen3; the Hermes format).
     Hermes,
+    /// `<tool_call>\n<function=NAME>\n<parameter=KEY>\nvalue\n</parameter>…</function>\n</tool_call>`
+    /// (Qwen3-Coder), values typed by the tool's JSON schema.
+    Qwen3Coder,
 }
 
 /// Which output markup to parse for a model.
@@ -38,7 +45,11 @@ impl Formats {
     pub fn detect(template: &str) -> Self {
         Formats {
             reasoning: template.contains("</think>").then_some(ReasoningFormat::Qwen3),
-            tools: template.contains("<tool_call>").then_some(ToolFormat::Hermes),
+            tools: if template.contains("<function=") {
+                Some(ToolFormat::Qwen3Coder)
+            } else {
+                template.contains("<tool_call>").then_some(ToolFormat::Hermes)
+            },
         }
     }
 }
@@ -77,7 +88,7 @@ impl FormatFlags {
 }
 
 /// One request's choices of what to parse.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct TurnOptions {
     pub formats: Formats,
     /// The rendered prompt already opened `<think>`: the turn starts inside reasoning.
@@ -86,6 +97,8 @@ pub struct TurnOptions {
     pub tools: bool,
     /// At most one call (`parallel_tool_calls: false`); later ones are dropped.
     pub single_call: bool,
+    /// The offered tools' parameter types (Qwen3-Coder's values are typed by them).
+    pub schemas: Arc<ToolSchemas>,
 }
 
 /// A piece of a turn, in order.
@@ -116,7 +129,10 @@ impl TurnParser {
     pub fn new(opts: TurnOptions) -> Self {
         TurnParser {
             think: opts.formats.reasoning.map(|_| ThinkSplitter::new(opts.reasoning_open)),
-            calls: (opts.tools && opts.formats.tools.is_some()).then(|| ToolCallParser::new(opts.single_call)),
+            calls: match opts.formats.tools.filter(|_| opts.tools) {
+                Some(f) => Some(ToolCallParser::new(f, opts.schemas.clone(), opts.single_call)),
+                None => None,
+            },
         }
     }
 
@@ -200,8 +216,8 @@ pub struct ToolCall {
 
 impl Turn {
     /// Parses a whole turn's `text`.
-    pub fn parse(opts: TurnOptions, text: &str) -> Turn {
-        let mut p = TurnParser::new(opts);
+    pub fn parse(opts: &TurnOptions, text: &str) -> Turn {
+        let mut p = TurnParser::new(opts.clone());
         let mut pieces = p.push(text);
         pieces.extend(p.finish());
         let mut turn = Turn::default();

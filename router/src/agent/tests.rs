@@ -9,6 +9,7 @@ fn opts(reasoning_open: bool) -> TurnOptions {
         reasoning_open,
         tools: true,
         single_call: false,
+        schemas: Default::default(),
     }
 }
 
@@ -48,10 +49,10 @@ fn streamed(o: TurnOptions, chunks: &[&str]) -> Turn {
 
 /// Every way of cutting `text` in two, and one character at a time, agree with the whole.
 fn agrees_streamed(o: TurnOptions, text: &str) -> Turn {
-    let whole = Turn::parse(o, text);
+    let whole = Turn::parse(&o, text);
     let cuts: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
     for &at in &cuts {
-        let s = streamed(o, &[&text[..at], &text[at..]]);
+        let s = streamed(o.clone(), &[&text[..at], &text[at..]]);
         assert_eq!(
             (s.reasoning.as_deref(), s.content.as_deref()),
             (whole.reasoning.as_deref(), whole.content.as_deref()),
@@ -103,7 +104,7 @@ fn malformed_calls_are_content_never_errors() {
         "<tool_call>\nnot json at all\n</tool_call> then text",
         "<tool_call>\n{\"arguments\": {}}\n</tool_call>", // no name
     ] {
-        let turn = Turn::parse(opts(false), text);
+        let turn = Turn::parse(&opts(false), text);
         assert!(turn.calls.is_empty(), "{text}");
         assert_eq!(turn.content.as_deref(), Some(text), "returned as written");
     }
@@ -117,12 +118,12 @@ fn other_key_orders_string_arguments_and_a_cut_off_call() {
     let turn =
         agrees_streamed(opts(false), "<tool_call>\n{\"arguments\": {\"q\": 1}, \"name\": \"search\"}\n</tool_call>");
     assert_eq!(calls(&turn), vec![("search", "{\"q\":1}")]);
-    let turn = Turn::parse(opts(false), "<tool_call>{\"name\": \"s\", \"arguments\": \"{\\\"q\\\": 2}\"}</tool_call>");
+    let turn = Turn::parse(&opts(false), "<tool_call>{\"name\": \"s\", \"arguments\": \"{\\\"q\\\": 2}\"}</tool_call>");
     assert_eq!(calls(&turn), vec![("s", "{\"q\": 2}")], "a JSON string of arguments is the arguments");
     // The length limit hit after the object closed but before the tag: still a call.
     let turn = agrees_streamed(opts(false), "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n");
     assert_eq!(calls(&turn), vec![("f", "{}")]);
-    let turn = Turn::parse(opts(false), "<tool_call>\n{\"name\": \"f\", \"argu");
+    let turn = Turn::parse(&opts(false), "<tool_call>\n{\"name\": \"f\", \"argu");
     assert_eq!((turn.calls.len(), turn.content.as_deref()), (0, Some("<tool_call>\n{\"name\": \"f\", \"argu")));
 }
 
@@ -132,7 +133,7 @@ fn single_call_keeps_the_first_and_tool_parsing_can_be_off() {
     let single = TurnOptions { single_call: true, ..opts(false) };
     assert_eq!(calls(&agrees_streamed(single, text)), vec![("a", "{}")]);
     let off = TurnOptions { tools: false, ..opts(false) };
-    let turn = Turn::parse(off, text);
+    let turn = Turn::parse(&off, text);
     assert_eq!((turn.calls.len(), turn.content.as_deref()), (0, Some(text)));
 }
 
@@ -144,4 +145,58 @@ fn formats_are_detected_from_the_template() {
         Formats { reasoning: Some(ReasoningFormat::Qwen3), tools: Some(ToolFormat::Hermes) }
     );
     assert_eq!(Formats::detect(crate::template::CHATML), Formats::default());
+    let coder = "{{- '<tool_call>\n<function=' + tool_call.name + '>\n' }}";
+    assert_eq!(Formats::detect(coder).tools, Some(ToolFormat::Qwen3Coder));
+}
+
+fn coder(schemas: ToolSchemas) -> TurnOptions {
+    TurnOptions {
+        formats: Formats { reasoning: None, tools: Some(ToolFormat::Qwen3Coder) },
+        tools: true,
+        schemas: std::sync::Arc::new(schemas),
+        ..Default::default()
+    }
+}
+
+fn weather_schemas() -> ToolSchemas {
+    ToolSchemas::from_tools(&[serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+            "detailed": {"type": "boolean"}, "filters": {"type": "object"}}}}})])
+}
+
+#[test]
+fn coder_calls_are_typed_by_the_schema() {
+    let text = "I'll check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=detailed>\ntrue\n</parameter>\n<parameter=filters>\n{\"rain\": false}\n</parameter>\n</function>\n</tool_call>";
+    let turn = agrees_streamed(coder(weather_schemas()), text);
+    assert_eq!(turn.content.as_deref(), Some("I'll check.\n"));
+    assert_eq!(
+        calls(&turn),
+        vec![(
+            "get_weather",
+            "{\"city\": \"San Francisco\", \"days\": 3, \"detailed\": true, \"filters\": {\"rain\":false}}"
+        )]
+    );
+    let args: serde_json::Value = serde_json::from_str(calls(&turn)[0].1).unwrap();
+    assert_eq!(args["days"], 3);
+    // Without a schema every value is a string.
+    let turn = Turn::parse(&coder(ToolSchemas::default()), text);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(calls(&turn)[0].1).unwrap()["days"], "3");
+}
+
+#[test]
+fn coder_values_keep_code_and_two_calls_parse() {
+    let text = "<tool_call>\n<function=write_file>\n<parameter=path>\na.py\n</parameter>\n<parameter=content>\nif a < b:\n    print(\"<b>\")\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=run>\n</function>\n</tool_call>";
+    let turn = agrees_streamed(coder(ToolSchemas::default()), text);
+    assert_eq!(turn.content, None);
+    assert_eq!(
+        calls(&turn),
+        vec![
+            ("write_file", "{\"path\": \"a.py\", \"content\": \"if a < b:\\n    print(\\\"<b>\\\")\"}"),
+            ("run", "{}")
+        ]
+    );
+    // No function: the block is content.
+    let bad = "<tool_call>\n<parameter=x>\n1\n</parameter>\n</tool_call>";
+    let turn = Turn::parse(&coder(ToolSchemas::default()), bad);
+    assert_eq!((turn.calls.len(), turn.content.as_deref()), (0, Some(bad)));
 }

@@ -2,7 +2,9 @@
 //! and tool messages and `chat_template_kwargs` in; reasoning and tool calls out, whole or as
 //! stream deltas (`agent` does the parsing).
 
-use crate::agent::{Formats, Piece, Turn, TurnOptions, TurnParser};
+use std::sync::Arc;
+
+use crate::agent::{Formats, Piece, ToolSchemas, Turn, TurnOptions, TurnParser};
 use crate::error::RouterError;
 use crate::models::ModelInfo;
 use crate::template::{Chat, Message, Role, RESERVED_VARIABLES};
@@ -27,9 +29,10 @@ pub struct AgentRequest {
 }
 
 impl AgentRequest {
-    /// The parse options for a model whose prompt `reasoning_open`s.
-    pub fn turn_options(self, formats: Formats, reasoning_open: bool) -> TurnOptions {
-        TurnOptions { formats, reasoning_open, tools: self.tools, single_call: self.single_call }
+    /// The parse options for a model whose prompt `reasoning_open`s, with the offered tools'
+    /// `schemas`.
+    pub fn turn_options(self, formats: Formats, reasoning_open: bool, schemas: Arc<ToolSchemas>) -> TurnOptions {
+        TurnOptions { formats, reasoning_open, tools: self.tools, single_call: self.single_call, schemas }
     }
 }
 
@@ -147,7 +150,7 @@ pub fn reasoning_open(model: &ModelInfo, ids: &[u32]) -> bool {
 
 /// A whole turn's message and finish reason.
 pub fn message_out(
-    opts: TurnOptions,
+    opts: &TurnOptions,
     text: &str,
     finish: Option<FinishReason>,
 ) -> (AssistantMessage, Option<FinishReason>) {
@@ -343,9 +346,13 @@ mod tests {
 
     #[test]
     fn responses_have_openai_shapes() {
-        let opts = AgentRequest { tools: true, single_call: false }.turn_options(Formats::detect(AGENT_TEMPLATE), true);
+        let opts = AgentRequest { tools: true, single_call: false }.turn_options(
+            Formats::detect(AGENT_TEMPLATE),
+            true,
+            Default::default(),
+        );
         let text = "Paris weather first.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
-        let (msg, finish) = message_out(opts, text, Some(FinishReason::Stop));
+        let (msg, finish) = message_out(&opts, text, Some(FinishReason::Stop));
         let json = serde_json::to_value(&msg).unwrap();
         assert_eq!(json["content"], serde_json::Value::Null);
         assert_eq!(json["reasoning_content"], "Paris weather first.\n");
@@ -354,12 +361,12 @@ mod tests {
         assert_eq!(json["tool_calls"][0]["function"]["arguments"], "{\"city\": \"Paris\"}");
         assert_eq!(serde_json::to_value(finish).unwrap(), "tool_calls");
         // A plain answer: content a string, no reasoning or calls fields.
-        let plain = AgentRequest::default().turn_options(Formats::default(), false);
-        let (msg, finish) = message_out(plain, "hello", Some(FinishReason::Stop));
+        let plain = AgentRequest::default().turn_options(Formats::default(), false, Default::default());
+        let (msg, finish) = message_out(&plain, "hello", Some(FinishReason::Stop));
         assert_eq!(serde_json::to_value(&msg).unwrap(), serde_json::json!({"role": "assistant", "content": "hello"}));
         assert_eq!(serde_json::to_value(finish).unwrap(), "stop");
         // Stream deltas: the call's id, type and name once, then argument text.
-        let mut turn = StreamTurn::new(opts);
+        let mut turn = StreamTurn::new(opts.clone());
         let mut deltas = Vec::new();
         for piece in text.split_inclusive(['\n', ' ']) {
             deltas.push(serde_json::to_value(delta(turn.parser.push(piece), None)).unwrap());

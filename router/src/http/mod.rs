@@ -262,11 +262,14 @@ pub(crate) struct Reply {
     api: Api,
     stream: bool,
     include_usage: bool,
+    /// The offered tools' parameter types, for the tool-call parser.
+    schemas: Arc<crate::agent::ToolSchemas>,
 }
 
 impl Reply {
     fn new(api: Api, s: &Sampling) -> Self {
-        Reply { api, stream: s.stream, include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage) }
+        let include_usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        Reply { api, stream: s.stream, include_usage, schemas: Default::default() }
     }
 }
 
@@ -327,7 +330,8 @@ pub(crate) fn chat_job(
     let mut req: ChatRequest = parse(headers, body)?;
     let n = req.sampling.n.unwrap_or(1);
     let (chat, agent) = chat::chat_prompt(&mut req)?;
-    let reply = Reply::new(Api::Chat { logprobs: req.logprobs, agent }, &req.sampling);
+    let mut reply = Reply::new(Api::Chat { logprobs: req.logprobs, agent }, &req.sampling);
+    reply.schemas = Arc::new(crate::agent::ToolSchemas::from_tools(chat.tools.as_deref().unwrap_or_default()));
     let mut opts = options(req.sampling, headers)?;
     opts.max_tokens = req.max_completion_tokens.or(opts.max_tokens);
     opts.logprobs = req.logprobs;
@@ -358,7 +362,9 @@ async fn run(
     let turns: Vec<Option<TurnOptions>> = generations
         .iter()
         .map(|g| match reply.api {
-            Api::Chat { agent, .. } => Some(agent.turn_options(formats, chat::reasoning_open(&model, &g.prompt))),
+            Api::Chat { agent, .. } => {
+                Some(agent.turn_options(formats, chat::reasoning_open(&model, &g.prompt), reply.schemas.clone()))
+            }
             Api::Completions { .. } => None,
         })
         .collect();
@@ -431,8 +437,8 @@ fn whole(head: &Head, model: &ModelInfo, collected: Vec<Collected>, turns: &[Opt
         Api::Chat { logprobs, .. } => {
             let choices: Vec<ChatChoice> = choices
                 .map(|(index, c)| {
-                    let opts = turns.get(index).copied().flatten().unwrap_or_default();
-                    let (message, finish_reason) = chat::message_out(opts, &c.text, c.finish.map(FinishReason::from));
+                    let opts = turns.get(index).cloned().flatten().unwrap_or_default();
+                    let (message, finish_reason) = chat::message_out(&opts, &c.text, c.finish.map(FinishReason::from));
                     ChatChoice {
                         index,
                         logprobs: logprobs.then(|| chat_logprobs(model, &c.logprobs)),

@@ -1,24 +1,37 @@
-//! Qwen2.5 / Qwen3 tool calls: `<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>`,
-//! any number per turn, text possibly before. Streamed, a call is announced once its name is
-//! read, then its arguments follow as the model writes them (up to the last `}` seen, which may
-//! still be the outer object's). A block that is not such an object is content, tags and all
-//! (unless it was already announced while streaming: then its arguments end as streamed).
+//! Tool-call blocks `<tool_call>…</tool_call>`, any number per turn, text possibly before, in
+//! two body formats:
+//! - Qwen2.5 / Qwen3 (Hermes): `{"name": "f", "arguments": {...}}`. Streamed, a call is
+//!   announced once its name is read, then its arguments follow as the model writes them (up to
+//!   the last `}` seen, which may still be the outer object's);
+//! - Qwen3-Coder: `<function=f><parameter=k>v</parameter>…</function>` (`coder`), arguments
+//!   streamed a parameter at a time as JSON.
+//!
+//! A block that does not parse is content, tags and all (unless it was already announced while
+//! streaming: then its arguments end as streamed).
+
+use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{call_id, safe_len, Piece};
+use super::coder::{self, ToolSchemas};
+use super::{call_id, safe_len, Piece, ToolFormat};
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 
-/// The call being read: where its arguments start in the block, how far they have been sent.
+/// The call being read: where its arguments start in the block, how far they have been sent
+/// (bytes of the block for JSON bodies, parameters for Coder's).
+#[derive(Default)]
 struct Open {
     index: Option<usize>,
+    name: String,
     args_start: usize,
     sent: usize,
 }
 
 pub struct ToolCallParser {
+    format: ToolFormat,
+    schemas: Arc<ToolSchemas>,
     buf: String,
     call: Option<Open>,
     calls: usize,
@@ -28,8 +41,8 @@ pub struct ToolCallParser {
 }
 
 impl ToolCallParser {
-    pub fn new(single: bool) -> Self {
-        ToolCallParser { buf: String::new(), call: None, calls: 0, single, after_block: false }
+    pub fn new(format: ToolFormat, schemas: Arc<ToolSchemas>, single: bool) -> Self {
+        ToolCallParser { format, schemas, buf: String::new(), call: None, calls: 0, single, after_block: false }
     }
 
     pub fn called(&self) -> bool {
@@ -55,7 +68,7 @@ impl ToolCallParser {
                 if let Some(at) = self.buf.find(OPEN) {
                     out.push(Piece::Content(self.buf[..at].to_string()));
                     self.buf.drain(..at + OPEN.len());
-                    self.call = Some(Open { index: None, args_start: 0, sent: 0 });
+                    self.call = Some(Open::default());
                     continue;
                 }
                 let n = safe_len(&self.buf, OPEN);
@@ -95,21 +108,37 @@ impl ToolCallParser {
         let mut out = Vec::new();
         let Some(call) = &mut self.call else { return out };
         if call.index.is_none() {
-            let Some((name, start)) = header(&self.buf) else { return out };
+            let head = match self.format {
+                ToolFormat::Hermes => header(&self.buf),
+                ToolFormat::Qwen3Coder => coder::name(&self.buf).map(|n| (n, 0)),
+            };
+            let Some((name, start)) = head else { return out };
             if self.single && self.calls > 0 {
                 return out; // dropped at its close
             }
             call.index = Some(self.calls);
-            (call.args_start, call.sent) = (start, start);
+            (call.args_start, call.sent, call.name) = (start, start, name.clone());
             out.push(Piece::CallStart { index: self.calls, id: call_id(), name });
             self.calls += 1;
         }
-        // Up to the last `}`: everything before it is surely arguments.
-        if let (Some(index), Some(last)) = (call.index, self.buf[call.args_start..].rfind('}')) {
-            let end = call.args_start + last;
-            if end > call.sent {
-                out.push(Piece::CallArgs { index, text: self.buf[call.sent..end].to_string() });
-                call.sent = end;
+        let Some(index) = call.index else { return out };
+        match self.format {
+            // Up to the last `}`: everything before it is surely arguments.
+            ToolFormat::Hermes => {
+                if let Some(last) = self.buf[call.args_start..].rfind('}') {
+                    let end = call.args_start + last;
+                    if end > call.sent {
+                        out.push(Piece::CallArgs { index, text: self.buf[call.sent..end].to_string() });
+                        call.sent = end;
+                    }
+                }
+            }
+            ToolFormat::Qwen3Coder => {
+                let (text, n) = coder::args_from(&self.buf, &call.name, &self.schemas, call.sent);
+                if n > call.sent {
+                    out.push(Piece::CallArgs { index, text });
+                    call.sent = n;
+                }
             }
         }
         out
@@ -117,7 +146,10 @@ impl ToolCallParser {
 
     /// The block `body` has ended (`closed`: by its tag).
     fn close(&mut self, body: &str, closed: bool) -> Vec<Piece> {
-        let call = self.call.take().unwrap_or(Open { index: None, args_start: 0, sent: 0 });
+        let call = self.call.take().unwrap_or_default();
+        if self.format == ToolFormat::Qwen3Coder {
+            return self.close_coder(body, closed, call);
+        }
         let parsed = match serde_json::from_str::<Value>(body.trim()) {
             Ok(Value::Object(mut m)) => match (m.remove("name"), m.remove("arguments")) {
                 (Some(Value::String(name)), Some(args)) if args.is_object() || args.is_string() => Some((name, args)),
@@ -151,6 +183,29 @@ impl ToolCallParser {
                 vec![Piece::Content(format!("{OPEN}{body}{close}"))]
             }
         }
+    }
+}
+
+impl ToolCallParser {
+    /// A Coder block has ended: a call if it names a function (parameters so far, when the
+    /// length limit cut it), else content.
+    fn close_coder(&mut self, body: &str, closed: bool, call: Open) -> Vec<Piece> {
+        let Some(name) = coder::name(body) else {
+            let close = if closed { CLOSE } else { "" };
+            return vec![Piece::Content(format!("{OPEN}{body}{close}"))];
+        };
+        let (index, mut out) = match call.index {
+            Some(index) => (index, Vec::new()),
+            None if self.single && self.calls > 0 => return Vec::new(),
+            None => {
+                self.calls += 1;
+                (self.calls - 1, vec![Piece::CallStart { index: self.calls - 1, id: call_id(), name: name.clone() }])
+            }
+        };
+        let (mut text, n) = coder::args_from(body, &name, &self.schemas, call.sent);
+        text.push_str(if n == 0 { "{}" } else { "}" });
+        out.push(Piece::CallArgs { index, text });
+        out
     }
 }
 
