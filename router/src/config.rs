@@ -94,8 +94,8 @@ pub struct RouterArgs {
     #[arg(long, env = "QWEN_ROUTER_EXPOSE_GROUP")]
     pub expose_group: bool,
     /// Tool-call markup parsed out of chat answers: `auto` (what the model's chat template
-    /// renders), `none`, `hermes` (Qwen2.5/Qwen3's `<tool_call>` JSON) or `qwen3-coder`
-    /// (`<function=...><parameter=...>`).
+    /// renders, ReAct for the original Qwen-Chat), `none`, `hermes` (Qwen2.5/Qwen3's
+    /// `<tool_call>` JSON), `qwen3-coder` (`<function=...><parameter=...>`) or `react`.
     #[arg(long, env = "QWEN_ROUTER_TOOL_PARSER", value_enum, default_value = "auto")]
     pub tool_parser: ToolParserArg,
     /// Reasoning markup split into `reasoning_content`: `auto` (from the template), `none`, or
@@ -165,6 +165,7 @@ pub enum ToolParserArg {
     None,
     Hermes,
     Qwen3Coder,
+    React,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -182,6 +183,7 @@ fn format_flags(tools: ToolParserArg, reasoning: ReasoningParserArg) -> crate::a
             ToolParserArg::None => Choice::Off,
             ToolParserArg::Hermes => Choice::Use(ToolFormat::Hermes),
             ToolParserArg::Qwen3Coder => Choice::Use(ToolFormat::Qwen3Coder),
+            ToolParserArg::React => Choice::Use(ToolFormat::React),
         },
         reasoning: match reasoning {
             ReasoningParserArg::Auto => Choice::Auto,
@@ -309,13 +311,13 @@ impl RouterArgs {
                     failures: self.breaker_failures,
                     cooldown: Duration::from_millis(self.breaker_cooldown_ms),
                 },
+                formats: format_flags(self.tool_parser, self.reasoning_parser),
             },
             generate: GenerateConfig {
                 max_attempts: self.max_attempts,
                 first_token_timeout: Duration::from_secs(self.first_token_timeout_secs),
                 inter_token_timeout: Duration::from_secs(self.inter_token_timeout_secs),
                 expose_group: self.expose_group,
-                formats: format_flags(self.tool_parser, self.reasoning_parser),
                 admission: AdmissionConfig {
                     max_in_flight: self.max_in_flight,
                     max_queued: self.max_queued,

@@ -35,8 +35,6 @@ pub struct GenerateConfig {
     pub inter_token_timeout: Duration,
     /// Whether responses name the serving group (`x-qwen-serve-group`).
     pub expose_group: bool,
-    /// Which reasoning and tool-call markup chat answers are parsed for.
-    pub formats: crate::agent::FormatFlags,
     pub admission: AdmissionConfig,
 }
 

@@ -27,7 +27,8 @@ pub struct ModelInfo {
     pub max_token_bytes: usize,
     /// The Info digest it was learnt from: other groups serving this name must report the same.
     pub digest: String,
-    /// The reasoning and tool-call markup its chat template renders.
+    /// The reasoning and tool-call markup its answers are parsed for: what its chat template
+    /// renders (ReAct for the original Qwen-Chat, which has none), unless flags say otherwise.
     pub formats: crate::agent::Formats,
 }
 
@@ -51,7 +52,11 @@ impl LocalTokenizer {
 impl ModelInfo {
     /// From a worker's `Info`; `local` (loaded from `--tokenizer`) replaces its tokenizer and
     /// template.
-    pub fn from_info(info: &InfoResponse, local: Option<&LocalTokenizer>) -> Result<Self> {
+    pub fn from_info(
+        info: &InfoResponse,
+        local: Option<&LocalTokenizer>,
+        flags: crate::agent::FormatFlags,
+    ) -> Result<Self> {
         let origin = Path::new("<worker Info>");
         let load = |r: qwen_tokenizer::Result<Tokenizer>| {
             r.map(|t| Some(Arc::new(t)))
@@ -76,7 +81,7 @@ impl ModelInfo {
             (Some(_), true) => Some(ChatTemplate::new(CHATML)?),
         };
         let max_token_bytes = tokenizer.as_ref().map_or(1, |t| t.max_token_bytes().max(1));
-        let formats = crate::agent::Formats::detect(&template);
+        let formats = flags.apply(crate::agent::Formats::detect(&template));
         Ok(ModelInfo {
             max_token_bytes,
             digest: info.digest.clone(),

@@ -33,6 +33,8 @@ pub struct PoolConfig {
     /// Consecutive failed probes before a group leaves routing.
     pub unhealthy_after: u32,
     pub breaker: BreakerConfig,
+    /// `--tool-parser` / `--reasoning-parser`: what each model's chat answers are parsed for.
+    pub formats: crate::agent::FormatFlags,
 }
 
 /// A member as discovery reports it.
@@ -329,7 +331,7 @@ impl Pool {
                 .map_err(|s| format!("info: {}", s.message()))?
                 .into_inner();
             let local = self.local_tokenizers.get(&info.model_name);
-            let model = ModelInfo::from_info(&info, local).map_err(|e| e.to_string())?;
+            let model = ModelInfo::from_info(&info, local, self.cfg.formats).map_err(|e| e.to_string())?;
             tracing::info!(group = %g.name, model = %model.name, "learnt model");
             self.models.write().unwrap_or_else(|p| p.into_inner()).insert(model.name.clone(), Arc::new(model));
         }

@@ -106,7 +106,11 @@ pub fn completion_extras(e: CompletionExtras<'_>) -> Result<()> {
     Ok(())
 }
 
-pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, opts: Options) -> Result<Prepared> {
+pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, mut opts: Options) -> Result<Prepared> {
+    if react(&model, &prompt) && !opts.stop.iter().any(|s| s == crate::agent::react::STOP) {
+        // The model writes the call, then would invent the tool's answer: stop it there.
+        opts.stop.push(crate::agent::react::STOP.to_string());
+    }
     let prompt = encode_prompt(&model, prompt)?;
     if prompt.is_empty() {
         return Err(RouterError::invalid("prompt", "must not be empty"));
@@ -193,7 +197,18 @@ fn encode_prompt(model: &ModelInfo, prompt: Prompt) -> Result<Vec<u32>> {
             let template = model.chat_template.as_ref().ok_or_else(|| {
                 RouterError::invalid("messages", format!("model `{}` has no tokenizer for chat", model.name))
             })?;
-            encode_chat(model, template, chat)
+            let react = react(model, &Prompt::Chat(Chat { messages: Vec::new(), ..chat.clone() }));
+            let (chat, continuation) = if react { crate::agent::react::prompt(chat) } else { (chat, None) };
+            let mut ids = encode_chat(model, template, chat)?;
+            if let Some(text) = continuation {
+                // The open assistant turn's transcript: client text, so plain text.
+                fits(model, "messages", &text)?;
+                let tokenizer = model.tokenizer("messages")?;
+                ids.extend(
+                    tokenizer.encode(&text, false).map_err(|e| RouterError::invalid("messages", e.to_string()))?,
+                );
+            }
+            Ok(ids)
         }
     }
 }
@@ -255,6 +270,12 @@ fn encode_chat(model: &ModelInfo, template: &crate::template::ChatTemplate, chat
         }
     }
     markup(&real)
+}
+
+/// Whether `prompt` is a chat with tools for a model that calls them by ReAct prompting.
+fn react(model: &ModelInfo, prompt: &Prompt) -> bool {
+    matches!(prompt, Prompt::Chat(c) if c.tools.is_some())
+        && model.formats.tools == Some(crate::agent::ToolFormat::React)
 }
 
 /// Every piece of client text in `chat` that a template renders outside message contents, with

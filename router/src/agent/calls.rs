@@ -14,7 +14,16 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::coder::{self, ToolSchemas};
-use super::{call_id, safe_len, Piece, ToolFormat};
+use super::{call_id, safe_len, Piece};
+
+/// What a block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// `{"name": ..., "arguments": {...}}` (Hermes: Qwen2.5, Qwen3).
+    Json,
+    /// `<function=...><parameter=...>` (Qwen3-Coder).
+    Xml,
+}
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -30,7 +39,7 @@ struct Open {
 }
 
 pub struct ToolCallParser {
-    format: ToolFormat,
+    format: Body,
     schemas: Arc<ToolSchemas>,
     buf: String,
     call: Option<Open>,
@@ -41,7 +50,7 @@ pub struct ToolCallParser {
 }
 
 impl ToolCallParser {
-    pub fn new(format: ToolFormat, schemas: Arc<ToolSchemas>, single: bool) -> Self {
+    pub fn new(format: Body, schemas: Arc<ToolSchemas>, single: bool) -> Self {
         ToolCallParser { format, schemas, buf: String::new(), call: None, calls: 0, single, after_block: false }
     }
 
@@ -109,8 +118,8 @@ impl ToolCallParser {
         let Some(call) = &mut self.call else { return out };
         if call.index.is_none() {
             let head = match self.format {
-                ToolFormat::Hermes => header(&self.buf),
-                ToolFormat::Qwen3Coder => coder::name(&self.buf).map(|n| (n, 0)),
+                Body::Json => header(&self.buf),
+                Body::Xml => coder::name(&self.buf).map(|n| (n, 0)),
             };
             let Some((name, start)) = head else { return out };
             if self.single && self.calls > 0 {
@@ -124,7 +133,7 @@ impl ToolCallParser {
         let Some(index) = call.index else { return out };
         match self.format {
             // Up to the last `}`: everything before it is surely arguments.
-            ToolFormat::Hermes => {
+            Body::Json => {
                 if let Some(last) = self.buf[call.args_start..].rfind('}') {
                     let end = call.args_start + last;
                     if end > call.sent {
@@ -133,7 +142,7 @@ impl ToolCallParser {
                     }
                 }
             }
-            ToolFormat::Qwen3Coder => {
+            Body::Xml => {
                 let (text, n) = coder::args_from(&self.buf, &call.name, &self.schemas, call.sent);
                 if n > call.sent {
                     out.push(Piece::CallArgs { index, text });
@@ -147,7 +156,7 @@ impl ToolCallParser {
     /// The block `body` has ended (`closed`: by its tag).
     fn close(&mut self, body: &str, closed: bool) -> Vec<Piece> {
         let call = self.call.take().unwrap_or_default();
-        if self.format == ToolFormat::Qwen3Coder {
+        if self.format == Body::Xml {
             return self.close_coder(body, closed, call);
         }
         let parsed = match serde_json::from_str::<Value>(body.trim()) {

@@ -5,13 +5,14 @@
 
 mod calls;
 mod coder;
+pub mod react;
 mod reasoning;
 #[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
 
-use calls::ToolCallParser;
+use calls::{Body, ToolCallParser};
 pub use coder::ToolSchemas;
 use reasoning::ThinkSplitter;
 
@@ -31,6 +32,9 @@ pub enum ToolFormat {
     /// `<tool_call>\n<function=NAME>\n<parameter=KEY>\nvalue\n</parameter>…</function>\n</tool_call>`
     /// (Qwen3-Coder), values typed by the tool's JSON schema.
     Qwen3Coder,
+    /// ReAct prompting (`Action:` / `Action Input:` / `Observation:`): the original Qwen-Chat,
+    /// whose chat has no template for tools.
+    React,
 }
 
 /// Which output markup to parse for a model.
@@ -41,8 +45,12 @@ pub struct Formats {
 }
 
 impl Formats {
-    /// What a chat template's source shows it renders.
+    /// What a chat template's source shows it renders (none: the original Qwen-Chat's ChatML,
+    /// which takes tools by ReAct prompting).
     pub fn detect(template: &str) -> Self {
+        if template.trim().is_empty() {
+            return Formats { reasoning: None, tools: Some(ToolFormat::React) };
+        }
         Formats {
             reasoning: template.contains("</think>").then_some(ReasoningFormat::Qwen3),
             tools: if template.contains("<function=") {
@@ -123,21 +131,36 @@ pub enum Piece {
 pub struct TurnParser {
     think: Option<ThinkSplitter>,
     calls: Option<ToolCallParser>,
+    /// A ReAct turn, held whole: only its end tells a call from an answer.
+    react: Option<String>,
+    react_called: bool,
 }
 
 impl TurnParser {
     pub fn new(opts: TurnOptions) -> Self {
+        let tools = opts.formats.tools.filter(|_| opts.tools);
         TurnParser {
             think: opts.formats.reasoning.map(|_| ThinkSplitter::new(opts.reasoning_open)),
-            calls: match opts.formats.tools.filter(|_| opts.tools) {
-                Some(f) => Some(ToolCallParser::new(f, opts.schemas.clone(), opts.single_call)),
-                None => None,
+            calls: match tools {
+                Some(ToolFormat::React) | None => None,
+                Some(ToolFormat::Hermes) => {
+                    Some(ToolCallParser::new(Body::Json, opts.schemas.clone(), opts.single_call))
+                }
+                Some(ToolFormat::Qwen3Coder) => {
+                    Some(ToolCallParser::new(Body::Xml, opts.schemas.clone(), opts.single_call))
+                }
             },
+            react: (tools == Some(ToolFormat::React)).then(String::new),
+            react_called: false,
         }
     }
 
     /// The pieces `text` completes (some of it may be held back until more arrives).
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        if let Some(buf) = &mut self.react {
+            buf.push_str(text);
+            return Vec::new();
+        }
         let mut out = Vec::new();
         match &mut self.think {
             Some(t) => {
@@ -152,6 +175,11 @@ impl TurnParser {
 
     /// Whatever is still held back, at the end of the turn.
     pub fn finish(&mut self) -> Vec<Piece> {
+        if let Some(buf) = self.react.take() {
+            let pieces = react::parse(&buf);
+            self.react_called = pieces.iter().any(|p| matches!(p, Piece::CallStart { .. }));
+            return pieces;
+        }
         let mut out = Vec::new();
         if let Some(t) = &mut self.think {
             for (reasoning, s) in t.finish() {
@@ -166,7 +194,7 @@ impl TurnParser {
 
     /// Whether the turn has made a tool call.
     pub fn called(&self) -> bool {
-        self.calls.as_ref().is_some_and(ToolCallParser::called)
+        self.react_called || self.calls.as_ref().is_some_and(ToolCallParser::called)
     }
 
     fn route(&mut self, reasoning: bool, text: String, out: &mut Vec<Piece>) {

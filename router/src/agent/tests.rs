@@ -200,3 +200,62 @@ fn coder_values_keep_code_and_two_calls_parse() {
     let turn = Turn::parse(&coder(ToolSchemas::default()), bad);
     assert_eq!((turn.calls.len(), turn.content.as_deref()), (0, Some(bad)));
 }
+
+fn react_opts() -> TurnOptions {
+    TurnOptions {
+        formats: Formats { reasoning: None, tools: Some(ToolFormat::React) },
+        tools: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn react_turns_become_calls_answers_or_text() {
+    let turn = streamed(
+        react_opts(),
+        &["Thought: I need the weather.\nAction: get_weather\nAction Input: ", "{\"city\": \"Paris\"}\n"],
+    );
+    assert_eq!(calls(&turn), vec![("get_weather", "{\"city\": \"Paris\"}")]);
+    assert_eq!(turn.reasoning.as_deref(), Some("Thought: I need the weather."));
+    assert_eq!(turn.content, None);
+    let turn = Turn::parse(&react_opts(), "Thought: I now know the final answer\nFinal Answer: 18 C and sunny.");
+    assert_eq!(turn.content.as_deref(), Some("18 C and sunny."));
+    assert_eq!(turn.reasoning.as_deref(), Some("Thought: I now know the final answer"));
+    assert!(turn.calls.is_empty());
+    let turn = Turn::parse(&react_opts(), "Just chatting, no format.");
+    assert_eq!((turn.content.as_deref(), turn.calls.len()), (Some("Just chatting, no format."), 0));
+    let mut p = TurnParser::new(react_opts());
+    assert!(p.push("Action: f\nAction Input: {}").is_empty(), "held until the end");
+    assert!(!p.finish().is_empty() && p.called());
+}
+
+#[test]
+fn react_prompts_describe_tools_and_continue_after_an_observation() {
+    use crate::template::{Chat, Message, Role};
+    let tools = vec![serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "description": "Weather by city.", "parameters": {"type": "object"}}})];
+    let call =
+        serde_json::json!({"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}});
+    let chat = Chat {
+        messages: vec![
+            Message::new(Role::User, "Weather in Paris?"),
+            Message { tool_calls: Some(vec![call]), ..Message::new(Role::Assistant, "") },
+            Message::new(Role::Tool, "18 C"),
+        ],
+        tools: Some(tools),
+        kwargs: Default::default(),
+    };
+    let (chat, cont) = react::prompt(chat);
+    assert!(chat.tools.is_none() && chat.messages.len() == 1);
+    let q = &chat.messages[0].content;
+    assert!(q.starts_with("Answer the following questions as best you can."), "{q}");
+    assert!(q.contains("get_weather: Call this tool to interact with the get_weather API. What is the get_weather API useful for? Weather by city. Parameters: {\"type\":\"object\"} Format the arguments as a JSON object."), "{q}");
+    assert!(
+        q.contains("should be one of [get_weather]") && q.ends_with("Begin!\n\nQuestion: Weather in Paris?"),
+        "{q}"
+    );
+    assert_eq!(
+        cont.as_deref(),
+        Some("Action: get_weather\nAction Input: {\"city\":\"Paris\"}\nObservation: 18 C\nThought:")
+    );
+}

@@ -381,4 +381,23 @@ mod tests {
         assert!(deltas.iter().all(|d| d.get("content").is_none()), "{deltas:?}");
         assert_eq!(turn.finish_reason(FinishReason::Stop), FinishReason::ToolCalls);
     }
+
+    #[test]
+    fn the_original_qwen_takes_tools_by_react_and_stops_at_observation() {
+        let (model, tok) = crate::models::fixture_chat_model(crate::template::CHATML);
+        let mut model = std::sync::Arc::try_unwrap(model).ok().unwrap();
+        model.formats = Formats { reasoning: None, tools: Some(crate::agent::ToolFormat::React) };
+        let model = std::sync::Arc::new(model);
+        let mut req = request(serde_json::json!({"model": "m", "tools": [weather_tool()], "messages": [
+            {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "18 C"}]}));
+        let (chat, _) = chat_prompt(&mut req).unwrap();
+        let p = prepare(model, Prompt::Chat(chat), Options::default()).unwrap();
+        let text = tok.decode(&p.prompt).unwrap();
+        assert!(text.contains("Question: Paris?<|im_end|>"), "{text}");
+        assert!(text.ends_with("<|im_start|>assistant\nAction: get_weather\nAction Input: {\"city\":\"Paris\"}\nObservation: 18 C\nThought:"), "{text}");
+        assert!(p.stop.iter().any(|s| s == "Observation:"), "{:?}", p.stop);
+    }
 }

@@ -358,7 +358,7 @@ async fn run(
         router.cfg.expose_group.then(|| axum::http::HeaderValue::from_str(&groups.join(",")).ok()).flatten();
     let head = Head { api: reply.api, id, created: now(), name };
     // Each chat choice's parsing: the model's formats, and whether its prompt opened `<think>`.
-    let formats = router.cfg.formats.apply(model.formats);
+    let formats = model.formats;
     let turns: Vec<Option<TurnOptions>> = generations
         .iter()
         .map(|g| match reply.api {
