@@ -166,7 +166,9 @@ proptest! {
             let _ = check_job(crate::grpc::job(&r.model, crate::grpc::generate_prompt(r.prompt), r.options));
         }
         if let Ok(r) = qwen_proto::serve::ChatRequest::decode(bytes.as_slice()) {
-            let _ = check_job(crate::grpc::job(&r.model, crate::grpc::chat_prompt(r.messages), r.options));
+            let mut r = r;
+            let chat = crate::grpc::chat_job(&mut r);
+            let _ = check_job(crate::grpc::job(&r.model, chat.prompt, r.options));
         }
     }
 

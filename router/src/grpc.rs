@@ -9,16 +9,19 @@ use qwen_proto::serve::generation_server::Generation as GenerationApi;
 use qwen_proto::serve::{
     generate_request, ChatRequest, FinishReason as PbFinish, GenerateRequest, GenerateResponse, GenerateStreamResponse,
     GenerationOptions, ListModelsRequest, ListModelsResponse, Model, TokenLogprob as PbLogprob, TokenizeRequest,
-    TokenizeResponse, TopLogprob, Usage as PbUsage,
+    TokenizeResponse, ToolCall as PbToolCall, ToolCallDelta as PbToolCallDelta, ToolChoice as PbToolChoice, TopLogprob,
+    Usage as PbUsage,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::agent::request::{chat_request, AgentRequest, CallIn, ChatIn, MessageIn, ToolChoiceIn};
+use crate::agent::{Piece, ToolSchemas, Turn, TurnOptions, TurnParser};
 use crate::auth::{Caller, Gate};
 use crate::error::RouterError;
 use crate::generate::{Chunk, Finish, Generation, Job, RequestMeta, Router, TokenLogprob, Usage};
 use crate::metrics::Api;
-use crate::template::Message;
+use crate::models::ModelInfo;
 use crate::validate::{role, Options, Prompt};
 use qwen_telemetry::TraceContext;
 
@@ -31,9 +34,10 @@ impl PublicService {
         PublicService { router }
     }
 
-    async fn start(&self, meta: RequestMeta, job: Job) -> Result<Generation, Status> {
+    async fn start(&self, meta: RequestMeta, job: Job) -> Result<(Arc<ModelInfo>, Generation), Status> {
         let mut started = self.router.start(job, meta).await.map_err(|e| e.to_status())?;
-        started.generations.pop().ok_or_else(|| Status::internal("no generation started"))
+        let generation = started.generations.pop().ok_or_else(|| Status::internal("no generation started"))?;
+        Ok((started.model, generation))
     }
 }
 
@@ -70,13 +74,68 @@ pub(crate) fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Pro
     }
 }
 
-pub(crate) fn chat_prompt(messages: Vec<qwen_proto::serve::ChatMessage>) -> Result<Prompt, RouterError> {
-    let messages = messages
+/// A chat request's prompt, what to parse from its answer, and its tools' parameter types.
+pub(crate) struct ChatJob {
+    pub prompt: Result<Prompt, RouterError>,
+    pub agent: AgentRequest,
+    pub schemas: Arc<ToolSchemas>,
+}
+
+/// The chat of `r` (its messages, tools and template variables taken).
+pub(crate) fn chat_job(r: &mut ChatRequest) -> ChatJob {
+    let parsed = chat_in(r).and_then(|c| {
+        let schemas = Arc::new(ToolSchemas::from_tools(c.tools.as_deref().unwrap_or_default()));
+        chat_request(c).map(|(chat, agent)| (chat, agent, schemas))
+    });
+    match parsed {
+        Ok((chat, agent, schemas)) => ChatJob { prompt: Ok(Prompt::Chat(chat)), agent, schemas },
+        Err(e) => ChatJob { prompt: Err(e), agent: AgentRequest::default(), schemas: Default::default() },
+    }
+}
+
+fn chat_in(r: &mut ChatRequest) -> Result<ChatIn, RouterError> {
+    let messages = std::mem::take(&mut r.messages)
         .into_iter()
         .enumerate()
-        .map(|(i, m)| Ok(Message::new(role(i, &m.role)?, m.content)))
+        .map(|(i, m)| {
+            Ok(MessageIn {
+                role: role(i, &m.role)?,
+                content: m.content,
+                tool_calls: (!m.tool_calls.is_empty()).then(|| {
+                    m.tool_calls
+                        .into_iter()
+                        .map(|c| CallIn { id: Some(c.id), kind: None, name: c.name, arguments: c.arguments })
+                        .collect()
+                }),
+                tool_call_id: (!m.tool_call_id.is_empty()).then_some(m.tool_call_id),
+                reasoning_content: (!m.reasoning_content.is_empty()).then_some(m.reasoning_content),
+            })
+        })
         .collect::<Result<_, RouterError>>()?;
-    Ok(Prompt::Chat(crate::template::Chat { messages, ..Default::default() }))
+    let tools = std::mem::take(&mut r.tools)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut function = serde_json::json!({"name": t.name, "description": t.description});
+            if !t.parameters_json.is_empty() {
+                function["parameters"] = serde_json::from_str(&t.parameters_json).map_err(|e| {
+                    RouterError::invalid(format!("tools[{i}].parameters_json"), format!("is not JSON: {e}"))
+                })?;
+            }
+            Ok(serde_json::json!({"type": "function", "function": function}))
+        })
+        .collect::<Result<Vec<_>, RouterError>>()?;
+    let kwargs = match r.chat_template_kwargs_json.as_str() {
+        "" => serde_json::Map::new(),
+        text => serde_json::from_str(text)
+            .map_err(|e| RouterError::invalid("chat_template_kwargs_json", format!("is not a JSON object: {e}")))?,
+    };
+    let tool_choice = match PbToolChoice::try_from(r.tool_choice) {
+        Ok(PbToolChoice::Auto) => None,
+        Ok(PbToolChoice::None) => Some(ToolChoiceIn::None),
+        Err(_) => Some(ToolChoiceIn::Invalid),
+    };
+    Ok(ChatIn { messages, tools: Some(tools), tool_choice, single_call: r.single_tool_call, kwargs })
 }
 
 /// Trace context, deadline and the API key's holder (put there by [`KeyCheck`]) from the request.
@@ -124,6 +183,15 @@ fn finish(f: Finish) -> i32 {
     }
 }
 
+/// A chat answer's finish: tool calls when the turn made them and stopped on its own.
+fn finish_after(f: Finish, called: bool) -> i32 {
+    if called && f == Finish::Stop {
+        PbFinish::ToolCalls as i32
+    } else {
+        finish(f)
+    }
+}
+
 fn usage(u: Usage) -> PbUsage {
     PbUsage {
         prompt_tokens: u.prompt_tokens,
@@ -154,54 +222,104 @@ impl PublicService {
         response
     }
 
-    async fn unary(&self, model: String, generation: Generation) -> Result<Response<GenerateResponse>, Status> {
+    async fn unary(
+        &self,
+        model: String,
+        generation: Generation,
+        turn: Option<TurnOptions>,
+    ) -> Result<Response<GenerateResponse>, Status> {
         let group = generation.group.clone();
-        Ok(self.with_group(unary(model, generation).await?, &group))
+        Ok(self.with_group(unary(model, generation, turn).await?, &group))
     }
 
-    fn streaming(&self, generation: Generation) -> Response<ChunkStream> {
+    fn streaming(&self, generation: Generation, turn: Option<TurnOptions>) -> Response<ChunkStream> {
         let group = generation.group.clone();
-        self.with_group(Response::new(streaming(generation)), &group)
+        self.with_group(Response::new(streaming(generation, turn)), &group)
     }
 }
 
-async fn unary(model: String, generation: Generation) -> Result<Response<GenerateResponse>, Status> {
+async fn unary(
+    model: String,
+    generation: Generation,
+    turn: Option<TurnOptions>,
+) -> Result<Response<GenerateResponse>, Status> {
     let id = generation.id.clone();
     let prompt_token_ids = generation.prompt.clone();
     let c = generation.collect().await.map_err(|e| e.to_status())?;
-    let response = Response::new(GenerateResponse {
+    let mut response = GenerateResponse {
         id,
         model,
-        text: c.text,
         token_ids: c.token_ids,
         finish_reason: c.finish.map_or(0, finish),
         usage: Some(usage(c.usage)),
         logprobs: logprobs(c.logprobs),
         prompt_token_ids,
-    });
-    Ok(response)
+        ..Default::default()
+    };
+    match turn {
+        Some(opts) => {
+            let t = Turn::parse(&opts, &c.text);
+            response.finish_reason = c.finish.map_or(0, |f| finish_after(f, !t.calls.is_empty()));
+            response.text = t.content.unwrap_or_default();
+            response.reasoning_text = t.reasoning.unwrap_or_default();
+            response.tool_calls =
+                t.calls.into_iter().map(|c| PbToolCall { id: c.id, name: c.name, arguments: c.arguments }).collect();
+        }
+        None => response.text = c.text,
+    }
+    Ok(Response::new(response))
+}
+
+/// A chat stream message's text, reasoning and call pieces.
+fn fill(msg: &mut GenerateStreamResponse, pieces: Vec<Piece>) {
+    for p in pieces {
+        match p {
+            Piece::Content(s) => msg.text.push_str(&s),
+            Piece::Reasoning(s) => msg.reasoning_text.push_str(&s),
+            Piece::CallStart { index, id, name } => {
+                msg.tool_calls.push(PbToolCallDelta { index: index as u32, id, name, arguments: String::new() })
+            }
+            Piece::CallArgs { index, text } => {
+                msg.tool_calls.push(PbToolCallDelta { index: index as u32, arguments: text, ..Default::default() })
+            }
+        }
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
 
-fn streaming(mut generation: Generation) -> ChunkStream {
+fn streaming(mut generation: Generation, turn: Option<TurnOptions>) -> ChunkStream {
     let id = generation.id.clone();
+    let mut parser = turn.map(TurnParser::new);
     Box::pin(async_stream(move |tx| async move {
         while let Some(chunk) = generation.next().await {
             let msg = match chunk {
-                Ok(Chunk::Delta { text, token_ids, logprobs: l }) => Ok(GenerateStreamResponse {
-                    id: id.clone(),
-                    text,
-                    token_ids,
-                    logprobs: logprobs(l),
-                    ..Default::default()
-                }),
-                Ok(Chunk::Done { finish: f, usage: u }) => Ok(GenerateStreamResponse {
-                    id: id.clone(),
-                    finish_reason: finish(f),
-                    usage: Some(usage(u)),
-                    ..Default::default()
-                }),
+                Ok(Chunk::Delta { text, token_ids, logprobs: l }) => {
+                    let mut msg = GenerateStreamResponse {
+                        id: id.clone(),
+                        token_ids,
+                        logprobs: logprobs(l),
+                        ..Default::default()
+                    };
+                    match &mut parser {
+                        Some(p) => fill(&mut msg, p.push(&text)),
+                        None => msg.text = text,
+                    }
+                    Ok(msg)
+                }
+                Ok(Chunk::Done { finish: f, usage: u }) => {
+                    let mut msg = GenerateStreamResponse {
+                        id: id.clone(),
+                        finish_reason: finish(f),
+                        usage: Some(usage(u)),
+                        ..Default::default()
+                    };
+                    if let Some(p) = &mut parser {
+                        fill(&mut msg, p.finish());
+                        msg.finish_reason = finish_after(f, p.called());
+                    }
+                    Ok(msg)
+                }
                 Err(e) => Err(e.to_status()),
             };
             if tx.send(msg).await.is_err() {
@@ -229,8 +347,8 @@ impl GenerationApi for PublicService {
         let meta = request_meta(&request, Api::GrpcGenerate);
         let r = request.into_inner();
         let job = job(&r.model, generate_prompt(r.prompt), r.options);
-        let generation = self.start(meta, job).await?;
-        self.unary(r.model, generation).await
+        let (_, generation) = self.start(meta, job).await?;
+        self.unary(r.model, generation, None).await
     }
 
     type GenerateStreamStream = ChunkStream;
@@ -239,26 +357,28 @@ impl GenerationApi for PublicService {
         let meta = request_meta(&request, Api::GrpcGenerate);
         let r = request.into_inner();
         let job = job(&r.model, generate_prompt(r.prompt), r.options);
-        let generation = self.start(meta, job).await?;
-        Ok(self.streaming(generation))
+        let (_, generation) = self.start(meta, job).await?;
+        Ok(self.streaming(generation, None))
     }
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
-        let r = request.into_inner();
-        let job = job(&r.model, chat_prompt(r.messages), r.options);
-        let generation = self.start(meta, job).await?;
-        self.unary(r.model, generation).await
+        let mut r = request.into_inner();
+        let ChatJob { prompt, agent, schemas } = chat_job(&mut r);
+        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options)).await?;
+        let turn = agent.turn_options(&model, &generation.prompt, schemas);
+        self.unary(r.model, generation, Some(turn)).await
     }
 
     type ChatStreamStream = ChunkStream;
 
     async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
-        let r = request.into_inner();
-        let job = job(&r.model, chat_prompt(r.messages), r.options);
-        let generation = self.start(meta, job).await?;
-        Ok(self.streaming(generation))
+        let mut r = request.into_inner();
+        let ChatJob { prompt, agent, schemas } = chat_job(&mut r);
+        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options)).await?;
+        let turn = agent.turn_options(&model, &generation.prompt, schemas);
+        Ok(self.streaming(generation, Some(turn)))
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {

@@ -4,7 +4,10 @@
 //! weights are random, so what it writes is not a call; the parsers' formats are unit-tested in
 //! the router.
 
+use qwen_proto::serve::generation_client::GenerationClient;
+use qwen_proto::serve::{ChatMessage, ChatRequest, GenerationOptions, SamplingParams, Tool, ToolCall};
 use serde_json::{json, Value};
+use tokio_stream::StreamExt;
 
 use qwen_tests::{bare, fixture, root, RouterProcess, WorkerProcess};
 
@@ -81,6 +84,8 @@ async fn agent_requests_render_parse_and_refuse_by_name() {
     assert!(v["choices"][0]["message"].get("reasoning_content").is_none(), "{v}");
     assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{v}");
 
+    grpc_chat(&r, &reasoning).await;
+
     // Bad agent fields: 400 in OpenAI's shape, naming the field.
     for (extra, param) in [
         (json!({"tool_choice": "required"}), "tool_choice"),
@@ -92,5 +97,59 @@ async fn agent_requests_render_parse_and_refuse_by_name() {
     ] {
         let (status, v) = r.post("/v1/chat/completions", chat(extra)).await;
         assert_eq!((status, v["error"]["param"].as_str()), (400, Some(param)), "{v}");
+    }
+}
+
+/// The same conversation over gRPC `Chat` / `ChatStream`: the answer split the same way.
+async fn grpc_chat(r: &RouterProcess, http_reasoning: &str) {
+    let mut c = GenerationClient::connect(r.grpc.clone()).await.unwrap();
+    let msg =
+        |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into(), ..Default::default() };
+    let request = || ChatRequest {
+        model: MODEL.into(),
+        messages: vec![
+            msg("user", "Paris?"),
+            ChatMessage {
+                tool_calls: vec![ToolCall {
+                    id: "call_1".into(),
+                    name: "weather".into(),
+                    arguments: "{\"c\": \"P\"}".into(),
+                }],
+                ..msg("assistant", "")
+            },
+            ChatMessage { tool_call_id: "call_1".into(), ..msg("tool", "18") },
+        ],
+        options: Some(GenerationOptions {
+            sampling: Some(SamplingParams { temperature: Some(0.0), ..Default::default() }),
+            max_tokens: Some(12),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        tools: vec![Tool { name: "weather".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let resp = c.chat(request()).await.unwrap().into_inner();
+    assert_eq!(resp.reasoning_text, http_reasoning, "the same turn as over HTTP");
+    assert!(resp.text.is_empty() && resp.tool_calls.is_empty(), "{resp:?}");
+    let mut stream = c.chat_stream(request()).await.unwrap().into_inner();
+    let mut reasoning = String::new();
+    while let Some(m) = stream.next().await {
+        let m = m.unwrap();
+        assert!(m.text.is_empty(), "{m:?}");
+        reasoning.push_str(&m.reasoning_text);
+    }
+    assert_eq!(reasoning, http_reasoning);
+    // Bad fields: INVALID_ARGUMENT naming them.
+    for (req, field) in [
+        (ChatRequest { chat_template_kwargs_json: "[1]".into(), ..request() }, "chat_template_kwargs_json"),
+        (ChatRequest { tool_choice: 7, ..request() }, "tool_choice"),
+        (
+            ChatRequest { tools: vec![Tool { name: "bad name".into(), ..Default::default() }], ..request() },
+            "tools[0].function.name",
+        ),
+    ] {
+        let e = c.chat(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{}", e.message());
     }
 }

@@ -7,6 +7,7 @@ mod calls;
 mod coder;
 pub mod react;
 mod reasoning;
+pub mod request;
 #[cfg(test)]
 mod tests;
 

@@ -1,151 +1,52 @@
-//! /v1/chat/completions' agent parts: `tools`, `tool_choice`, `parallel_tool_calls`, tool-call
-//! and tool messages and `chat_template_kwargs` in; reasoning and tool calls out, whole or as
+//! /v1/chat/completions' agent parts: the request's agent fields handed to
+//! `agent::request`, and reasoning and tool calls shaped as OpenAI sends them, whole or as
 //! stream deltas (`agent` does the parsing).
 
-use std::sync::Arc;
-
-use crate::agent::{Formats, Piece, ToolSchemas, Turn, TurnOptions, TurnParser};
+use crate::agent::request::{chat_request, AgentRequest, CallIn, ChatIn, MessageIn, ToolChoiceIn};
+use crate::agent::{Piece, Turn, TurnOptions, TurnParser};
 use crate::error::RouterError;
-use crate::models::ModelInfo;
-use crate::template::{Chat, Message, Role, RESERVED_VARIABLES};
+use crate::template::{Chat, Role};
 
 use super::types::{
-    AssistantMessage, ChatMessage, ChatRequest, Delta, FinishReason, FunctionDelta, FunctionOut, ToolCallDelta,
-    ToolCallOut, ToolChoice,
+    AssistantMessage, ChatRequest, Delta, FinishReason, FunctionDelta, FunctionOut, ToolCallDelta, ToolCallOut,
+    ToolChoice,
 };
-
-/// Most tools one request may offer.
-pub const MAX_TOOLS: usize = 128;
-/// Most `chat_template_kwargs` entries.
-pub const MAX_TEMPLATE_KWARGS: usize = 32;
-
-/// What a chat request asks of the turn's parsing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AgentRequest {
-    /// Tools were offered and `tool_choice` is not `none`.
-    pub tools: bool,
-    /// `parallel_tool_calls: false`.
-    pub single_call: bool,
-}
-
-impl AgentRequest {
-    /// The parse options for a model whose prompt `reasoning_open`s, with the offered tools'
-    /// `schemas`.
-    pub fn turn_options(self, formats: Formats, reasoning_open: bool, schemas: Arc<ToolSchemas>) -> TurnOptions {
-        TurnOptions { formats, reasoning_open, tools: self.tools, single_call: self.single_call, schemas }
-    }
-}
 
 /// The chat to render and what to parse from its answer, from the request's fields (taken).
 pub fn chat_prompt(req: &mut ChatRequest) -> Result<(Chat, AgentRequest), RouterError> {
-    let tools = match req.tools.take() {
-        Some(tools) => Some(check_tools(tools)?),
-        None => None,
-    };
-    let parse_tools =
-        match req.tool_choice.take() {
-            None => tools.is_some(),
-            Some(ToolChoice::Mode(m)) if m == "none" => false,
-            Some(ToolChoice::Mode(m)) if m == "auto" => {
-                if tools.is_none() {
-                    return Err(RouterError::invalid("tool_choice", "\"auto\" needs `tools`"));
-                }
-                true
-            }
-            Some(ToolChoice::Mode(m)) if m == "required" => return Err(forced_call()),
-            Some(ToolChoice::Named { kind, .. }) if kind == "function" => return Err(forced_call()),
-            Some(_) => return Err(RouterError::invalid(
-                "tool_choice",
-                "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-            )),
-        };
-    let kwargs = req.chat_template_kwargs.take().unwrap_or_default();
-    if kwargs.len() > MAX_TEMPLATE_KWARGS {
-        return Err(RouterError::invalid("chat_template_kwargs", format!("more than {MAX_TEMPLATE_KWARGS} entries")));
-    }
-    if let Some(k) = kwargs.keys().find(|k| RESERVED_VARIABLES.contains(&k.as_str())) {
-        return Err(RouterError::invalid(format!("chat_template_kwargs.{k}"), "is set by the request itself"));
-    }
-    let messages: Result<Vec<Message>, RouterError> =
-        std::mem::take(&mut req.messages).into_iter().enumerate().map(|(i, m)| message(i, m)).collect();
-    let agent = AgentRequest { tools: parse_tools, single_call: req.parallel_tool_calls == Some(false) };
-    Ok((Chat { messages: messages?, tools, kwargs }, agent))
-}
-
-fn forced_call() -> RouterError {
-    RouterError::invalid(
-        "tool_choice",
-        "forcing a call (\"required\" or a named function) needs constrained decoding, which this server does not \
-         do yet; use \"auto\"",
-    )
-}
-
-fn check_tools(tools: Vec<super::types::ToolDef>) -> Result<Vec<serde_json::Value>, RouterError> {
-    if tools.len() > MAX_TOOLS {
-        return Err(RouterError::invalid("tools", format!("more than {MAX_TOOLS} tools")));
-    }
-    tools
+    let tool_choice = req.tool_choice.take().map(|c| match c {
+        ToolChoice::Mode(m) if m == "none" => ToolChoiceIn::None,
+        ToolChoice::Mode(m) if m == "auto" => ToolChoiceIn::Auto,
+        ToolChoice::Mode(m) if m == "required" => ToolChoiceIn::Forced,
+        ToolChoice::Named { kind, .. } if kind == "function" => ToolChoiceIn::Forced,
+        _ => ToolChoiceIn::Invalid,
+    });
+    let tools = req
+        .tools
+        .take()
+        .map(|tools| tools.into_iter().map(|t| serde_json::json!({"type": t.kind, "function": t.function})).collect());
+    let messages = std::mem::take(&mut req.messages)
         .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            if t.kind != "function" {
-                return Err(RouterError::invalid(format!("tools[{i}].type"), "must be \"function\""));
-            }
-            let name = t.function.get("name").and_then(|n| n.as_str()).unwrap_or_default();
-            let ok = (1..=64).contains(&name.len())
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-            if !ok {
-                return Err(RouterError::invalid(
-                    format!("tools[{i}].function.name"),
-                    "must be 1 to 64 of a-z, A-Z, 0-9, _, - and .",
-                ));
-            }
-            Ok(serde_json::json!({"type": "function", "function": t.function}))
+        .map(|m| MessageIn {
+            role: m.role,
+            content: m.content.map(super::types::Content::into_text).unwrap_or_default(),
+            tool_calls: m.tool_calls.map(|calls| {
+                calls
+                    .into_iter()
+                    .map(|c| CallIn { id: c.id, kind: c.kind, name: c.function.name, arguments: c.function.arguments })
+                    .collect()
+            }),
+            tool_call_id: m.tool_call_id,
+            reasoning_content: m.reasoning_content,
         })
-        .collect()
-}
-
-/// Message `i` as the template reads it: call arguments parsed from their JSON strings.
-fn message(i: usize, m: ChatMessage) -> Result<Message, RouterError> {
-    let tool_calls = match m.tool_calls {
-        Some(_) if m.role != Role::Assistant => {
-            return Err(RouterError::invalid(format!("messages[{i}].tool_calls"), "only assistant messages make calls"))
-        }
-        Some(calls) => Some(
-            calls
-                .into_iter()
-                .enumerate()
-                .map(|(j, c)| {
-                    let field = |f: &str| format!("messages[{i}].tool_calls[{j}].{f}");
-                    if c.kind.as_deref().is_some_and(|k| k != "function") {
-                        return Err(RouterError::invalid(field("type"), "must be \"function\""));
-                    }
-                    let arguments: serde_json::Value = serde_json::from_str(&c.function.arguments)
-                        .map_err(|e| RouterError::invalid(field("function.arguments"), format!("is not JSON: {e}")))?;
-                    Ok(serde_json::json!({
-                        "id": c.id,
-                        "type": "function",
-                        "function": {"name": c.function.name, "arguments": arguments},
-                    }))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        None => None,
-    };
-    Ok(Message {
-        role: m.role,
-        content: m.content.map(super::types::Content::into_text).unwrap_or_default(),
-        tool_calls,
-        tool_call_id: m.tool_call_id,
-        reasoning_content: m.reasoning_content,
+        .collect();
+    chat_request(ChatIn {
+        messages,
+        tools,
+        tool_choice,
+        single_call: req.parallel_tool_calls == Some(false),
+        kwargs: req.chat_template_kwargs.take().unwrap_or_default(),
     })
-}
-
-/// Whether the prompt `ids` end inside an opened `<think>` (Qwen3-2507 thinking templates).
-pub fn reasoning_open(model: &ModelInfo, ids: &[u32]) -> bool {
-    // Enough tokens for `<think>\n` in any vocabulary (one or two in Qwen's).
-    let tail = &ids[ids.len().saturating_sub(16)..];
-    model.tokenizer.as_ref().and_then(|t| t.decode(tail).ok()).is_some_and(|s| s.trim_end().ends_with("<think>"))
 }
 
 /// A whole turn's message and finish reason.
@@ -220,6 +121,8 @@ impl StreamTurn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::request::{reasoning_open, MAX_TOOLS};
+    use crate::agent::Formats;
     use crate::validate::{prepare, Options, Prompt};
 
     /// A small template in the Qwen2.5/Qwen3 manner: tools as JSON lines in the system turn,
@@ -346,7 +249,7 @@ mod tests {
 
     #[test]
     fn responses_have_openai_shapes() {
-        let opts = AgentRequest { tools: true, single_call: false }.turn_options(
+        let opts = AgentRequest { tools: true, single_call: false }.with_formats(
             Formats::detect(AGENT_TEMPLATE),
             true,
             Default::default(),
@@ -361,7 +264,7 @@ mod tests {
         assert_eq!(json["tool_calls"][0]["function"]["arguments"], "{\"city\": \"Paris\"}");
         assert_eq!(serde_json::to_value(finish).unwrap(), "tool_calls");
         // A plain answer: content a string, no reasoning or calls fields.
-        let plain = AgentRequest::default().turn_options(Formats::default(), false, Default::default());
+        let plain = AgentRequest::default().with_formats(Formats::default(), false, Default::default());
         let (msg, finish) = message_out(&plain, "hello", Some(FinishReason::Stop));
         assert_eq!(serde_json::to_value(&msg).unwrap(), serde_json::json!({"role": "assistant", "content": "hello"}));
         assert_eq!(serde_json::to_value(finish).unwrap(), "stop");

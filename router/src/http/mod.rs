@@ -243,7 +243,7 @@ enum Api {
     },
     Chat {
         logprobs: bool,
-        agent: chat::AgentRequest,
+        agent: crate::agent::request::AgentRequest,
     },
 }
 
@@ -358,13 +358,10 @@ async fn run(
         router.cfg.expose_group.then(|| axum::http::HeaderValue::from_str(&groups.join(",")).ok()).flatten();
     let head = Head { api: reply.api, id, created: now(), name };
     // Each chat choice's parsing: the model's formats, and whether its prompt opened `<think>`.
-    let formats = model.formats;
     let turns: Vec<Option<TurnOptions>> = generations
         .iter()
         .map(|g| match reply.api {
-            Api::Chat { agent, .. } => {
-                Some(agent.turn_options(formats, chat::reasoning_open(&model, &g.prompt), reply.schemas.clone()))
-            }
+            Api::Chat { agent, .. } => Some(agent.turn_options(&model, &g.prompt, reply.schemas.clone())),
             Api::Completions { .. } => None,
         })
         .collect();
