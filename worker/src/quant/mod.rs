@@ -249,17 +249,19 @@ impl IntWeight {
     /// `y[(o - o0) * t + r] += Σ_i x[i, r] · w(i, o)` for outputs `cols`, inputs in order;
     /// `xt` is `x` transposed (`[in, t]`), so each input's `t` values sit together.
     fn gemv(&self, xt: &[f32], (t, in_dim, out): (usize, usize, usize), cols: Range<usize>, y: &mut [f32]) {
-        let mut w = vec![0f32; cols.len()];
+        let n = cols.len();
+        let (mut w, mut acc) = (vec![0f32; n], vec![0f32; t * n]);
         for i in 0..in_dim {
             self.row(i, out, cols.clone(), &mut w);
-            let xi = &xt[i * t..(i + 1) * t];
-            if t == 1 {
-                // One row: a plain axpy, which vectorizes over the outputs.
-                y.iter_mut().zip(&w).for_each(|(y, &w)| *y += xi[0] * w);
-                continue;
+            // One axpy per row over this task's outputs: each vectorizes over the outputs.
+            for (r, acc) in acc.chunks_exact_mut(n).enumerate() {
+                let xr = xt[i * t + r];
+                acc.iter_mut().zip(&w).for_each(|(a, &w)| *a += xr * w);
             }
-            for (yj, &wj) in y.chunks_exact_mut(t).zip(&w) {
-                yj.iter_mut().zip(xi).for_each(|(y, &x)| *y += x * wj);
+        }
+        for (j, yj) in y.chunks_exact_mut(t).enumerate() {
+            for (r, y) in yj.iter_mut().enumerate() {
+                *y += acc[r * n + j];
             }
         }
     }

@@ -221,7 +221,7 @@ fn the_tiled_forward_matches_the_dequantized_weight() {
         let dir = random_linear(q, (i, o), 10 + seed as u64);
         let qw = load(&open(&dir, q), "l", (i, o), Cut::Columns(&[0..o])).unwrap().unwrap();
         // Decode-sized batches take the in-register path, larger ones the tiles.
-        for t in [1, 3, GEMV_MAX_TOKENS + 5] {
+        for t in [1, 3, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 5] {
             let x = crate::test_util::randn(&[t, i], DType::F32, &Device::Cpu);
             let want = x.matmul(&qw.dequantize().unwrap().t().unwrap()).unwrap();
             let got = qw.matmul(&x).unwrap();
