@@ -17,7 +17,8 @@
 #    kubernetes-validate does not know) are checked against the strict JSON schemas below, a
 #    subset of the Prometheus operator's CRDs covering the fields used. Then cross-references:
 #    Service/PDB/monitor selectors select pods, named ports and volumes exist, $(VAR) references
-#    resolve, ConfigMaps exist, StatefulSets' headless Services exist; and qwen-serve rules
+#    resolve, ConfigMaps exist, StatefulSets' headless Services exist, NetworkPolicies guard and
+#    admit existing pods on existing named ports; and qwen-serve rules
 #    (worker groups named uniquely, multi-node world size = replicas and one GPU per rank,
 #    --tp = GPUs, grace period > drain timeout, flag values valid; the dashboard is valid JSON
 #    and each panel's query parses as PromQL).
@@ -420,6 +421,22 @@ def check_file(f):
     for pdb in by_kind("PodDisruptionBudget"):
         if not any(selects(pdb["spec"].get("selector"), labels) for _, _, labels in templates):
             err(f, pdb, "selector selects no pod")
+    for np in by_kind("NetworkPolicy"):
+        # The pods it guards, its peers, and its named ports must exist: a typo in a label
+        # silently cuts traffic off (or admits nothing) instead of failing.
+        guarded = [ps for _, ps, labels in templates if selects(np["spec"].get("podSelector"), labels)]
+        if not guarded:
+            err(f, np, "podSelector selects no pod")
+        for rule in np["spec"].get("ingress") or []:
+            for peer in rule.get("from") or []:
+                if "podSelector" in peer and "namespaceSelector" not in peer and not any(
+                        selects(peer["podSelector"], labels) for _, _, labels in templates):
+                    err(f, np, f"ingress from {peer['podSelector']} selects no pod")
+            for port in rule.get("ports") or []:
+                name = port.get("port")
+                if isinstance(name, str) and not all(any(name == q.get("name") for c in ps.get("containers") or []
+                                                         for q in c.get("ports") or []) for ps in guarded):
+                    err(f, np, f"port {name!r} is not a named port of every guarded pod")
     for hpa in by_kind("HorizontalPodAutoscaler"):
         ref = hpa["spec"]["scaleTargetRef"]
         tgt = [d for d in docs if d["kind"] == ref["kind"] and d["metadata"]["name"] == ref["name"]]
