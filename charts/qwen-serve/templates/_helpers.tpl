@@ -45,13 +45,21 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Images. */}}
 {{- define "qwen-serve.routerImage" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- $tag := default .Chart.AppVersion .Values.image.tag }}
 {{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
 {{- end }}
 
 {{- define "qwen-serve.workerImage" -}}
 {{- if .Values.worker.image }}
 {{- .Values.worker.image }}
+{{- else if and .Values.worker.gpu.enabled .Values.image.cudaDigest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.cudaDigest }}
+{{- else if and (not .Values.worker.gpu.enabled) .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
 {{- $tag := default .Chart.AppVersion .Values.image.tag }}
 {{- if .Values.worker.gpu.enabled }}

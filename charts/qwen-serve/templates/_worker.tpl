@@ -36,6 +36,9 @@ spec:
   # On SIGTERM the worker drains by itself: gRPC health NOT_SERVING, it leaves etcd, running
   # requests finish for up to QWEN_DRAIN_TIMEOUT_SECS; the grace period exceeds that.
   terminationGracePeriodSeconds: {{ include "qwen-serve.workerGrace" $ }}
+  {{- with $.Values.worker.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
   {{- with $.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
