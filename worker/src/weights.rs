@@ -150,9 +150,10 @@ impl Weights {
     /// `shape`), concatenated in order: a tensor-parallel rank's slice, read straight from the
     /// memory map without materialising the rest. Tensors of up to two dimensions.
     pub fn get_ranges(&self, name: &str, shape: &[usize], dim: usize, ranges: &[Range<usize>]) -> Result<Tensor> {
+        check_ranges(name, shape, dim, ranges)?;
         if self.random.is_some() {
             let mut sliced = shape.to_vec();
-            sliced[dim.min(shape.len().saturating_sub(1))] = ranges.iter().map(|r| r.end - r.start).sum();
+            sliced[dim] = ranges.iter().map(|r| r.end - r.start).sum();
             return self.make_random(name, &sliced);
         }
         let (out, dtype, sliced) = self.stored_ranges(name, shape, dim, ranges)?;
@@ -174,13 +175,7 @@ impl Weights {
         dim: usize,
         ranges: &[Range<usize>],
     ) -> Result<(Vec<u8>, DType, Vec<usize>)> {
-        let bad = |message: String| Error::InvalidInput { field: "shard", message: format!("`{name}`: {message}") };
-        if shape.len() > 2 || dim >= shape.len() {
-            return Err(bad(format!("cannot slice dim {dim} of a tensor of shape {shape:?}")));
-        }
-        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > shape[dim]) {
-            return Err(bad(format!("range {r:?} outside 0..{}", shape[dim])));
-        }
+        check_ranges(name, shape, dim, ranges)?;
         let (data, dtype) = self.raw(name, shape, true)?;
         let el = dtype.size_in_bytes();
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
@@ -258,6 +253,19 @@ impl Weights {
         let searched = self.shards.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
         Error::MissingTensor { name: name.to_string(), searched }
     }
+}
+
+/// Ranges along `dim` of a tensor of `shape` that [`Weights::get_ranges`] can cut: tensors of up
+/// to two dimensions, ranges inside the dimension.
+fn check_ranges(name: &str, shape: &[usize], dim: usize, ranges: &[Range<usize>]) -> Result<()> {
+    let bad = |message: String| Error::InvalidInput { field: "shard", message: format!("`{name}`: {message}") };
+    if shape.len() > 2 || dim >= shape.len() {
+        return Err(bad(format!("cannot slice dim {dim} of a tensor of shape {shape:?}")));
+    }
+    if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > shape[dim]) {
+        return Err(bad(format!("range {r:?} outside 0..{}", shape[dim])));
+    }
+    Ok(())
 }
 
 fn stored_dtype(d: StDtype) -> Option<DType> {
