@@ -104,7 +104,7 @@ impl Model {
         parallel::check(&config, shard)?;
         moe::check(&config, shard, options.experts)?;
         weights.set_quant(config.quant);
-        let load = moe::ExpertLoad::on_device(config.moe.as_ref().map_or(0, |m| m.num_experts), &device)?;
+        let load = moe::ExpertLoad::new(config.moe.as_ref().map_or(0, |m| m.num_experts), &device)?;
         let experts = moe::ExpertPlan { split: options.experts, load: load.clone() };
         let stack = match config.architecture {
             Architecture::QWen => Stack::QWen(qwen::load(weights, &config, shard, &experts)?),

@@ -60,34 +60,23 @@ pub fn fused_covers(cfg: &ModelConfig, tokens: usize) -> bool {
 
 /// Tokens routed to each expert since start, summed over layers (each token counts once per
 /// layer and chosen expert). The grouped path adds on the host once per layer; the fused path
-/// counts on the device (`device`), which [`ExpertLoad::collect`] folds in between steps. Read
+/// counts on the device (`device_counts`), which [`ExpertLoad::collect`] folds in between steps. Read
 /// by metrics and `Stats`.
 #[derive(Debug)]
 pub struct ExpertLoad {
     tokens: Vec<AtomicU64>,
-    device: Option<DeviceCounts>,
-}
-
-#[derive(Debug)]
-struct DeviceCounts {
-    /// u32 `[num_experts]`, wrapping.
-    counts: Tensor,
-    /// `counts` when last collected: the difference is what is new.
+    /// The fused path's counter on the model's device: u32 `[num_experts]`, wrapping.
+    device_counts: Tensor,
+    /// `device_counts` when last collected: the difference is what is new.
     seen: Mutex<Vec<u32>>,
 }
 
 impl ExpertLoad {
-    /// Counts on the host only.
-    pub fn new(num_experts: usize) -> Arc<Self> {
-        Arc::new(ExpertLoad { tokens: (0..num_experts).map(|_| AtomicU64::new(0)).collect(), device: None })
-    }
-
-    /// Also keeps a counter on `device` for the fused path.
-    pub fn on_device(num_experts: usize, device: &candle_core::Device) -> Result<Arc<Self>> {
-        let counts = Tensor::zeros(num_experts, DType::U32, device)?;
+    pub fn new(num_experts: usize, device: &candle_core::Device) -> Result<Arc<Self>> {
         Ok(Arc::new(ExpertLoad {
             tokens: (0..num_experts).map(|_| AtomicU64::new(0)).collect(),
-            device: Some(DeviceCounts { counts, seen: Mutex::new(vec![0; num_experts]) }),
+            device_counts: Tensor::zeros(num_experts, DType::U32, device)?,
+            seen: Mutex::new(vec![0; num_experts]),
         }))
     }
 
@@ -98,23 +87,16 @@ impl ExpertLoad {
     /// Folds the device counter into the totals: one copy of `num_experts` u32 to the host. Call
     /// it on the thread that runs the forwards, between steps.
     pub fn collect(&self) -> Result<()> {
-        let Some(d) = &self.device else { return Ok(()) };
-        let now: Vec<u32> = d.counts.to_vec1()?;
-        let mut seen =
-            d.seen.lock().map_err(|_| Error::Internal { what: "expert load", message: "a collect panicked".into() })?;
-        for ((c, n), s) in self.tokens.iter().zip(&now).zip(seen.iter_mut()) {
-            // Wrapping: a u32 counter turns over every 4 billion copies; one interval stays far below.
-            let new = n.wrapping_sub(*s);
-            if new > 0 {
-                c.fetch_add(u64::from(new), Ordering::Relaxed);
-            }
-            *s = *n;
-        }
+        let now: Vec<u32> = self.device_counts.to_vec1()?;
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| Error::Internal { what: "expert load", message: "a collect panicked".into() })?;
+        // Wrapping: a u32 counter turns over every 4 billion copies; one interval stays far below.
+        let new: Vec<u32> = now.iter().zip(seen.iter()).map(|(n, s)| n.wrapping_sub(*s)).collect();
+        *seen = now;
+        self.add(&new);
         Ok(())
-    }
-
-    fn device_counts(&self) -> Option<Tensor> {
-        self.device.as_ref().map(|d| d.counts.clone())
     }
 
     fn add(&self, counts: &[u32]) {
@@ -277,7 +259,7 @@ impl SparseMoe {
             shared,
             load: plan.load.clone(),
             counts,
-            device_counts: if counts { plan.load.device_counts() } else { None },
+            device_counts: counts.then(|| plan.load.device_counts.clone()),
         })
     }
 

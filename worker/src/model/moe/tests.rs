@@ -71,7 +71,7 @@ fn checkpoint(moe: &MoeConfig) -> (tempfile::TempDir, HashMap<String, Tensor>) {
 
 fn layer(dir: &std::path::Path, moe: &MoeConfig, shard: Shard, split: ExpertSplit) -> SparseMoe {
     let w = Weights::open(dir, DType::F32, &Device::Cpu).unwrap();
-    let plan = ExpertPlan { split, load: ExpertLoad::on_device(moe.num_experts, &Device::Cpu).unwrap() };
+    let plan = ExpertPlan { split, load: ExpertLoad::new(moe.num_experts, &Device::Cpu).unwrap() };
     SparseMoe::load(&w, &model_config(moe.clone()), moe, "model.layers.0", shard, &plan).unwrap()
 }
 
@@ -234,7 +234,7 @@ fn a_missing_expert_tensor_is_named() {
     tensors.remove("model.layers.0.mlp.experts.3.down_proj.weight");
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
     let w = Weights::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let plan = ExpertPlan { split: ExpertSplit::Sliced, load: ExpertLoad::new(4) };
+    let plan = ExpertPlan { split: ExpertSplit::Sliced, load: ExpertLoad::new(4, &Device::Cpu).unwrap() };
     let err = SparseMoe::load(&w, &model_config(moe.clone()), &moe, "model.layers.0", Shard::SINGLE, &plan)
         .err()
         .unwrap()
