@@ -107,11 +107,12 @@ pub fn completion_extras(e: CompletionExtras<'_>) -> Result<()> {
 }
 
 pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, mut opts: Options) -> Result<Prepared> {
-    if react(&model, &prompt) && !opts.stop.iter().any(|s| s == crate::agent::react::STOP) {
+    let react = matches!(&prompt, Prompt::Chat(c) if react(&model, c));
+    if react && !opts.stop.iter().any(|s| s == crate::agent::react::STOP) {
         // The model writes the call, then would invent the tool's answer: stop it there.
         opts.stop.push(crate::agent::react::STOP.to_string());
     }
-    let prompt = encode_prompt(&model, prompt)?;
+    let prompt = encode_prompt(&model, prompt, react)?;
     if prompt.is_empty() {
         return Err(RouterError::invalid("prompt", "must not be empty"));
     }
@@ -179,7 +180,8 @@ pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, mut opts: Options) -> Resu
     Ok(Prepared { model, prompt, worker, stop: opts.stop, session_key })
 }
 
-fn encode_prompt(model: &ModelInfo, prompt: Prompt) -> Result<Vec<u32>> {
+/// `prompt` as token ids; a chat with tools is first rewritten as ReAct text when `react`.
+fn encode_prompt(model: &ModelInfo, prompt: Prompt, react: bool) -> Result<Vec<u32>> {
     match prompt {
         Prompt::Ids(ids) => Ok(ids),
         Prompt::Text(text) => {
@@ -197,7 +199,6 @@ fn encode_prompt(model: &ModelInfo, prompt: Prompt) -> Result<Vec<u32>> {
             let template = model.chat_template.as_ref().ok_or_else(|| {
                 RouterError::invalid("messages", format!("model `{}` has no tokenizer for chat", model.name))
             })?;
-            let react = react(model, &Prompt::Chat(Chat { messages: Vec::new(), ..chat.clone() }));
             let (chat, continuation) = if react { crate::agent::react::prompt(chat) } else { (chat, None) };
             let mut ids = encode_chat(model, template, chat)?;
             if let Some(text) = continuation {
@@ -272,10 +273,9 @@ fn encode_chat(model: &ModelInfo, template: &crate::template::ChatTemplate, chat
     markup(&real)
 }
 
-/// Whether `prompt` is a chat with tools for a model that calls them by ReAct prompting.
-fn react(model: &ModelInfo, prompt: &Prompt) -> bool {
-    matches!(prompt, Prompt::Chat(c) if c.tools.is_some())
-        && model.formats.tools == Some(crate::agent::ToolFormat::React)
+/// Whether `chat` offers tools to a model that calls them by ReAct prompting.
+fn react(model: &ModelInfo, chat: &Chat) -> bool {
+    chat.tools.is_some() && model.formats.tools == Some(crate::agent::ToolFormat::React)
 }
 
 /// Every piece of client text in `chat` that a template renders outside message contents, with

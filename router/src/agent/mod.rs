@@ -249,6 +249,11 @@ impl Turn {
         let mut p = TurnParser::new(opts.clone());
         let mut pieces = p.push(text);
         pieces.extend(p.finish());
+        Turn::from_pieces(pieces)
+    }
+
+    /// A turn's pieces, in order, gathered into one.
+    pub fn from_pieces(pieces: Vec<Piece>) -> Turn {
         let mut turn = Turn::default();
         for piece in merge(pieces) {
             match piece {

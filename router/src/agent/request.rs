@@ -29,13 +29,7 @@ impl AgentRequest {
     /// The parse options for a choice of `model` whose prompt is `prompt`, with the offered
     /// tools' `schemas`.
     pub fn turn_options(self, model: &ModelInfo, prompt: &[u32], schemas: Arc<ToolSchemas>) -> TurnOptions {
-        TurnOptions {
-            formats: model.formats,
-            reasoning_open: reasoning_open(model, prompt),
-            tools: self.tools,
-            single_call: self.single_call,
-            schemas,
-        }
+        self.with_formats(model.formats, reasoning_open(model, prompt), schemas)
     }
 
     /// Options for a model whose formats are given (tests, and callers without a model).

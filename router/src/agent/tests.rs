@@ -26,25 +26,19 @@ fn streamed(o: TurnOptions, chunks: &[&str]) -> Turn {
         pieces.extend(p.push(c));
     }
     pieces.extend(p.finish());
-    let mut turn = Turn::default();
     let mut ids = std::collections::HashSet::new();
-    for piece in pieces {
+    for piece in &pieces {
         match piece {
-            Piece::Reasoning(s) => turn.reasoning.get_or_insert_with(String::new).push_str(&s),
-            // A leaked tag fragment would make the joined content differ from the whole turn's.
-            Piece::Content(s) => turn.content.get_or_insert_with(String::new).push_str(&s),
-            Piece::CallStart { index, id, name } => {
-                assert_eq!(index, turn.calls.len(), "calls announced once, in order");
+            Piece::CallStart { index, id, .. } => {
+                assert_eq!(*index, ids.len(), "calls announced once, in order");
                 assert!(ids.insert(id.clone()) && id.starts_with("call_") && id.len() == 29, "{id}");
-                turn.calls.push(ToolCall { id, name, arguments: String::new() });
             }
-            Piece::CallArgs { index, text } => turn.calls[index].arguments.push_str(&text),
+            Piece::CallArgs { index, .. } => assert!(*index < ids.len(), "arguments of an announced call"),
+            _ => {}
         }
     }
-    if !turn.calls.is_empty() && turn.content.as_deref().is_some_and(|c| c.trim().is_empty()) {
-        turn.content = None;
-    }
-    turn
+    // A leaked tag fragment would make the joined content differ from the whole turn's.
+    Turn::from_pieces(pieces)
 }
 
 /// Every way of cutting `text` in two, and one character at a time, agree with the whole.
