@@ -13,6 +13,11 @@ pub mod limits {
     /// Longest `request_id`; it may hold only ASCII letters, digits and `-_.:`, so that it can
     /// be logged and echoed as it is.
     pub const MAX_REQUEST_ID_LEN: usize = 128;
+    /// Largest grammar text of a `constraint` (a JSON schema, regex or Lark grammar), in bytes.
+    /// Compilation is also bounded in work by the grammar engine's own limits.
+    pub const MAX_CONSTRAINT_BYTES: usize = 128 * 1024;
+    /// Most strings of a `choice` constraint.
+    pub const MAX_CONSTRAINT_CHOICES: usize = 1024;
 
     /// Whether `id` is a `request_id` both sides accept.
     pub fn valid_request_id(id: &str) -> bool {

@@ -116,6 +116,19 @@ impl QwenTiktoken {
         })
     }
 
+    /// Every token's bytes in id order, special tokens as `0xFF` followed by their name (the
+    /// marker grammar engines use to keep them apart from text).
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = (0..self.vocab_size - self.specials.len())
+            .map(|id| self.bpe.decode_bytes(&[id as u32]).unwrap_or_default())
+            .collect();
+        out.resize(self.vocab_size, Vec::new());
+        for (name, &id) in &self.specials {
+            out[id as usize] = [&[0xFF], name.as_bytes()].concat();
+        }
+        out
+    }
+
     /// Bytes of the longest token.
     pub fn max_token_bytes(&self) -> usize {
         self.max_token_bytes

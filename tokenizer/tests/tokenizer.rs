@@ -142,3 +142,17 @@ fn tokenizer_json_special_tokens_are_text_unless_allowed() {
         }
     }
 }
+
+#[test]
+fn qwen_tiktoken_token_bytes_spell_each_token_and_mark_specials() {
+    let tok = qwen_tiktoken();
+    let qwen_tokenizer::Tokenizer::Tiktoken(t) = &tok else { panic!("not tiktoken") };
+    let bytes = t.token_bytes();
+    assert_eq!(bytes.len(), tok.vocab_size());
+    let text = "Action Input: {\"q\": \"北京\"}\nObservation:";
+    let ids = tok.encode(text, false).unwrap();
+    let joined: Vec<u8> = ids.iter().flat_map(|&i| bytes[i as usize].clone()).collect();
+    assert_eq!(joined, text.as_bytes());
+    let im_end = tok.token_to_id("<|im_end|>").unwrap() as usize;
+    assert_eq!(bytes[im_end], b"\xff<|im_end|>");
+}

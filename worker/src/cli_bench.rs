@@ -461,7 +461,13 @@ fn measure(
             sampling: SamplingParams { logprobs, ..SamplingParams::greedy() },
             stop_token_ids: vec![],
         };
-        engine.submit(NewRequest { request_id: format!("{tag}-{i}"), prompt: prompt.clone(), params, events: tx })?;
+        engine.submit(NewRequest {
+            request_id: format!("{tag}-{i}"),
+            prompt: prompt.clone(),
+            params,
+            events: tx,
+            constraint: None,
+        })?;
         streams.push(rx);
     }
     if let Some(r) = record.as_deref_mut() {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -12,6 +13,7 @@ use qwen_cluster::discovery::{Registration, RegistrationConfig, SessionState, Wo
 use qwen_cluster::keys::GroupName;
 use qwen_worker::comm::Comm;
 use qwen_worker::config::GenerationConfig;
+use qwen_worker::constraint::GrammarCompiler;
 use qwen_worker::engine::follower;
 use qwen_worker::engine::runner::{spawn, EngineConfig, EngineHandle};
 use qwen_worker::engine::scheduler::SchedulerConfig;
@@ -363,6 +365,7 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, 
         generation: &defaults,
         tp: model.comm().world_size(),
     })?;
+    let grammars = grammar_compiler(&cfg.model, model.config().vocab_size, &defaults.eos_token_ids);
     let metrics = WorkerMetrics::new(&cfg.model_name);
     let (engine, engine_thread) = spawn(
         model,
@@ -378,13 +381,37 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, 
     let watch = engine.clone();
     let service = WorkerService::new(
         engine,
-        ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info, metrics: metrics.clone() },
+        ServiceConfig { defaults, block_size: cfg.scheduler.block_size, info, metrics: metrics.clone(), grammars },
     );
     runtime.block_on(serve_rank0(cfg, service, watch, metrics, num_blocks))?;
     // The service (and with it the last engine handle) is gone: the engine thread winds down and
     // tells any followers to stop.
     let _ = engine_thread.join();
     Ok(())
+}
+
+/// The grammar compiler for structured outputs over the model directory's tokenizer; `None` (the
+/// worker still serves, refusing constrained requests) where there is no tokenizer or it cannot
+/// be turned into the grammar engine's vocabulary.
+fn grammar_compiler(dir: &std::path::Path, vocab_size: usize, eos: &[u32]) -> Option<Arc<GrammarCompiler>> {
+    let tokenizer = match qwen_worker::tokenizer::Tokenizer::from_dir(dir) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(error = %e, "no tokenizer: structured outputs off");
+            return None;
+        }
+    };
+    let started = std::time::Instant::now();
+    match GrammarCompiler::new(&tokenizer, vocab_size, eos) {
+        Ok(g) => {
+            tracing::info!(ms = started.elapsed().as_millis() as u64, "structured outputs ready");
+            Some(Arc::new(g))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "structured outputs off");
+            None
+        }
+    }
 }
 
 /// KV blocks every rank of the group allocates. Block ids come from rank 0's allocator, so every
@@ -426,7 +453,7 @@ async fn serve_rank0(
     cfg: &ServeConfig,
     service: WorkerService,
     engine: EngineHandle,
-    metrics: std::sync::Arc<WorkerMetrics>,
+    metrics: Arc<WorkerMetrics>,
     num_blocks: usize,
 ) -> anyhow::Result<()> {
     let listen = cfg.listen;

@@ -57,6 +57,12 @@ pub enum Error {
     TokenOutOfRange { field: &'static str, token: u32, vocab: usize },
     #[error("invalid input: {field}: {message}")]
     InvalidInput { field: &'static str, message: String },
+    /// The vocabulary could not be turned into the grammar engine's token trie.
+    #[error("structured outputs: {0}")]
+    GrammarSetup(String),
+    /// A request's grammar failed while generating (e.g. it admits no further token).
+    #[error("structured output: {0}")]
+    Grammar(String),
     #[error("tensor-parallel group: {0}")]
     Comm(#[from] crate::comm::CommError),
     #[error("the engine has stopped")]
@@ -82,7 +88,8 @@ impl Error {
                 qwen_tokenizer::ErrorKind::Load => ErrorKind::Tokenizer,
                 qwen_tokenizer::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
             },
-            Error::TokenOutOfRange { .. } | Error::InvalidInput { .. } => ErrorKind::InvalidInput,
+            Error::GrammarSetup(_) => ErrorKind::Tokenizer,
+            Error::TokenOutOfRange { .. } | Error::InvalidInput { .. } | Error::Grammar(_) => ErrorKind::InvalidInput,
             Error::EngineStopped | Error::Comm(_) => ErrorKind::Unavailable,
             Error::Candle(_) | Error::Internal { .. } => ErrorKind::Internal,
         }

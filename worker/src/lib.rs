@@ -2,6 +2,7 @@
 
 pub mod comm;
 pub mod config;
+pub mod constraint;
 pub mod device;
 pub mod engine;
 pub mod error;

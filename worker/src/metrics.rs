@@ -39,6 +39,7 @@ pub struct WorkerMetrics {
     generation_tokens: Counter,
     batch_size: AtomicHistogram,
     step: AtomicHistogram,
+    grammar_compile: AtomicHistogram,
     running: Gauge,
     waiting: Gauge,
     kv_used: Gauge,
@@ -83,6 +84,7 @@ impl WorkerMetrics {
             generation_tokens: Counter::default(),
             batch_size: AtomicHistogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
             step: AtomicHistogram::new(latency_buckets()),
+            grammar_compile: AtomicHistogram::new(latency_buckets()),
             running: Gauge::default(),
             waiting: Gauge::default(),
             kv_used: Gauge::default(),
@@ -108,6 +110,8 @@ impl WorkerMetrics {
         registry.register("generation_tokens", "Generated tokens", m.generation_tokens.clone());
         registry.register("batch_size", "Sequences per engine step", m.batch_size.clone());
         registry.register("step_duration_seconds", "Engine step time (forward and sampling)", m.step.clone());
+        let compile = "Structured outputs: time to compile a request's grammar";
+        registry.register("grammar_compile_seconds", compile, m.grammar_compile.clone());
         registry.register("sequences_running", "Sequences in the running batch", m.running.clone());
         registry.register("sequences_waiting", "Sequences waiting to start", m.waiting.clone());
         registry.register("kv_blocks_used", "KV-cache blocks held by sequences", m.kv_used.clone());
@@ -140,6 +144,10 @@ impl WorkerMetrics {
 
     pub fn first_token(&self, secs: f64) {
         self.ttft.observe(secs);
+    }
+
+    pub fn grammar_compiled(&self, secs: f64) {
+        self.grammar_compile.observe(secs);
     }
 
     pub fn next_token(&self, gap_secs: f64) {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use qwen_proto::worker::worker_server::{Worker, WorkerServer};
 use qwen_proto::worker::{
-    CancelRequest, CancelResponse, FinishReason as PbFinish, GenerateRequest, GenerateResponse, InfoRequest,
-    InfoResponse, StatsRequest, StatsResponse, TopLogprob,
+    CancelRequest, CancelResponse, Constraint, FinishReason as PbFinish, GenerateRequest, GenerateResponse,
+    InfoRequest, InfoResponse, StatsRequest, StatsResponse, TopLogprob,
 };
 use tokio::sync::mpsc::unbounded_channel;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -17,6 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::config::GenerationConfig;
+use crate::constraint::{GrammarCompiler, TokenConstraint};
 use crate::engine::runner::{EngineHandle, NewRequest};
 use crate::engine::sequence::{Event, FinishReason};
 use crate::error::{Error, ErrorKind};
@@ -31,6 +32,7 @@ pub struct WorkerService {
     block_size: usize,
     info: InfoResponse,
     metrics: Arc<WorkerMetrics>,
+    grammars: Option<Arc<GrammarCompiler>>,
     next_id: AtomicU64,
     owners: Arc<Owners>,
 }
@@ -75,6 +77,8 @@ pub struct ServiceConfig {
     /// What `Info` answers (see `info::model_info`).
     pub info: InfoResponse,
     pub metrics: Arc<WorkerMetrics>,
+    /// Compiles requests' `constraint`s; `None` where the model has no tokenizer.
+    pub grammars: Option<Arc<GrammarCompiler>>,
 }
 
 impl WorkerService {
@@ -85,9 +89,28 @@ impl WorkerService {
             block_size: cfg.block_size,
             info: cfg.info,
             metrics: cfg.metrics,
+            grammars: cfg.grammars,
             next_id: AtomicU64::new(0),
             owners: Arc::default(),
         }
+    }
+}
+
+impl WorkerService {
+    /// A request's grammar, compiled on a blocking thread (it may take milliseconds).
+    async fn compile(&self, c: Constraint) -> Result<TokenConstraint, Status> {
+        let grammars = self.grammars.clone().ok_or_else(|| {
+            Status::invalid_argument(
+                "invalid input: constraint: this model has no tokenizer to compile grammars against",
+            )
+        })?;
+        let started = Instant::now();
+        let compiled = tokio::task::spawn_blocking(move || grammars.compile(&c))
+            .await
+            .map_err(|e| Status::internal(format!("grammar compilation: {e}")))?
+            .map_err(|e| status(&e))?;
+        self.metrics.grammar_compiled(started.elapsed().as_secs_f64());
+        Ok(compiled)
     }
 }
 
@@ -131,9 +154,19 @@ impl Worker for WorkerService {
         let claim = self.owners.claim(&request_id, peer).ok_or_else(|| {
             Status::already_exists(format!("request_id {request_id:?}: a request with this id is running"))
         })?;
+        let constraint = match req.constraint {
+            Some(c) => Some(Box::new(self.compile(c).await?)),
+            None => None,
+        };
         let (tx, rx) = unbounded_channel();
         self.engine
-            .submit(NewRequest { request_id: request_id.clone(), prompt: req.prompt_token_ids, params, events: tx })
+            .submit(NewRequest {
+                request_id: request_id.clone(),
+                prompt: req.prompt_token_ids,
+                params,
+                events: tx,
+                constraint,
+            })
             .map_err(|e| status(&e))?;
         // Dropping this stream (client gone) drops the receiver; the engine sees the closed
         // channel and frees the request's blocks within one step.

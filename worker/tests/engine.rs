@@ -50,7 +50,8 @@ fn engine_with(
 fn submit(e: &EngineHandle, id: &str, prompt: &[u32], n: usize, sampling: SamplingParams) -> UnboundedReceiver<Event> {
     let (tx, rx) = unbounded_channel();
     let params = GenerateParams { max_new_tokens: n, sampling, stop_token_ids: vec![] };
-    e.submit(NewRequest { request_id: id.to_string(), prompt: prompt.to_vec(), params, events: tx }).unwrap();
+    e.submit(NewRequest { request_id: id.to_string(), prompt: prompt.to_vec(), params, events: tx, constraint: None })
+        .unwrap();
     rx
 }
 
@@ -292,6 +293,7 @@ fn bad_requests_are_refused_naming_the_field() {
         prompt,
         params: GenerateParams { max_new_tokens: n, sampling, stop_token_ids: vec![] },
         events: tx.clone(),
+        constraint: None,
     };
     let cases = [
         (req(vec![], 4, SamplingParams::greedy()), "prompt"),

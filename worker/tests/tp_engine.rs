@@ -55,7 +55,8 @@ fn group(name: &'static str, tp: usize, timeout: Duration) -> (EngineHandle, Vec
 fn submit(e: &EngineHandle, id: &str, prompt: &[u32], n: usize) -> UnboundedReceiver<Event> {
     let (tx, rx) = unbounded_channel();
     let params = GenerateParams { max_new_tokens: n, sampling: SamplingParams::greedy(), stop_token_ids: vec![] };
-    e.submit(NewRequest { request_id: id.into(), prompt: prompt.to_vec(), params, events: tx }).unwrap();
+    e.submit(NewRequest { request_id: id.into(), prompt: prompt.to_vec(), params, events: tx, constraint: None })
+        .unwrap();
     rx
 }
 

@@ -24,6 +24,7 @@ use crate::kernels::KernelMode;
 use crate::model::paged::{KvLayout, PagedKvStore};
 use crate::model::{Model, SeqChunk};
 use crate::sampling::Scratch;
+use llguidance::toktrie::SimpleVob;
 
 /// Told of every engine step (the worker's metrics implement it).
 pub trait StepObserver: Send + Sync {
@@ -254,6 +255,7 @@ pub fn spawn(model: Model, config: EngineConfig) -> Result<(EngineHandle, JoinHa
                 model_salt,
                 next_id: 0,
                 scratch: Scratch::default(),
+                mask_scratch: Vec::new(),
                 recent: VecDeque::new(),
                 group_broken: false,
             }
@@ -312,7 +314,12 @@ struct Picks {
     rows: Vec<Option<Pick>>,
     /// The rows the host sampler reads, copied from the device.
     host_rows: Vec<Vec<f32>>,
+    /// Rows whose grammar failed before sampling, with why: their sequences end in an error.
+    failed: Vec<(usize, String)>,
 }
+
+/// Per planned row, the tokens its grammar allows (`None` where unconstrained or not sampling).
+type RowMasks = Vec<Option<Result<SimpleVob>>>;
 
 struct Engine {
     model: Model,
@@ -327,6 +334,8 @@ struct Engine {
     model_salt: u64,
     next_id: u64,
     scratch: Scratch,
+    /// Expanded token masks of constrained rows, reused across steps.
+    mask_scratch: Vec<u8>,
     /// (when, tokens generated) of recent steps, for tokens/s.
     recent: VecDeque<(Instant, usize)>,
     /// A collective failed: some rank is gone and no further forward can complete.
@@ -451,8 +460,8 @@ impl Engine {
     /// Runs one forward over `plan`, samples where a sequence's chunk ends its known tokens, and
     /// streams and finishes. Returns how many tokens were generated.
     fn step(&mut self, plan: &[Planned]) -> usize {
-        let result = self.forward(plan).and_then(|logits| {
-            let picks = self.pick_tokens(plan, &logits)?;
+        let result = self.forward(plan).and_then(|(logits, masks)| {
+            let picks = self.pick_tokens(plan, &logits, masks)?;
             Ok(self.advance(plan, picks))
         });
         match result {
@@ -471,41 +480,81 @@ impl Engine {
         }
     }
 
-    /// The step's logits, one row per planned sequence: replayed from a decode graph where
-    /// eligible. In a tensor-parallel group the batch goes to the followers first.
-    fn forward(&mut self, plan: &[Planned]) -> Result<Tensor> {
+    /// The step's logits, one row per planned sequence, and the grammar masks of its constrained
+    /// rows, computed on another thread while the forward runs. In a tensor-parallel group the
+    /// batch goes to the followers first.
+    fn forward(&mut self, plan: &[Planned]) -> Result<(Tensor, RowMasks)> {
         let running = self.scheduler.running();
         let mut tokens = Vec::with_capacity(plan.iter().map(|p| p.len).sum::<usize>());
         let mut chunks = Vec::with_capacity(plan.len());
         let mut tables = Vec::with_capacity(plan.len());
-        for p in plan {
+        let mut row_of = vec![None; running.len()];
+        for (k, p) in plan.iter().enumerate() {
             let s = &running[p.index];
             tokens.extend_from_slice(&s.tokens[s.computed..s.computed + p.len]);
             chunks.push(SeqChunk { seq_id: s.id, context_len: s.computed, len: p.len, rope_alpha: s.rope_alpha });
             tables.push(s.blocks.iter().map(|b| b.id()).collect::<Vec<u32>>());
+            if s.samples_after(p.len) {
+                row_of[p.index] = Some(k);
+            }
         }
         let batch = StepPlan { tokens, chunks, tables };
         if self.model.comm().world_size() > 1 {
             // Followers run the same forward on their shards; the plan travels first.
             self.model.comm().broadcast_bytes(0, batch.encode())?;
         }
-        match self.graphs.as_mut().filter(|g| g.eligible(&self.model, &batch.chunks)) {
-            Some(graphs) => graphs.run(&mut self.model, &mut self.store, &batch.tokens, &batch.chunks, &batch.tables),
-            None => {
-                let mut step = self.store.step(&batch.chunks, &batch.tables)?;
-                self.model.forward(&batch.tokens, &batch.chunks, &mut step)
-            }
+        let Engine { model, store, graphs, scheduler, .. } = self;
+        let wanted: Vec<_> = scheduler.constraints_mut().filter_map(|(i, c)| row_of[i].map(|k| (k, c))).collect();
+        let mut masks: RowMasks = (0..plan.len()).map(|_| None).collect();
+        if wanted.is_empty() {
+            return Ok((run_forward(model, store, graphs.as_mut(), &batch)?, masks));
         }
+        let logits = std::thread::scope(|scope| {
+            let masker = scope.spawn(move || wanted.into_iter().map(|(k, c)| (k, c.allowed())).collect::<Vec<_>>());
+            let logits = run_forward(model, store, graphs.as_mut(), &batch);
+            let computed = masker
+                .join()
+                .map_err(|_| Error::Internal { what: "grammar masks", message: "the mask thread panicked".into() })?;
+            for (k, m) in computed {
+                masks[k] = Some(m);
+            }
+            logits
+        })?;
+        Ok((logits, masks))
     }
 
     /// A token for each row whose chunk completes its sequence's known tokens. A row is chosen
     /// on the device when the fused kernels run and its request needs nothing of the host (so
     /// a request's tokens never depend on its batch); the rest go by argmax on the device, or by
-    /// the host sampler on a copy of just their rows.
-    fn pick_tokens(&self, plan: &[Planned], logits: &Tensor) -> Result<Picks> {
+    /// the host sampler on a copy of just their rows. Constrained rows are masked first, where
+    /// they are sampled.
+    fn pick_tokens(&mut self, plan: &[Planned], logits: &Tensor, masks: RowMasks) -> Result<Picks> {
+        let mut scratch = std::mem::take(&mut self.mask_scratch);
+        let result = self.pick_tokens_with(plan, logits, masks, &mut scratch);
+        self.mask_scratch = scratch;
+        result
+    }
+
+    fn pick_tokens_with(
+        &self,
+        plan: &[Planned],
+        logits: &Tensor,
+        masks: RowMasks,
+        mask_scratch: &mut Vec<u8>,
+    ) -> Result<Picks> {
         let running = self.scheduler.running();
-        let sampled: Vec<usize> =
-            (0..plan.len()).filter(|&k| running[plan[k].index].samples_after(plan[k].len)).collect();
+        let mut picks = Picks { rows: vec![None; plan.len()], host_rows: Vec::new(), failed: Vec::new() };
+        let mut allowed: Vec<Option<SimpleVob>> = Vec::with_capacity(plan.len());
+        let mut sampled = Vec::new();
+        for (k, mask) in masks.into_iter().enumerate() {
+            let p = plan[k];
+            match &mask {
+                Some(Err(e)) => picks.failed.push((k, e.to_string())),
+                _ if !running[p.index].samples_after(p.len) => {}
+                _ => sampled.push(k),
+            }
+            allowed.push(mask.and_then(Result::ok));
+        }
         let fused = self.model.kernels() == KernelMode::Fused;
         let (on_device, on_host): (Vec<usize>, Vec<usize>) =
             sampled.iter().partition(|&&k| fused && running[plan[k].index].sampler.params().is_device_samplable());
@@ -516,17 +565,26 @@ impl Engine {
             let idx: Vec<u32> = ks.iter().map(|&k| k as u32).collect();
             Ok(logits.index_select(&Tensor::from_vec(idx, ks.len(), logits.device())?, 0)?)
         };
-        let mut picks = Picks { rows: vec![None; plan.len()], host_rows: Vec::new() };
-        if !on_device.is_empty() {
-            let draws: Vec<_> = on_device.iter().map(|&k| running[plan[k].index].sampler.device_draw()).collect();
-            let ids = crate::kernels::sample_rows(&select(&on_device)?, &draws)?;
-            for (&k, id) in on_device.iter().zip(ids) {
+        let (masked, free): (Vec<usize>, Vec<usize>) = on_device.iter().partition(|&&k| allowed[k].is_some());
+        for ks in [free, masked] {
+            if ks.is_empty() {
+                continue;
+            }
+            let mut rows = select(&ks)?;
+            if allowed[ks[0]].is_some() {
+                let m: Vec<&SimpleVob> = ks.iter().filter_map(|&k| allowed[k].as_ref()).collect();
+                rows = crate::constraint::mask_rows(&rows, &m, mask_scratch)?;
+            }
+            let draws: Vec<_> = ks.iter().map(|&k| running[plan[k].index].sampler.device_draw()).collect();
+            let ids = crate::kernels::sample_rows(&rows, &draws)?;
+            for (&k, id) in ks.iter().zip(ids) {
                 picks.rows[k] = Some(Pick::Id(id));
             }
         }
         if !on_host.is_empty() {
             let rows = select(&on_host)?;
-            if on_host.iter().all(|&k| running[plan[k].index].sampler.params().is_plain_greedy()) {
+            let plain = |k: usize| running[plan[k].index].sampler.params().is_plain_greedy() && allowed[k].is_none();
+            if on_host.iter().all(|&k| plain(k)) {
                 let ids: Vec<u32> = rows.argmax(D::Minus1)?.to_vec1()?;
                 for (&k, id) in on_host.iter().zip(ids) {
                     picks.rows[k] = Some(Pick::Id(id));
@@ -534,6 +592,9 @@ impl Engine {
             } else {
                 picks.host_rows = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
                 for (i, &k) in on_host.iter().enumerate() {
+                    if let Some(mask) = &allowed[k] {
+                        crate::constraint::mask_host_row(mask, &mut picks.host_rows[i]);
+                    }
                     picks.rows[k] = Some(Pick::Row(i));
                 }
             }
@@ -545,10 +606,14 @@ impl Engine {
     /// sequences that are done. Returns how many tokens were generated.
     fn advance(&mut self, plan: &[Planned], picks: Picks) -> usize {
         let max_context = self.model.config().max_context();
-        let mut finished = Vec::new();
+        let mut finished: Vec<(u64, FinishReason, Option<String>)> = Vec::new();
         let mut generated = 0;
-        for (p, pick) in plan.iter().zip(picks.rows) {
+        for (k, (p, pick)) in plan.iter().zip(picks.rows).enumerate() {
             let seq = self.scheduler.advance(p.index, p.len);
+            if let Some((_, why)) = picks.failed.iter().find(|(row, _)| *row == k) {
+                finished.push((seq.id, FinishReason::Error, Some(why.clone())));
+                continue;
+            }
             let Some(pick) = pick else { continue };
             let (token, logprob, top) = match pick {
                 Pick::Id(id) => {
@@ -561,16 +626,24 @@ impl Engine {
                 }
             };
             generated += 1;
-            if let Some(reason) = seq.push_token(token, logprob, top, max_context) {
-                finished.push((seq.id, reason));
+            // The grammar sees the token first; a complete grammar ends the output.
+            let grammar = seq.constraint.as_mut().map(|c| c.consume(token)).transpose();
+            let reason = seq.push_token(token, logprob, top, max_context);
+            match grammar {
+                Err(e) => finished.push((seq.id, FinishReason::Error, Some(e.to_string()))),
+                Ok(done) => {
+                    if let Some(reason) = reason.or((done == Some(true)).then_some(FinishReason::Stop)) {
+                        finished.push((seq.id, reason, None));
+                    }
+                }
             }
         }
         if !finished.is_empty() {
             self.scheduler.remove_where(
-                |s| finished.iter().any(|(id, _)| *id == s.id),
-                |s| {
-                    let reason = finished.iter().find(|(id, _)| *id == s.id).map_or(FinishReason::Length, |f| f.1);
-                    s.finish(reason, None)
+                |s| finished.iter().any(|(id, ..)| *id == s.id),
+                |s| match finished.iter().find(|(id, ..)| *id == s.id) {
+                    Some((_, reason, message)) => s.finish(*reason, message.clone()),
+                    None => s.finish(FinishReason::Length, None),
                 },
             );
         }
@@ -608,6 +681,22 @@ impl Engine {
         };
         if let Ok(mut st) = self.stats.lock() {
             *st = snapshot;
+        }
+    }
+}
+
+/// One forward over `batch`: replayed from a decode graph where eligible.
+fn run_forward(
+    model: &mut Model,
+    store: &mut PagedKvStore,
+    graphs: Option<&mut DecodeGraphs>,
+    batch: &StepPlan,
+) -> Result<Tensor> {
+    match graphs.filter(|g| g.eligible(model, &batch.chunks)) {
+        Some(graphs) => graphs.run(model, store, &batch.tokens, &batch.chunks, &batch.tables),
+        None => {
+            let mut step = store.step(&batch.chunks, &batch.tables)?;
+            model.forward(&batch.tokens, &batch.chunks, &mut step)
         }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use super::blocks::{Block, BlockPool};
 use super::prefix_cache::PrefixCache;
 use super::sequence::Sequence;
+use crate::constraint::TokenConstraint;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -106,6 +107,12 @@ impl Scheduler {
     /// The running sequences; a [`Planned`] index points here.
     pub fn running(&self) -> &[Sequence] {
         &self.running
+    }
+
+    /// The grammar state of each running sequence that has one, by index in [`Self::running`]
+    /// (the engine computes token masks from them while a forward runs).
+    pub fn constraints_mut(&mut self) -> impl Iterator<Item = (usize, &mut TokenConstraint)> {
+        self.running.iter_mut().enumerate().filter_map(|(i, s)| s.constraint.as_deref_mut().map(|c| (i, c)))
     }
 
     pub fn waiting_len(&self) -> usize {
@@ -222,7 +229,7 @@ mod tests {
     fn seq(id: u64, prompt: Vec<u32>) -> Sequence {
         let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
         let params = GenerateParams { max_new_tokens: 100, sampling: SamplingParams::greedy(), stop_token_ids: vec![] };
-        let request = NewRequest { request_id: id.to_string(), prompt, params, events };
+        let request = NewRequest { request_id: id.to_string(), prompt, params, events, constraint: None };
         Sequence::new(id, request, KvKey { root_hash: root_hash(0, 1.0), rope_alpha: 1.0 })
     }
 

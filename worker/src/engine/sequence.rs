@@ -4,6 +4,7 @@
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::blocks::Block;
+use crate::constraint::TokenConstraint;
 pub use crate::generate::FinishReason;
 use crate::generate::GenerateParams;
 use crate::sampling::SeqSampler;
@@ -15,6 +16,8 @@ pub struct NewRequest {
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
     pub events: UnboundedSender<Event>,
+    /// Structured output: the grammar its tokens must follow.
+    pub constraint: Option<Box<TokenConstraint>>,
 }
 
 /// What a request's stream receives.
@@ -60,12 +63,13 @@ pub struct Sequence {
     pub params: GenerateParams,
     pub sampler: SeqSampler,
     pub events: UnboundedSender<Event>,
+    pub constraint: Option<Box<TokenConstraint>>,
     pub cached_prompt_tokens: Option<usize>,
 }
 
 impl Sequence {
     pub fn new(id: u64, request: NewRequest, kv: KvKey) -> Self {
-        let NewRequest { request_id, prompt, params, events } = request;
+        let NewRequest { request_id, prompt, params, events, constraint } = request;
         Sequence {
             id,
             request_id,
@@ -79,6 +83,7 @@ impl Sequence {
             rope_alpha: kv.rope_alpha,
             params,
             events,
+            constraint,
             cached_prompt_tokens: None,
         }
     }
