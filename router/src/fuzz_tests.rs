@@ -163,12 +163,12 @@ proptest! {
     #[test]
     fn fuzz_grpc_messages_get_answers_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         if let Ok(r) = qwen_proto::serve::GenerateRequest::decode(bytes.as_slice()) {
-            let _ = check_job(crate::grpc::job(&r.model, crate::grpc::generate_prompt(r.prompt), r.options));
+            let _ = check_job(crate::grpc::job(&r.model, crate::grpc::generate_prompt(r.prompt), r.options, None));
         }
         if let Ok(r) = qwen_proto::serve::ChatRequest::decode(bytes.as_slice()) {
             let mut r = r;
             let chat = crate::grpc::chat_job(&mut r);
-            let _ = check_job(crate::grpc::job(&r.model, chat.prompt, r.options));
+            let _ = check_job(crate::grpc::job(&r.model, chat.prompt, r.options, chat.forced));
         }
     }
 

@@ -364,7 +364,14 @@ enum Attempt {
     Fatal(RouterError),
 }
 
-fn classify(group: &Group, status: tonic::Status) -> Attempt {
+fn classify(group: &Group, req: &Prepared, status: tonic::Status) -> Attempt {
+    // A grammar the worker could not compile is the client's field at fault.
+    let refused_grammar = status.message().strip_prefix("invalid input: constraint: ");
+    if let (tonic::Code::InvalidArgument, Some(why), Some(field)) =
+        (status.code(), refused_grammar, &req.constraint_field)
+    {
+        return Attempt::Fatal(RouterError::invalid(field.clone(), why.to_string()));
+    }
     let e =
         RouterError::Worker { group: group.name.to_string(), code: status.code(), message: status.message().into() };
     match status.code() {
@@ -406,7 +413,7 @@ async fn start(
     // while the group stays healthy, and no longer than the first-token timeout; then the
     // request moves on (dropping the stream cancels it on the worker).
     let first = async {
-        let mut stream = group.client().generate(request).await.map_err(|s| classify(group, s))?.into_inner();
+        let mut stream = group.client().generate(request).await.map_err(|s| classify(group, req, s))?.into_inner();
         let message = stream.message().await;
         Ok((stream, message))
     };
@@ -437,7 +444,7 @@ async fn start(
             code: tonic::Code::Unavailable,
             message: "the stream ended before its first token".into(),
         })),
-        Err(s) => Err(classify(group, s)),
+        Err(s) => Err(classify(group, req, s)),
     }
 }
 

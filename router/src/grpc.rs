@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use qwen_proto::serve::generation_server::Generation as GenerationApi;
 use qwen_proto::serve::{
-    generate_request, ChatRequest, FinishReason as PbFinish, GenerateRequest, GenerateResponse, GenerateStreamResponse,
-    GenerationOptions, ListModelsRequest, ListModelsResponse, Model, TokenLogprob as PbLogprob, TokenizeRequest,
-    TokenizeResponse, ToolCall as PbToolCall, ToolCallDelta as PbToolCallDelta, ToolChoice as PbToolChoice, TopLogprob,
-    Usage as PbUsage,
+    generate_request, ChatRequest, Constraint as PbConstraint, FinishReason as PbFinish, GenerateRequest,
+    GenerateResponse, GenerateStreamResponse, GenerationOptions, ListModelsRequest, ListModelsResponse, Model,
+    TokenLogprob as PbLogprob, TokenizeRequest, TokenizeResponse, ToolCall as PbToolCall,
+    ToolCallDelta as PbToolCallDelta, ToolChoice as PbToolChoice, TopLogprob, Usage as PbUsage,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -22,6 +22,7 @@ use crate::error::RouterError;
 use crate::generate::{Chunk, Finish, Generation, Job, RequestMeta, Router, TokenLogprob, Usage};
 use crate::metrics::Api;
 use crate::models::ModelInfo;
+use crate::structured::ConstraintSpec;
 use crate::validate::{role, Options, Prompt};
 use qwen_telemetry::TraceContext;
 
@@ -41,13 +42,56 @@ impl PublicService {
     }
 }
 
-pub(crate) fn job(model: &str, prompt: Result<Prompt, RouterError>, options: Option<GenerationOptions>) -> Job {
-    Job { model: model.to_string(), prompt, options: options.map(self::options).unwrap_or_default(), n: 1 }
+/// A job for the router; `forced` is the call a chat's `tool_choice` forces. Option errors travel
+/// in the prompt's place, so they are reported like every other refusal.
+pub(crate) fn job(
+    model: &str,
+    prompt: Result<Prompt, RouterError>,
+    options: Option<GenerationOptions>,
+    forced: Option<ConstraintSpec>,
+) -> Job {
+    let mut options = options.map(self::options).transpose();
+    if let (Ok(Some(o)), Some(forced)) = (&mut options, forced) {
+        match &o.constraint {
+            Some(c) => {
+                let why = "cannot be combined with a tool_choice that forces a call";
+                options = Err(RouterError::invalid(format!("options.{}", c.field()), why));
+            }
+            None => o.constraint = Some(forced),
+        }
+    }
+    let (prompt, options) = match options {
+        Ok(o) => (prompt, o.unwrap_or_default()),
+        Err(e) => (Err(e), Options::default()),
+    };
+    Job { model: model.to_string(), prompt, options, n: 1 }
 }
 
-fn options(o: GenerationOptions) -> Options {
+/// The public `Constraint` as the worker's, checked.
+fn constraint(c: PbConstraint) -> Result<Option<ConstraintSpec>, RouterError> {
+    use qwen_proto::serve::constraint::Kind as Pb;
+    use qwen_proto::worker::constraint::Kind;
+    let (field, kind) = match c.kind {
+        None => return Ok(None),
+        Some(Pb::JsonSchema(s)) => ("options.constraint.json_schema", Kind::JsonSchema(s)),
+        Some(Pb::JsonObject(b)) => ("options.constraint.json_object", Kind::JsonObject(b)),
+        Some(Pb::Regex(s)) => ("options.constraint.regex", Kind::Regex(s)),
+        Some(Pb::Choice(c)) => {
+            ("options.constraint.choice", Kind::Choice(qwen_proto::worker::Choices { choices: c.choices }))
+        }
+        Some(Pb::Grammar(s)) => ("options.constraint.grammar", Kind::Lark(s)),
+    };
+    let spec = ConstraintSpec::Grammar {
+        field: field.into(),
+        constraint: qwen_proto::worker::Constraint { kind: Some(kind) },
+    };
+    crate::structured::check(&spec)?;
+    Ok(Some(spec))
+}
+
+fn options(o: GenerationOptions) -> Result<Options, RouterError> {
     let s = o.sampling.unwrap_or_default();
-    Options {
+    Ok(Options {
         temperature: s.temperature,
         top_k: s.top_k,
         top_p: s.top_p,
@@ -63,7 +107,8 @@ fn options(o: GenerationOptions) -> Options {
         logprobs: o.logprobs,
         top_logprobs: o.top_logprobs,
         session_key: Some(o.session_key),
-    }
+        constraint: o.constraint.map(constraint).transpose()?.flatten(),
+    })
 }
 
 pub(crate) fn generate_prompt(p: Option<generate_request::Prompt>) -> Result<Prompt, RouterError> {
@@ -79,17 +124,19 @@ pub(crate) struct ChatJob {
     pub prompt: Result<Prompt, RouterError>,
     pub agent: AgentRequest,
     pub schemas: Arc<ToolSchemas>,
+    /// The call `tool_choice` forces.
+    pub forced: Option<ConstraintSpec>,
 }
 
 /// The chat of `r` (its messages, tools and template variables taken).
 pub(crate) fn chat_job(r: &mut ChatRequest) -> ChatJob {
     let parsed = chat_in(r).and_then(|c| {
         let schemas = Arc::new(ToolSchemas::from_tools(c.tools.as_deref().unwrap_or_default()));
-        chat_request(c).map(|(chat, agent)| (chat, agent, schemas))
+        chat_request(c).map(|(chat, agent, forced)| (chat, agent, schemas, forced))
     });
     match parsed {
-        Ok((chat, agent, schemas)) => ChatJob { prompt: Ok(Prompt::Chat(chat)), agent, schemas },
-        Err(e) => ChatJob { prompt: Err(e), agent: AgentRequest::default(), schemas: Default::default() },
+        Ok((chat, agent, schemas, forced)) => ChatJob { prompt: Ok(Prompt::Chat(chat)), agent, schemas, forced },
+        Err(e) => ChatJob { prompt: Err(e), agent: AgentRequest::default(), schemas: Default::default(), forced: None },
     }
 }
 
@@ -133,7 +180,12 @@ fn chat_in(r: &mut ChatRequest) -> Result<ChatIn, RouterError> {
     let tool_choice = match PbToolChoice::try_from(r.tool_choice) {
         Ok(PbToolChoice::Auto) => None,
         Ok(PbToolChoice::None) => Some(ToolChoiceIn::None),
+        Ok(PbToolChoice::Required) => Some(ToolChoiceIn::Required),
         Err(_) => Some(ToolChoiceIn::Invalid),
+    };
+    let tool_choice = match std::mem::take(&mut r.tool_choice_function) {
+        name if name.is_empty() => tool_choice,
+        name => Some(ToolChoiceIn::Named(name)),
     };
     Ok(ChatIn { messages, tools: Some(tools), tool_choice, single_call: r.single_tool_call, kwargs })
 }
@@ -346,7 +398,7 @@ impl GenerationApi for PublicService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         let meta = request_meta(&request, Api::GrpcGenerate);
         let r = request.into_inner();
-        let job = job(&r.model, generate_prompt(r.prompt), r.options);
+        let job = job(&r.model, generate_prompt(r.prompt), r.options, None);
         let (_, generation) = self.start(meta, job).await?;
         self.unary(r.model, generation, None).await
     }
@@ -356,7 +408,7 @@ impl GenerationApi for PublicService {
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
         let meta = request_meta(&request, Api::GrpcGenerate);
         let r = request.into_inner();
-        let job = job(&r.model, generate_prompt(r.prompt), r.options);
+        let job = job(&r.model, generate_prompt(r.prompt), r.options, None);
         let (_, generation) = self.start(meta, job).await?;
         Ok(self.streaming(generation, None))
     }
@@ -364,8 +416,8 @@ impl GenerationApi for PublicService {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
         let mut r = request.into_inner();
-        let ChatJob { prompt, agent, schemas } = chat_job(&mut r);
-        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options)).await?;
+        let ChatJob { prompt, agent, schemas, forced } = chat_job(&mut r);
+        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options, forced)).await?;
         let turn = agent.turn_options(&model, &generation.prompt, schemas);
         self.unary(r.model, generation, Some(turn)).await
     }
@@ -375,8 +427,8 @@ impl GenerationApi for PublicService {
     async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
         let mut r = request.into_inner();
-        let ChatJob { prompt, agent, schemas } = chat_job(&mut r);
-        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options)).await?;
+        let ChatJob { prompt, agent, schemas, forced } = chat_job(&mut r);
+        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options, forced)).await?;
         let turn = agent.turn_options(&model, &generation.prompt, schemas);
         Ok(self.streaming(generation, Some(turn)))
     }

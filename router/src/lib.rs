@@ -21,6 +21,7 @@ pub mod policy;
 pub mod pool;
 pub mod server;
 pub mod stop;
+pub mod structured;
 pub mod template;
 pub mod validate;
 

@@ -7,6 +7,7 @@ use qwen_proto::worker::{GenerateRequest as WorkerRequest, SamplingParams as Wor
 
 use crate::error::{echo, Result, RouterError};
 use crate::models::ModelInfo;
+use crate::structured::ConstraintSpec;
 use crate::template::{Chat, Message, Role};
 
 pub use qwen_proto::limits::{MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
@@ -39,6 +40,8 @@ pub struct Options {
     pub logprobs: bool,
     pub top_logprobs: u32,
     pub session_key: Option<String>,
+    /// Structured output: the grammar the answer must follow.
+    pub constraint: Option<ConstraintSpec>,
 }
 
 /// A checked request, ready to route.
@@ -49,6 +52,8 @@ pub struct Prepared {
     pub worker: WorkerRequest,
     pub stop: Vec<String>,
     pub session_key: Option<String>,
+    /// The client's field behind `worker.constraint`: a worker's refusal of the grammar names it.
+    pub constraint_field: Option<String>,
 }
 
 /// `n` choices of one prompt: checked and tokenized once, each choice its own sample (seed `s`
@@ -108,6 +113,17 @@ pub fn completion_extras(e: CompletionExtras<'_>) -> Result<()> {
 
 pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, mut opts: Options) -> Result<Prepared> {
     let react = matches!(&prompt, Prompt::Chat(c) if react(&model, c));
+    let constraint_field = opts.constraint.as_ref().map(|c| c.field().to_string());
+    let constraint = match opts.constraint.take() {
+        Some(spec) => {
+            let tools = match &prompt {
+                Prompt::Chat(c) => c.tools.as_deref(),
+                _ => None,
+            };
+            Some(crate::structured::resolve(spec, model.formats.tools, tools)?)
+        }
+        None => None,
+    };
     if react && !opts.stop.iter().any(|s| s == crate::agent::react::STOP) {
         // The model writes the call, then would invent the tool's answer: stop it there.
         opts.stop.push(crate::agent::react::STOP.to_string());
@@ -175,9 +191,10 @@ pub fn prepare(model: Arc<ModelInfo>, prompt: Prompt, mut opts: Options) -> Resu
         ignore_eos: opts.ignore_eos,
         logprobs: opts.logprobs,
         top_logprobs: opts.top_logprobs,
+        constraint,
     };
     let session_key = opts.session_key.filter(|k| !k.is_empty());
-    Ok(Prepared { model, prompt, worker, stop: opts.stop, session_key })
+    Ok(Prepared { model, prompt, worker, stop: opts.stop, session_key, constraint_field })
 }
 
 /// `prompt` as token ids; a chat with tools is first rewritten as ReAct text when `react`.

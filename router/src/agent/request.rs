@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::{Formats, ToolSchemas, TurnOptions};
 use crate::error::RouterError;
 use crate::models::ModelInfo;
+use crate::structured::ConstraintSpec;
 use crate::template::{Chat, Message, Role, RESERVED_VARIABLES};
 
 /// Most tools one request may offer.
@@ -43,8 +44,10 @@ impl AgentRequest {
 pub enum ToolChoiceIn {
     Auto,
     None,
-    /// `required` or a named function: refused until decoding can be constrained.
-    Forced,
+    /// A call is forced (decoding constrained to it).
+    Required,
+    /// A call of this function is forced.
+    Named(String),
     Invalid,
 }
 
@@ -79,8 +82,9 @@ pub struct ChatIn {
     pub kwargs: serde_json::Map<String, Value>,
 }
 
-/// The chat to render and what to parse from its answer.
-pub fn chat_request(c: ChatIn) -> Result<(Chat, AgentRequest), RouterError> {
+/// The chat to render, what to parse from its answer, and the call it must make when
+/// `tool_choice` forces one.
+pub fn chat_request(c: ChatIn) -> Result<(Chat, AgentRequest, Option<ConstraintSpec>), RouterError> {
     let tools = c.tools.filter(|t| !t.is_empty()).map(check_tools).transpose()?;
     let parse_tools =
         match c.tool_choice {
@@ -90,13 +94,10 @@ pub fn chat_request(c: ChatIn) -> Result<(Chat, AgentRequest), RouterError> {
                 return Err(RouterError::invalid("tool_choice", "\"auto\" needs `tools`"))
             }
             Some(ToolChoiceIn::Auto) => true,
-            Some(ToolChoiceIn::Forced) => {
-                return Err(RouterError::invalid(
-                    "tool_choice",
-                    "forcing a call (\"required\" or a named function) needs constrained decoding, which this server \
-                 does not do yet; use \"auto\"",
-                ))
+            Some(ToolChoiceIn::Required | ToolChoiceIn::Named(_)) if tools.is_none() => {
+                return Err(RouterError::invalid("tool_choice", "forcing a call needs `tools`"))
             }
+            Some(ToolChoiceIn::Required | ToolChoiceIn::Named(_)) => true,
             Some(ToolChoiceIn::Invalid) => return Err(RouterError::invalid(
                 "tool_choice",
                 "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
@@ -108,9 +109,14 @@ pub fn chat_request(c: ChatIn) -> Result<(Chat, AgentRequest), RouterError> {
     if let Some(k) = c.kwargs.keys().find(|k| RESERVED_VARIABLES.contains(&k.as_str())) {
         return Err(RouterError::invalid(format!("chat_template_kwargs.{k}"), "is set by the request itself"));
     }
+    let forced = match c.tool_choice {
+        Some(ToolChoiceIn::Required) => Some(ConstraintSpec::ToolCall { name: None, single: c.single_call }),
+        Some(ToolChoiceIn::Named(name)) => Some(ConstraintSpec::ToolCall { name: Some(name), single: true }),
+        _ => None,
+    };
     let messages = c.messages.into_iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<_, _>>()?;
     let agent = AgentRequest { tools: parse_tools, single_call: c.single_call };
-    Ok((Chat { messages, tools, kwargs: c.kwargs }, agent))
+    Ok((Chat { messages, tools, kwargs: c.kwargs }, agent, forced))
 }
 
 fn check_tools(tools: Vec<Value>) -> Result<Vec<Value>, RouterError> {

@@ -5,6 +5,7 @@
 use crate::agent::request::{chat_request, AgentRequest, CallIn, ChatIn, MessageIn, ToolChoiceIn};
 use crate::agent::{Piece, Turn, TurnOptions, TurnParser};
 use crate::error::RouterError;
+use crate::structured::ConstraintSpec;
 use crate::template::{Chat, Role};
 
 use super::types::{
@@ -12,13 +13,14 @@ use super::types::{
     ToolChoice,
 };
 
-/// The chat to render and what to parse from its answer, from the request's fields (taken).
-pub fn chat_prompt(req: &mut ChatRequest) -> Result<(Chat, AgentRequest), RouterError> {
+/// The chat to render, what to parse from its answer and the call `tool_choice` forces, from the
+/// request's fields (taken).
+pub fn chat_prompt(req: &mut ChatRequest) -> Result<(Chat, AgentRequest, Option<ConstraintSpec>), RouterError> {
     let tool_choice = req.tool_choice.take().map(|c| match c {
         ToolChoice::Mode(m) if m == "none" => ToolChoiceIn::None,
         ToolChoice::Mode(m) if m == "auto" => ToolChoiceIn::Auto,
-        ToolChoice::Mode(m) if m == "required" => ToolChoiceIn::Forced,
-        ToolChoice::Named { kind, .. } if kind == "function" => ToolChoiceIn::Forced,
+        ToolChoice::Mode(m) if m == "required" => ToolChoiceIn::Required,
+        ToolChoice::Named { kind, function } if kind == "function" => ToolChoiceIn::Named(function.name),
         _ => ToolChoiceIn::Invalid,
     });
     let tools = req
@@ -159,7 +161,7 @@ mod tests {
                 {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
             ],
         }));
-        let (chat, agent) = chat_prompt(&mut req).unwrap();
+        let (chat, agent, _) = chat_prompt(&mut req).unwrap();
         assert_eq!(agent, AgentRequest { tools: true, single_call: false });
         let p = prepare(model.clone(), Prompt::Chat(chat), Options::default()).unwrap();
         let text = tok.decode(&p.prompt).unwrap();
@@ -173,7 +175,7 @@ mod tests {
         // enable_thinking: false closes it, through chat_template_kwargs.
         let mut req = request(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
             "chat_template_kwargs": {"enable_thinking": false}}));
-        let (chat, agent) = chat_prompt(&mut req).unwrap();
+        let (chat, agent, _) = chat_prompt(&mut req).unwrap();
         assert_eq!(agent, AgentRequest::default());
         let p = prepare(model.clone(), Prompt::Chat(chat), Options::default()).unwrap();
         assert!(!reasoning_open(&model, &p.prompt) && tok.decode(&p.prompt).unwrap().ends_with("</think>\n\n"));
@@ -201,7 +203,7 @@ mod tests {
             ),
         ];
         for (json, field) in cases {
-            let (chat, _) = chat_prompt(&mut request(json)).unwrap();
+            let (chat, ..) = chat_prompt(&mut request(json)).unwrap();
             let err = prepare(model.clone(), Prompt::Chat(chat), Options::default()).err().unwrap();
             assert_eq!(field_of(err), field);
         }
@@ -216,9 +218,9 @@ mod tests {
                 serde_json::json!({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}),
                 "tools[0].function.name",
             ),
-            (serde_json::json!({"tools": [weather_tool()], "tool_choice": "required"}), "tool_choice"),
+            (serde_json::json!({"tool_choice": "required"}), "tool_choice"),
             (
-                serde_json::json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+                serde_json::json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
                 "tool_choice",
             ),
             (serde_json::json!({"tool_choice": "auto"}), "tool_choice"),
@@ -296,7 +298,7 @@ mod tests {
             {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
             {"role": "tool", "tool_call_id": "c", "content": "18 C"}]}));
-        let (chat, _) = chat_prompt(&mut req).unwrap();
+        let (chat, ..) = chat_prompt(&mut req).unwrap();
         let p = prepare(model, Prompt::Chat(chat), Options::default()).unwrap();
         let text = tok.decode(&p.prompt).unwrap();
         assert!(text.contains("Question: Paris?<|im_end|>"), "{text}");

@@ -53,14 +53,16 @@ pub struct Sampling {
     pub ignore_eos: bool,
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
+    /// response_format and vLLM's structured-output fields.
+    #[serde(flatten)]
+    pub structured: crate::structured::HttpFields,
     /// Every other top-level field of the body: refused unless it is in [`HARMLESS_FIELDS`].
     #[serde(flatten)]
     pub other: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 /// OpenAI request fields accepted and ignored because they change nothing in the output
-/// (bookkeeping for OpenAI's own platform). Any other field not implemented here (`tools`,
-/// `response_format`, `logit_bias`, ...) is refused with a 400 naming it, never silently dropped.
+/// (bookkeeping for OpenAI's own platform). Any other field not implemented here (`logit_bias`, ...) is refused with a 400 naming it, never silently dropped.
 pub const HARMLESS_FIELDS: [&str; 5] = ["metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"];
 
 impl Sampling {

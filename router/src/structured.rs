@@ -1,0 +1,255 @@
+//! Structured outputs as clients ask for them: OpenAI's `response_format`, vLLM's `guided_*` and
+//! `structured_outputs`, the gRPC `constraint`, and a `tool_choice` that forces a call. Each
+//! becomes the worker's `Constraint` (the worker compiles it with llguidance and masks tokens);
+//! this module only checks sizes and shapes, naming the client's field, and writes the grammar
+//! of a forced tool call in the model's own call format.
+
+use qwen_proto::limits::{MAX_CONSTRAINT_BYTES, MAX_CONSTRAINT_CHOICES};
+use qwen_proto::worker::{constraint::Kind, Choices, Constraint};
+use serde_json::Value;
+
+use crate::agent::ToolFormat;
+use crate::error::{Result, RouterError};
+
+/// What a request asks its output to follow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConstraintSpec {
+    /// A grammar as the client gave it; `field` names it in errors (the worker's too).
+    Grammar { field: String, constraint: Constraint },
+    /// `tool_choice: required` (`name` None) or a named function: one call (more unless
+    /// `single`) in the model's tool-call format, arguments following the tool's schema.
+    ToolCall { name: Option<String>, single: bool },
+}
+
+impl ConstraintSpec {
+    /// The field that errors about the constraint name.
+    pub fn field(&self) -> &str {
+        match self {
+            ConstraintSpec::Grammar { field, .. } => field,
+            ConstraintSpec::ToolCall { .. } => "tool_choice",
+        }
+    }
+}
+
+/// The HTTP body's structured-output fields (any one of them).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct HttpFields {
+    pub response_format: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    /// vLLM's newer spelling: `{"json": ..., "regex": ..., "choice": [...], "grammar": ...}`.
+    pub structured_outputs: Option<Value>,
+}
+
+fn grammar(field: impl Into<String>, kind: Kind) -> Result<Option<ConstraintSpec>> {
+    let spec = ConstraintSpec::Grammar { field: field.into(), constraint: Constraint { kind: Some(kind) } };
+    check(&spec)?;
+    Ok(Some(spec))
+}
+
+/// A JSON schema given as an object (or, as vLLM allows, as JSON text).
+fn schema_text(field: &str, v: &Value) -> Result<String> {
+    match v {
+        Value::Object(_) | Value::Bool(_) => Ok(v.to_string()),
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Object(_)) => Ok(s.clone()),
+            _ => Err(RouterError::invalid(field, "must be a JSON Schema object")),
+        },
+        _ => Err(RouterError::invalid(field, "must be a JSON Schema object")),
+    }
+}
+
+fn string_list(field: &str, v: &Value) -> Result<Vec<String>> {
+    v.as_array()
+        .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| RouterError::invalid(field, "must be a list of strings"))
+}
+
+impl HttpFields {
+    /// The one constraint these fields ask for, if any.
+    pub fn constraint(self) -> Result<Option<ConstraintSpec>> {
+        let given: Vec<&str> = [
+            ("response_format", self.response_format.as_ref().is_some_and(|f| f["type"] != "text")),
+            ("guided_json", self.guided_json.is_some()),
+            ("guided_regex", self.guided_regex.is_some()),
+            ("guided_choice", self.guided_choice.is_some()),
+            ("guided_grammar", self.guided_grammar.is_some()),
+            ("structured_outputs", self.structured_outputs.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, set)| set.then_some(f))
+        .collect();
+        if given.len() > 1 {
+            return Err(RouterError::invalid(given[1], format!("cannot be combined with `{}`", given[0])));
+        }
+        if let Some(f) = self.response_format {
+            return response_format(&f);
+        }
+        if let Some(v) = self.guided_json {
+            return grammar("guided_json", Kind::JsonSchema(schema_text("guided_json", &v)?));
+        }
+        if let Some(rx) = self.guided_regex {
+            return grammar("guided_regex", Kind::Regex(rx));
+        }
+        if let Some(choices) = self.guided_choice {
+            return grammar("guided_choice", Kind::Choice(Choices { choices }));
+        }
+        if let Some(g) = self.guided_grammar {
+            return grammar("guided_grammar", Kind::Lark(g));
+        }
+        match self.structured_outputs {
+            Some(s) => structured_outputs(&s),
+            None => Ok(None),
+        }
+    }
+}
+
+/// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` (`{name, schema, strict}`).
+fn response_format(f: &Value) -> Result<Option<ConstraintSpec>> {
+    match f["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => grammar("response_format", Kind::JsonObject(true)),
+        Some("json_schema") => {
+            let field = "response_format.json_schema.schema";
+            let schema = f["json_schema"].get("schema").ok_or_else(|| RouterError::invalid(field, "is required"))?;
+            grammar(field, Kind::JsonSchema(schema_text(field, schema)?))
+        }
+        _ => Err(RouterError::invalid("response_format.type", "must be \"text\", \"json_object\" or \"json_schema\"")),
+    }
+}
+
+fn structured_outputs(s: &Value) -> Result<Option<ConstraintSpec>> {
+    let obj = s.as_object().ok_or_else(|| RouterError::invalid("structured_outputs", "must be an object"))?;
+    let keys: Vec<&str> = obj.keys().map(String::as_str).filter(|k| *k != "json_object").collect();
+    match (keys.as_slice(), obj.get("json_object")) {
+        ([], Some(Value::Bool(true))) => grammar("structured_outputs.json_object", Kind::JsonObject(true)),
+        (["json"], _) => {
+            grammar("structured_outputs.json", Kind::JsonSchema(schema_text("structured_outputs.json", &s["json"])?))
+        }
+        (["regex"], _) => match s["regex"].as_str() {
+            Some(rx) => grammar("structured_outputs.regex", Kind::Regex(rx.into())),
+            None => Err(RouterError::invalid("structured_outputs.regex", "must be a string")),
+        },
+        (["choice"], _) => {
+            let choices = string_list("structured_outputs.choice", &s["choice"])?;
+            grammar("structured_outputs.choice", Kind::Choice(Choices { choices }))
+        }
+        (["grammar"], _) => match s["grammar"].as_str() {
+            Some(g) => grammar("structured_outputs.grammar", Kind::Lark(g.into())),
+            None => Err(RouterError::invalid("structured_outputs.grammar", "must be a string")),
+        },
+        _ => Err(RouterError::invalid(
+            "structured_outputs",
+            "must hold exactly one of json, regex, choice, grammar or json_object: true",
+        )),
+    }
+}
+
+/// Sizes and counts, before anything travels to a worker.
+pub fn check(spec: &ConstraintSpec) -> Result<()> {
+    let ConstraintSpec::Grammar { field, constraint } = spec else { return Ok(()) };
+    let size = match &constraint.kind {
+        Some(Kind::JsonSchema(s) | Kind::Regex(s) | Kind::Lark(s)) => s.len(),
+        Some(Kind::Choice(c)) => {
+            if c.choices.is_empty() || c.choices.len() > MAX_CONSTRAINT_CHOICES {
+                return Err(RouterError::invalid(field, format!("must hold 1 to {MAX_CONSTRAINT_CHOICES} strings")));
+            }
+            if c.choices.iter().any(String::is_empty) {
+                return Err(RouterError::invalid(field, "choices must not be empty strings"));
+            }
+            c.choices.iter().map(String::len).sum()
+        }
+        Some(Kind::JsonObject(_)) => 0,
+        None => return Err(RouterError::invalid(field, "no grammar given")),
+    };
+    if size == 0 && !matches!(constraint.kind, Some(Kind::JsonObject(_))) {
+        return Err(RouterError::invalid(field, "must not be empty"));
+    }
+    if size > MAX_CONSTRAINT_BYTES {
+        return Err(RouterError::invalid(field, format!("{size} bytes; at most {MAX_CONSTRAINT_BYTES}")));
+    }
+    Ok(())
+}
+
+/// The worker's constraint for `spec`, given the model's tool-call `format` and the request's
+/// checked `tools` (`{"type": "function", "function": {...}}` entries).
+pub fn resolve(spec: ConstraintSpec, format: Option<ToolFormat>, tools: Option<&[Value]>) -> Result<Constraint> {
+    let (name, single) = match spec {
+        ConstraintSpec::Grammar { constraint, .. } => return Ok(constraint),
+        ConstraintSpec::ToolCall { name, single } => (name, single),
+    };
+    let tools = tools.filter(|t| !t.is_empty()).ok_or_else(|| RouterError::invalid("tool_choice", "needs `tools`"))?;
+    let offered = |t: &&Value| name.as_deref().is_none_or(|n| t["function"]["name"] == n);
+    let chosen: Vec<&Value> = tools.iter().filter(offered).collect();
+    if chosen.is_empty() {
+        return Err(RouterError::invalid("tool_choice.function.name", "is not one of the offered `tools`"));
+    }
+    let lark = match format {
+        Some(ToolFormat::Hermes) => hermes(&chosen, single || name.is_some()),
+        Some(ToolFormat::React) => react(&chosen),
+        Some(ToolFormat::Qwen3Coder) => {
+            return Err(RouterError::invalid(
+                "tool_choice",
+                "forcing a call is not supported for the Qwen3-Coder call format yet; use \"auto\"",
+            ))
+        }
+        None => return Err(RouterError::invalid("tool_choice", "this model's chat template renders no tool calls")),
+    };
+    let c = Constraint { kind: Some(Kind::Lark(lark)) };
+    check(&ConstraintSpec::Grammar { field: "tools".into(), constraint: c.clone() })?;
+    Ok(c)
+}
+
+/// A tool's arguments schema (any object where it gives none).
+fn parameters(tool: &Value) -> Value {
+    match &tool["function"]["parameters"] {
+        Value::Object(p) if !p.is_empty() => Value::Object(p.clone()),
+        _ => serde_json::json!({"type": "object"}),
+    }
+}
+
+/// Lark string literal (JSON's escaping is Lark's).
+fn literal(s: &str) -> String {
+    Value::from(s).to_string()
+}
+
+/// Qwen2.5 / Qwen3: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` blocks.
+fn hermes(tools: &[&Value], single: bool) -> String {
+    let calls: Vec<Value> = tools
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": parameters(t)},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let schema = serde_json::json!({"anyOf": calls, "x-guidance": {"whitespace_flexible": false}});
+    let start = if single { "start: call" } else { "start: call (\"\\n\" call)*" };
+    format!("{start}\ncall: \"<tool_call>\\n\" body \"\\n</tool_call>\"\nbody: %json {schema}\n")
+}
+
+/// The original Qwen-Chat's ReAct: a short thought, then `Action:` and `Action Input:` (the
+/// model would next write `Observation:`, where generation ends).
+fn react(tools: &[&Value]) -> String {
+    let mut rules = String::from("start: \"Thought: \" /[^\\n]{0,200}/ \"\\nAction: \" call\ncall: ");
+    let mut args = String::new();
+    for (i, t) in tools.iter().enumerate() {
+        let name = t["function"]["name"].as_str().unwrap_or_default();
+        if i > 0 {
+            rules.push_str(" | ");
+        }
+        rules.push_str(&format!("{} a{i}", literal(&format!("{name}\nAction Input: "))));
+        let mut schema = parameters(t);
+        schema["x-guidance"] = serde_json::json!({"whitespace_flexible": false});
+        args.push_str(&format!("a{i}: %json {schema}\n"));
+    }
+    format!("{rules}\n{args}")
+}
+
+#[cfg(test)]
+mod tests;
