@@ -1,7 +1,9 @@
 """Real clients against a running router: the official `openai` Python client (completions,
 chat, streaming) and gRPC server reflection through Python's grpcio-reflection client (v1alpha).
-Usage: client_smoke.py HTTP_BASE GRPC_ADDR MODEL [--api-key KEY] [--cacert CA.pem]: with a key,
-requests carry it (and one without it must be refused); with a CA, both ports are TLS.
+Usage: client_smoke.py HTTP_BASE GRPC_ADDR MODEL [--api-key KEY] [--cacert CA.pem] [--agent]: with a
+key, requests carry it (and one without it must be refused); with a CA, both ports are TLS. With
+--agent (a router whose template renders tools) only the agent checks run: forced tool calls and
+structured outputs, whose validity on random weights comes from the worker's grammar mask.
 Exits non-zero on any mismatch."""
 import argparse
 
@@ -15,6 +17,7 @@ parser.add_argument("grpc_addr")
 parser.add_argument("model")
 parser.add_argument("--api-key", default=None)
 parser.add_argument("--cacert", default=None)
+parser.add_argument("--agent", action="store_true")
 args = parser.parse_args()
 http_base, grpc_addr, model = args.http_base, args.grpc_addr, args.model
 
@@ -35,6 +38,66 @@ if args.api_key:
 
 models = [m.id for m in client.models.list().data]
 assert model in models, models
+
+
+def agent_checks():
+    import json
+
+    import pydantic
+
+    # Small: the fixture's context is 256 tokens, nearly one per character.
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {
+        "type": "object", "properties": {"c": {"enum": ["P", "L"]}}, "required": ["c"]}}}]
+    ask = [{"role": "user", "content": "P?"}]
+    forced = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required", temperature=0)
+    choice = forced.choices[0]
+    assert choice.finish_reason == "tool_calls", forced
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "w" and json.loads(call.function.arguments)["c"] in ("P", "L"), call
+    named = client.chat.completions.create(
+        model=model, messages=ask, tools=tools, tool_choice={"type": "function", "function": {"name": "w"}}, temperature=0
+    )
+    assert named.choices[0].message.tool_calls[0].function.arguments == call.function.arguments, named
+    # Streamed: the name once, then the argument text, as OpenAI streams calls.
+    name, arguments, finish = "", "", None
+    for chunk in client.chat.completions.create(
+        model=model, messages=ask, tools=tools, tool_choice="required", temperature=0, stream=True
+    ):
+        if not chunk.choices:
+            continue
+        for d in chunk.choices[0].delta.tool_calls or []:
+            name += d.function.name or ""
+            arguments += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (name, arguments, finish) == ("w", call.function.arguments, "tool_calls"), (name, arguments, finish)
+    # The round trip: the call and its result go back, the model answers (auto: any text). The
+    # tool goes without its schema here to leave the context room for the history.
+    history = ask + [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "9"}]
+    bare = [{"type": "function", "function": {"name": "w"}}]
+    answer = client.chat.completions.create(model=model, messages=history, tools=bare, max_tokens=2, temperature=0)
+    assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls"), answer
+
+    class Weather(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=4)
+        sunny: bool
+
+    parsed = client.chat.completions.parse(
+        model=model, messages=[{"role": "user", "content": "W?"}], response_format=Weather, temperature=1.0, seed=5
+    )
+    w = parsed.choices[0].message.parsed
+    assert isinstance(w, Weather) and len(w.city) <= 4, parsed
+    try:
+        client.chat.completions.create(model=model, messages=ask, response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "minLength": 5, "maxLength": 2}}})
+        raise AssertionError("an unsatisfiable schema was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "response_format.json_schema.schema", e.body
+    print("openai client: forced tool calls, round trip, structured outputs: ok")
+
+
+if args.agent:
+    agent_checks()
+    raise SystemExit(0)
 
 greedy = dict(temperature=0.0, extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
 done = client.completions.create(model=model, prompt="Hello, Qwen!", max_tokens=8, **greedy)
@@ -65,7 +128,7 @@ agent = client.chat.completions.create(model=model, messages=history, tools=tool
 assert agent.choices[0].finish_reason in ("length", "stop", "tool_calls"), agent
 try:
     client.chat.completions.create(model=model, messages=history, tools=tools, tool_choice="required", max_tokens=1)
-    raise AssertionError("tool_choice=required accepted without constrained decoding")
+    raise AssertionError("a forced call accepted where the router parses no tool calls (--tool-parser none)")
 except openai.BadRequestError as e:
     assert e.body["param"] == "tool_choice", e.body
 

@@ -72,3 +72,22 @@ out=$("$grpcurl" "${tls[@]}" -H "authorization: Bearer $key" \
   "$sgrpc" qwen.serve.v1.Generation/Generate)
 echo "$out" | grep -q '"completionTokens": 4' || { echo "grpcurl Generate over TLS: $out" >&2; exit 1; }
 echo "grpcurl over TLS with -H authorization: ok"
+
+# Agents through the openai client, on a router that renders tools with the agent template
+# (fixtures/templates/agent.jinja, as tests/tests/agent.rs uses it): a forced call and its round
+# trip, unary and streamed, and `chat.completions.parse` with a pydantic model whose JSON the
+# worker's grammar mask keeps valid on random weights.
+mkdir -p "$log/agent-tok"
+cp fixtures/models/qwen2-gqa/tokenizer.json "$log/agent-tok/"
+"$venv/bin/python" -c 'import json, sys; print(json.dumps({"chat_template": open(sys.argv[1]).read(), "eos_token": "<|im_end|>"}))' \
+  fixtures/templates/agent.jinja >"$log/agent-tok/tokenizer_config.json"
+"$bin/qwen-router" --worker "$worker" --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+  --tokenizer "qwen2-gqa=$log/agent-tok" >"$log/agent.out" 2>"$log/agent.err" &
+pids+=($!)
+agrpc=$(wait_line "$log/agent.out" "grpc listening on ")
+ahttp=$(wait_line "$log/agent.out" "http listening on ")
+for _ in $(seq 1 100); do
+  curl -sf "http://$ahttp/health" >/dev/null && break
+  sleep 0.1
+done
+"$venv/bin/python" scripts/client_smoke.py "http://$ahttp" "$agrpc" qwen2-gqa --agent

@@ -416,8 +416,10 @@ impl GenerationApi for PublicService {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
         let mut r = request.into_inner();
-        let ChatJob { prompt, agent, schemas, forced } = chat_job(&mut r);
-        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options, forced)).await?;
+        let ChatJob { prompt, mut agent, schemas, forced } = chat_job(&mut r);
+        let job = job(&r.model, prompt, r.options, forced);
+        agent.constrained = job.options.constraint.is_some();
+        let (model, generation) = self.start(meta, job).await?;
         let turn = agent.turn_options(&model, &generation.prompt, schemas);
         self.unary(r.model, generation, Some(turn)).await
     }
@@ -427,8 +429,10 @@ impl GenerationApi for PublicService {
     async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
         let mut r = request.into_inner();
-        let ChatJob { prompt, agent, schemas, forced } = chat_job(&mut r);
-        let (model, generation) = self.start(meta, job(&r.model, prompt, r.options, forced)).await?;
+        let ChatJob { prompt, mut agent, schemas, forced } = chat_job(&mut r);
+        let job = job(&r.model, prompt, r.options, forced);
+        agent.constrained = job.options.constraint.is_some();
+        let (model, generation) = self.start(meta, job).await?;
         let turn = agent.turn_options(&model, &generation.prompt, schemas);
         Ok(self.streaming(generation, Some(turn)))
     }

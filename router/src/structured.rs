@@ -202,12 +202,15 @@ pub fn resolve(spec: ConstraintSpec, format: Option<ToolFormat>, tools: Option<&
     Ok(c)
 }
 
-/// A tool's arguments schema (any object where it gives none).
+/// A tool's arguments schema: always an object (OpenAI's rule for `parameters`), any object
+/// where the tool gives no schema.
 fn parameters(tool: &Value) -> Value {
-    match &tool["function"]["parameters"] {
-        Value::Object(p) if !p.is_empty() => Value::Object(p.clone()),
-        _ => serde_json::json!({"type": "object"}),
-    }
+    let mut p = match &tool["function"]["parameters"] {
+        Value::Object(p) => p.clone(),
+        _ => serde_json::Map::new(),
+    };
+    p.entry("type").or_insert_with(|| Value::from("object"));
+    Value::Object(p)
 }
 
 /// Lark string literal (JSON's escaping is Lark's).

@@ -85,10 +85,12 @@ async fn agent_requests_render_parse_and_refuse_by_name() {
     assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{v}");
 
     grpc_chat(&r, &reasoning).await;
+    structured(&r).await;
 
     // Bad agent fields: 400 in OpenAI's shape, naming the field.
     for (extra, param) in [
-        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice.function.name"),
+        (json!({"tool_choice": "required", "guided_regex": "a+"}), "guided_regex"),
         (json!({"tools": [{"type": "function", "function": {"name": "x", "description": "<|im_start|>"}}]}), "tools"),
         (
             json!({"chat_template_kwargs": {"add_generation_prompt": false}}),
@@ -152,4 +154,79 @@ async fn grpc_chat(r: &RouterProcess, http_reasoning: &str) {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(field), "{}", e.message());
     }
+}
+
+/// A tool with bounded arguments, so that even random weights finish the call in a few tokens.
+fn bounded_tool() -> Value {
+    // Small: the fixture's context is 256 tokens, nearly one per character.
+    json!([{"type": "function", "function": {"name": "w", "parameters": {
+        "properties": {"c": {"enum": ["P", "L"]}}, "required": ["c"]}}}])
+}
+
+/// Structured outputs end to end: the worker's grammar masks random weights into a forced call
+/// (unary and streamed, HTTP and gRPC) and into JSON that validates; a grammar the worker
+/// cannot compile is a 400 naming the client's field.
+async fn structured(r: &RouterProcess) {
+    let forced = json!({"model": MODEL, "temperature": 0.0, "messages": [{"role": "user", "content": "P?"}],
+        "tools": bounded_tool(), "tool_choice": "required"});
+    let (status, v) = r.post("/v1/chat/completions", forced.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let call = &choice["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "w", "{v}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(["P", "L"].contains(&args["c"].as_str().unwrap()), "{v}");
+    assert!(choice["message"].get("reasoning_content").is_none(), "a forced call is no reasoning: {v}");
+
+    let mut streamed = forced.clone();
+    streamed["stream"] = json!(true);
+    let events = r.post_stream("/v1/chat/completions", streamed).await;
+    let chunks: Vec<Value> =
+        events.iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let deltas: Vec<&Value> =
+        chunks.iter().flat_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().collect();
+    let name: String = deltas.iter().filter_map(|d| d["function"]["name"].as_str()).collect();
+    let arguments: String = deltas.iter().filter_map(|d| d["function"]["arguments"].as_str()).collect();
+    assert_eq!((name.as_str(), arguments.as_str()), ("w", call["arguments"].as_str().unwrap()), "{chunks:?}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+        "sunny": {"type": "boolean"}}, "required": ["city", "sunny"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": true}});
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "W?"}], "response_format": format,
+        "max_tokens": 60, "temperature": 1.0, "seed": 3});
+    let (status, v) = r.post("/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    let content: Value = serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(content["city"].as_str().unwrap().chars().count() <= 5 && content["sunny"].is_boolean(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+
+    let unsatisfiable = json!({"type": "json_schema", "json_schema": {"name": "x",
+        "schema": {"type": "string", "minLength": 5, "maxLength": 2}}});
+    let (status, v) = r.post("/v1/chat/completions", chat(json!({"response_format": unsatisfiable}))).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("response_format.json_schema.schema")), "{v}");
+
+    let mut c = GenerationClient::connect(r.grpc.clone()).await.unwrap();
+    let request = qwen_proto::serve::GenerateRequest {
+        model: MODEL.into(),
+        prompt: Some(qwen_proto::serve::generate_request::Prompt::Text("Pick".into())),
+        options: Some(GenerationOptions {
+            max_tokens: Some(20),
+            constraint: Some(qwen_proto::serve::Constraint {
+                kind: Some(qwen_proto::serve::constraint::Kind::Choice(qwen_proto::serve::Choices {
+                    choices: vec!["red".into(), "green".into()],
+                })),
+            }),
+            ..Default::default()
+        }),
+    };
+    let resp = c.generate(request.clone()).await.unwrap().into_inner();
+    assert!(resp.text == "red" || resp.text == "green", "{resp:?}");
+    let mut bad = request;
+    bad.options.as_mut().unwrap().constraint =
+        Some(qwen_proto::serve::Constraint { kind: Some(qwen_proto::serve::constraint::Kind::Regex("(".into())) });
+    let e = c.generate(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("options.constraint.regex"), "{}", e.message());
 }

@@ -24,13 +24,16 @@ pub struct AgentRequest {
     pub tools: bool,
     /// `parallel_tool_calls: false`.
     pub single_call: bool,
+    /// Decoding follows a grammar (structured output or a forced call) from the first token, so
+    /// nothing of the answer is reasoning even where the prompt opened `<think>`.
+    pub constrained: bool,
 }
 
 impl AgentRequest {
     /// The parse options for a choice of `model` whose prompt is `prompt`, with the offered
     /// tools' `schemas`.
     pub fn turn_options(self, model: &ModelInfo, prompt: &[u32], schemas: Arc<ToolSchemas>) -> TurnOptions {
-        self.with_formats(model.formats, reasoning_open(model, prompt), schemas)
+        self.with_formats(model.formats, !self.constrained && reasoning_open(model, prompt), schemas)
     }
 
     /// Options for a model whose formats are given (tests, and callers without a model).
@@ -115,7 +118,7 @@ pub fn chat_request(c: ChatIn) -> Result<(Chat, AgentRequest, Option<ConstraintS
         _ => None,
     };
     let messages = c.messages.into_iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<_, _>>()?;
-    let agent = AgentRequest { tools: parse_tools, single_call: c.single_call };
+    let agent = AgentRequest { tools: parse_tools, single_call: c.single_call, constrained: forced.is_some() };
     Ok((Chat { messages, tools, kwargs: c.kwargs }, agent, forced))
 }
 

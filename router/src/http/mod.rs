@@ -330,20 +330,20 @@ pub(crate) fn chat_job(
 ) -> Result<(Job, Reply), ApiError> {
     let mut req: ChatRequest = parse(headers, body)?;
     let n = req.sampling.n.unwrap_or(1);
-    let (chat, agent, forced) = chat::chat_prompt(&mut req)?;
+    let (chat, mut agent, forced) = chat::chat_prompt(&mut req)?;
+    let schemas = Arc::new(crate::agent::ToolSchemas::from_tools(chat.tools.as_deref().unwrap_or_default()));
     let mut reply = Reply::new(Api::Chat { logprobs: req.logprobs, agent }, &req.sampling);
-    reply.schemas = Arc::new(crate::agent::ToolSchemas::from_tools(chat.tools.as_deref().unwrap_or_default()));
     let mut opts = options(req.sampling, headers)?;
     if let Some(forced) = forced {
         if let Some(other) = &opts.constraint {
-            return Err(RouterError::invalid(
-                other.field(),
-                "cannot be combined with a tool_choice that forces a call",
-            )
-            .into());
+            let why = "cannot be combined with a tool_choice that forces a call";
+            return Err(RouterError::invalid(other.field(), why).into());
         }
         opts.constraint = Some(forced);
     }
+    agent.constrained = opts.constraint.is_some();
+    reply.api = Api::Chat { logprobs: req.logprobs, agent };
+    reply.schemas = schemas;
     opts.max_tokens = req.max_completion_tokens.or(opts.max_tokens);
     opts.logprobs = req.logprobs;
     opts.top_logprobs = req.top_logprobs.unwrap_or(0);
