@@ -162,7 +162,7 @@ mod tests {
             ],
         }));
         let (chat, agent, _) = chat_prompt(&mut req).unwrap();
-        assert_eq!(agent, AgentRequest { tools: true, single_call: false });
+        assert_eq!(agent, AgentRequest { tools: true, single_call: false, constrained: false });
         let p = prepare(model.clone(), Prompt::Chat(chat), Options::default()).unwrap();
         let text = tok.decode(&p.prompt).unwrap();
         assert!(text.contains("\"name\":\"get_weather\"") && text.contains("Weather by city"), "{text}");
@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn responses_have_openai_shapes() {
-        let opts = AgentRequest { tools: true, single_call: false }.with_formats(
+        let opts = AgentRequest { tools: true, single_call: false, constrained: false }.with_formats(
             Formats::detect(AGENT_TEMPLATE),
             true,
             Default::default(),
