@@ -180,13 +180,28 @@ pub fn mask_rows(rows: &Tensor, masks: &[&SimpleVob], scratch: &mut Vec<u8>) -> 
     debug_assert_eq!(n, masks.len());
     scratch.clear();
     scratch.resize(n * vocab, 0);
+    // A byte of mask bits becomes eight 0/1 bytes in one copy.
+    const SPREAD: [[u8; 8]; 256] = {
+        let mut t = [[0u8; 8]; 256];
+        let mut byte = 0;
+        while byte < 256 {
+            let mut bit = 0;
+            while bit < 8 {
+                t[byte][bit] = ((byte >> bit) & 1) as u8;
+                bit += 1;
+            }
+            byte += 1;
+        }
+        t
+    };
     for (mask, out) in masks.iter().zip(scratch.chunks_mut(vocab)) {
         for (word, bits) in mask.as_slice().iter().zip(out.chunks_mut(32)) {
             if *word == 0 {
                 continue;
             }
-            for (b, slot) in bits.iter_mut().enumerate() {
-                *slot = ((word >> b) & 1) as u8;
+            for (i, eight) in bits.chunks_mut(8).enumerate() {
+                let spread = &SPREAD[((word >> (8 * i)) & 0xFF) as usize];
+                eight.copy_from_slice(&spread[..eight.len()]);
             }
         }
     }
