@@ -71,7 +71,8 @@ fn bad_structured_outputs_name_their_field() {
 
 fn weather() -> Value {
     serde_json::json!({"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": false}}})
 }
 
 #[test]
@@ -102,6 +103,75 @@ fn forced_calls_are_written_in_the_model_format() {
         match r {
             Err(RouterError::Invalid { field: f, .. }) => assert_eq!(f, field),
             other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Random walks through the forced-call grammars (a byte-level vocabulary, any allowed byte at
+/// each step) always give text the turn parser reads as calls of the offered tools, with
+/// arguments valid for their schema.
+#[test]
+fn forced_call_grammars_compile_and_parse_back_as_calls() {
+    use crate::agent::{Formats, ToolSchemas, Turn, TurnOptions};
+    use llguidance::api::TopLevelGrammar;
+    use llguidance::toktrie::ApproximateTokEnv;
+    use llguidance::{Matcher, ParserFactory};
+    use rand::{Rng, SeedableRng};
+
+    let tools = [
+        weather(),
+        serde_json::json!({"type": "function", "function": {"name": "pick", "parameters": {
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+            // Extra keys would let a random walk write numbers like 9E99999, which JSON allows
+            // and no f64 holds.
+            "additionalProperties": false}}}),
+    ];
+    let env = ApproximateTokEnv::single_byte_env();
+    let factory = ParserFactory::new_simple(&env).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    for (format, single) in [(ToolFormat::Hermes, false), (ToolFormat::Hermes, true), (ToolFormat::React, true)] {
+        let spec = ConstraintSpec::ToolCall { name: None, single };
+        let Some(Kind::Lark(lark)) = resolve(spec, Some(format), Some(&tools)).unwrap().kind else { panic!() };
+        let opts = TurnOptions {
+            formats: Formats { reasoning: None, tools: Some(format) },
+            reasoning_open: false,
+            tools: true,
+            single_call: single,
+            schemas: std::sync::Arc::new(ToolSchemas::from_tools(&tools)),
+        };
+        for walk in 0..30 {
+            let mut m = Matcher::new(Ok(factory.create_parser(TopLevelGrammar::from_lark(lark.clone())).unwrap()));
+            let mut text = Vec::new();
+            // String contents are unbounded: past 300 bytes, end them as soon as allowed.
+            while !m.is_stopped() {
+                let allowed = m.compute_mask().unwrap();
+                let quote = b'"' as u32;
+                let t = if text.len() > 300 && allowed.is_allowed(quote) {
+                    quote
+                } else {
+                    let list = allowed.to_list();
+                    list[rng.random_range(0..list.len())]
+                };
+                m.consume_token(t).unwrap();
+                if t < 256 {
+                    text.push(t as u8);
+                }
+                assert!(text.len() < 5000, "{format:?}: runaway walk");
+            }
+            let text = String::from_utf8_lossy(&text).into_owned();
+            let turn = Turn::parse(&opts, &text);
+            assert!(!turn.calls.is_empty(), "{format:?} walk {walk}: no call in {text:?}");
+            for call in &turn.calls {
+                let args: Value = serde_json::from_str(&call.arguments).unwrap();
+                match call.name.as_str() {
+                    "get_weather" => assert!(args["city"].is_string(), "{text}"),
+                    "pick" => assert!(args["n"].as_u64().is_some_and(|n| n <= 9), "{text}"),
+                    other => panic!("{other} in {text}"),
+                }
+            }
+            if single {
+                assert_eq!(turn.calls.len(), 1, "{text}");
+            }
         }
     }
 }
