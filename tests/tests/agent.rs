@@ -207,6 +207,12 @@ async fn structured(r: &RouterProcess) {
     let (status, v) = r.post("/v1/chat/completions", chat(json!({"response_format": unsatisfiable}))).await;
     assert_eq!((status, v["error"]["param"].as_str()), (400, Some("response_format.json_schema.schema")), "{v}");
 
+    // vLLM's extras on /v1/completions too.
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 10, "guided_choice": ["yes", "no"]});
+    let (status, v) = r.post("/v1/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(["yes", "no"].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
+
     let mut c = GenerationClient::connect(r.grpc.clone()).await.unwrap();
     let request = qwen_proto::serve::GenerateRequest {
         model: MODEL.into(),

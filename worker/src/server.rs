@@ -33,6 +33,8 @@ pub struct WorkerService {
     info: InfoResponse,
     metrics: Arc<WorkerMetrics>,
     grammars: Option<Arc<GrammarCompiler>>,
+    /// Compilations at once: one per core, the rest wait their turn (within their deadline).
+    compile_slots: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
     owners: Arc<Owners>,
 }
@@ -90,6 +92,9 @@ impl WorkerService {
             info: cfg.info,
             metrics: cfg.metrics,
             grammars: cfg.grammars,
+            compile_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )),
             next_id: AtomicU64::new(0),
             owners: Arc::default(),
         }
@@ -105,6 +110,7 @@ impl WorkerService {
             )
         })?;
         let started = Instant::now();
+        let _slot = self.compile_slots.acquire().await.map_err(|_| Status::unavailable("the worker is stopping"))?;
         let compiled = tokio::task::spawn_blocking(move || grammars.compile(&c))
             .await
             .map_err(|e| Status::internal(format!("grammar compilation: {e}")))?
