@@ -151,6 +151,13 @@ refuse "etcd TLS with the bundled etcd" --set security.etcd.tlsSecretName=etcd-t
 refuse "etcd users without their passwords" -f "$CHART/ci/external-etcd-values.yaml" --set security.etcd.workerUser=qwen-worker
 refuse "a Secret name that is not a DNS name" --set security.apiKeys.secretName=Bad_Name
 
+# A 2-group, 2-ranks-per-group LeaderWorkerSet deployment, its wiring checked pod by pod.
+say "helm template: 2 LeaderWorkerSet groups of 2 ranks"
+"$HELM" template qwen-serve "$CHART" --namespace qwen-serve --set worker.multiNode=true --set worker.groups=2 \
+  --set worker.tp=2 --set worker.lws.exclusiveTopology=topology.kubernetes.io/zone >"$OUT/helm-lws-2x2.yaml" \
+  2>"$OUT/helm-lws-2x2.err" || { cat "$OUT/helm-lws-2x2.err"; fail "helm template (2x2 LWS)"; }
+"$VENV/bin/python" scripts/deploy_render_test.py "$OUT/helm-lws-2x2.yaml" || fail "2-group LeaderWorkerSet wiring"
+
 kustomizations=(k8s/base)
 for d in k8s/overlays/*/; do
   [ -e "$d/kustomization.yaml" ] && kustomizations+=("${d%/}")
@@ -164,7 +171,7 @@ done
 
 # ---- validate --------------------------------------------------------------------------------
 say "validating $(find "$OUT" -name '*.yaml' | wc -l) rendered files against Kubernetes $KUBE_VERSIONS (strict)"
-KUBE_VERSIONS="$KUBE_VERSIONS" "$VENV/bin/python" - "$OUT"/helm-*.yaml "$OUT"/kustomize-*.yaml <<'PY' || fail "resource validation"
+CRD_DIR="$ROOT/k8s/crds" KUBE_VERSIONS="$KUBE_VERSIONS" "$VENV/bin/python" - "$OUT"/helm-*.yaml "$OUT"/kustomize-*.yaml <<'PY' || fail "resource validation"
 import functools, json, os, re, sys
 import jsonschema, promql_parser, yaml
 from kubernetes_validate import utils as kv
@@ -227,12 +234,55 @@ def monitor_schema(kind, endpoints_key, extra_endpoint, extra_spec):
                              "type": "array", "minItems": 1, "items": {
                                  "type": "object", "additionalProperties": False,
                                  "properties": {**ENDPOINT, **extra_endpoint}}}}}}}
+def strict(schema):
+    """A CRD's openAPIV3Schema with unknown fields refused, as `kubectl --validate=strict` does
+    (the API server would prune them silently)."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out \
+                and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+def crd_schemas(directory):
+    """(apiVersion, kind) -> strict schema, for every served version of the committed CRDs."""
+    found = {}
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".yaml"):
+            continue
+        with open(os.path.join(directory, name)) as fh:
+            for crd in yaml.safe_load_all(fh):
+                if not crd or crd.get("kind") != "CustomResourceDefinition":
+                    continue
+                group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+                for v in crd["spec"]["versions"]:
+                    if v.get("served"):
+                        schema = strict(v["schema"]["openAPIV3Schema"])
+                        # metadata is "type: object" in a CRD; the API server checks it as ObjectMeta.
+                        schema["properties"]["metadata"] = {"type": "object", "additionalProperties": False,
+                            "required": ["name"], "properties": {"name": STR, "namespace": STR, "labels": STRMAP,
+                                                                 "annotations": STRMAP}}
+                        schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+                        found[(f"{group}/{v['name']}", kind)] = schema
+    return found
+
 CRD_SCHEMAS = {
+    **crd_schemas(os.environ["CRD_DIR"]),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): monitor_schema(
         "ServiceMonitor", "endpoints", {"bearerTokenFile": STR}, {"targetLabels": {"type": "array", "items": STR}}),
     ("monitoring.coreos.com/v1", "PodMonitor"): monitor_schema(
         "PodMonitor", "podMetricsEndpoints", {"portNumber": {"type": "integer", "minimum": 1, "maximum": 65535}}, {}),
 }
+
+# The committed CRDs are enforced strictly: a misspelt field in a pod template is an error.
+_bad = {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet", "metadata": {"name": "x"},
+        "spec": {"leaderWorkerTemplate": {"size": 2, "workerTemplate": {"spec": {"containers": [
+            {"name": "c", "imagee": "x"}]}}}}}
+assert any("imagee" in e.message for e in jsonschema.Draft7Validator(
+    CRD_SCHEMAS[("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")]).iter_errors(_bad)), "LWS schema is not strict"
 
 errors = []
 def kn(r):
@@ -268,6 +318,21 @@ def pod_templates(docs):
             yield d, t.get("spec") or {}, (t.get("metadata") or {}).get("labels") or {}
         elif k == "Pod":
             yield d, s, (d.get("metadata") or {}).get("labels") or {}
+        elif k == "LeaderWorkerSet":
+            # The pods LWS makes: per group, the leader (worker-index 0) and the workers, with the
+            # labels it adds.
+            t = s["leaderWorkerTemplate"]
+            roles = [(t.get("leaderTemplate") or t["workerTemplate"], "0"), (t["workerTemplate"], "1")]
+            for g in range(s.get("replicas", 1)):
+                for tmpl, idx in roles[: 2 if t.get("size", 1) > 1 else 1]:
+                    labels = dict((tmpl.get("metadata") or {}).get("labels") or {})
+                    labels.update({LWS + "name": d["metadata"]["name"], LWS + "group-index": str(g),
+                                   LWS + "worker-index": idx})
+                    yield d, tmpl.get("spec") or {}, labels
+
+LWS = "leaderworkerset.sigs.k8s.io/"
+# What the LWS webhook puts first in every container's environment.
+LWS_ENV = {"LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX"}
 
 def containers(podspec):
     return (podspec.get("initContainers") or []) + (podspec.get("containers") or [])
@@ -309,7 +374,7 @@ def check_file(f):
         # Schema: kubernetes-validate (strict), or the monitors' schemas; no schema is a failure.
         crd = CRD_SCHEMAS.get((d.get("apiVersion"), d.get("kind")))
         if crd is not None:
-            for e in jsonschema.Draft202012Validator(crd).iter_errors(d):
+            for e in jsonschema.Draft7Validator(crd).iter_errors(d):
                 err(f, d, f"{'.'.join(map(str, e.path))}: {e.message}")
             for ep in (d.get("spec") or {}).get("endpoints", []) + (d.get("spec") or {}).get("podMetricsEndpoints", []):
                 if "interval" in ep and "scrapeTimeout" in ep and seconds(ep["scrapeTimeout"]) > seconds(ep["interval"]):
@@ -344,7 +409,8 @@ def check_file(f):
 
     for w, ps, labels in templates:
         check_labels(f, w, labels, "pod template labels")
-        if w["kind"] != "Pod" and not selects(w["spec"].get("selector"), labels):
+        # (A LeaderWorkerSet has no selector: it owns the pods it labels itself.)
+        if w["kind"] not in ("Pod", "LeaderWorkerSet") and not selects(w["spec"].get("selector"), labels):
             err(f, w, "selector does not select its own pod template")
         volumes = {v["name"] for v in ps.get("volumes") or []}
         volumes |= {t["metadata"]["name"] for t in (w.get("spec") or {}).get("volumeClaimTemplates") or []}
@@ -364,7 +430,7 @@ def check_file(f):
             names = [e["name"] for e in c.get("env") or []]
             if len(names) != len(set(names)):
                 err(f, w, f"{where}: duplicate env names")
-            known = set()
+            known = set(LWS_ENV) if w["kind"] == "LeaderWorkerSet" else set()
             for ef in c.get("envFrom") or []:
                 ref = (ef.get("configMapRef") or {}).get("name")
                 if ref:
@@ -533,10 +599,26 @@ def check_qwen(f, w, ps, c, configmaps, known):
         err(f, w, f"{where}: QWEN_GROUP {g!r} is not a valid group name")
     gpus = [int(v) for k, v in ((c.get("resources") or {}).get("limits") or {}).items() if k.endswith("/gpu")]
     gpus = gpus[0] if gpus else 0
-    if "QWEN_RANK" in envs:
+    if "QWEN_RANK" in envs and w["kind"] == "LeaderWorkerSet":
+        # Rank, world size and rank 0's address from what LWS injects; the group from its index.
+        t = w["spec"]["leaderWorkerTemplate"]
+        for name, want in (("QWEN_RANK", "$(LWS_WORKER_INDEX)"), ("QWEN_WORLD_SIZE", "$(LWS_GROUP_SIZE)"),
+                           ("QWEN_COMM_ADVERTISE", "$(LWS_LEADER_ADDRESS)")):
+            if literal(envs, name, cmvals) != want:
+                err(f, w, f"{where}: {name} must be {want}")
+        if t.get("restartPolicy") != "RecreateGroupOnPodRestart":
+            err(f, w, "restartPolicy must be RecreateGroupOnPodRestart (a group with a dead rank is gone)")
+        if w["spec"].get("startupPolicy") != "LeaderCreated":
+            err(f, w, "startupPolicy must be LeaderCreated (rank 0 is ready only once every rank joined)")
+        gi = (envs.get("GROUP_INDEX") or {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if gi != f"metadata.labels['{LWS}group-index']" or "$(GROUP_INDEX)" not in str(literal(envs, "QWEN_GROUP", cmvals)):
+            err(f, w, f"{where}: QWEN_GROUP must be named after the LWS group-index label")
+        if gpus not in (0, 1):
+            err(f, w, f"{where}: a multi-node rank gets one GPU, not {gpus}")
+    elif "QWEN_RANK" in envs:
         ws = literal(envs, "QWEN_WORLD_SIZE", cmvals)
         if w["kind"] != "StatefulSet":
-            err(f, w, f"{where}: multi-node ranks need a StatefulSet (rank = pod ordinal)")
+            err(f, w, f"{where}: multi-node ranks need a StatefulSet (rank = pod ordinal) or a LeaderWorkerSet")
         elif str(w["spec"].get("replicas")) != str(ws):
             err(f, w, f"{where}: QWEN_WORLD_SIZE={ws} but replicas={w['spec'].get('replicas')}")
         if (envs["QWEN_RANK"].get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != \

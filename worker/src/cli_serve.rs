@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// this (default: the host of its --comm-advertise address).
     #[arg(long, env = "QWEN_TLS_PEER_NAME")]
     tls_peer_name: Option<String>,
+    /// Written once this process is part of a formed group with its shard loaded (removed at
+    /// start): the readiness signal of ranks other than 0, which serve no gRPC.
+    #[arg(long, env = "QWEN_READY_FILE")]
+    ready_file: Option<PathBuf>,
 }
 
 /// Where and how rank 0 registers the group for routers (when --etcd is given).
@@ -171,6 +175,7 @@ pub struct ServeConfig {
     /// TLS (and, with a client CA, mutual TLS) on the gRPC port.
     tls: Option<tonic::transport::ServerTlsConfig>,
     load: qwen_worker::model::LoadOptions,
+    ready_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -294,6 +299,7 @@ impl ServeArgs {
             metrics_listen: self.metrics_listen,
             cuda_graphs: !self.no_cuda_graphs,
             tls,
+            ready_file: self.ready_file,
             load: qwen_worker::model::LoadOptions {
                 experts: if self.expert_parallel {
                     qwen_worker::model::moe::ExpertSplit::Whole
@@ -329,6 +335,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         return crate::cli_tp::supervise(&argv, *tp, group, cfg.drain_timeout);
     }
     crate::cli_tp::exit_with_supervisor();
+    if let Some(f) = &cfg.ready_file {
+        // Kept across container restarts in a pod's volume: a restarted rank is not ready yet.
+        match std::fs::remove_file(f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("--ready-file {}", f.display()));
+            }
+            _ => {}
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let rank = match &cfg.mode {
         Mode::Rank(r) => r.rank,
@@ -354,6 +369,10 @@ fn serve_rank(runtime: &tokio::runtime::Runtime, cfg: &ServeConfig, comm: Comm, 
         .with_context(|| format!("loading model from {}", cfg.model.display()))?;
     let num_blocks = agree_on_blocks(&model, cfg, device)?;
     if model.comm().rank() != 0 {
+        if let Some(f) = &cfg.ready_file {
+            // Every rank has loaded and agreed on the cache: the group is formed.
+            std::fs::write(f, b"ready\n").with_context(|| format!("--ready-file {}", f.display()))?;
+        }
         follower::run(model, cfg.scheduler.block_size, num_blocks, device)?;
         return Ok(());
     }

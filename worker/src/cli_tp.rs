@@ -83,8 +83,28 @@ pub fn join_group(
         if record.world_size as usize != r.world_size {
             bail!("--world-size {} but rank 0 of group {} runs {}", r.world_size, r.group.as_str(), record.world_size);
         }
-        let addr = record.addr.parse().with_context(|| format!("rendezvous address {:?}", record.addr))?;
+        let addr = resolve(&record.addr, r.timeout * 3)?;
         Ok((collectives_for(TcpComm::join(addr, &tcp)?, device)?, None))
+    }
+}
+
+/// Rank 0's published address: an IP and port, or a stable DNS name and port (a LeaderWorkerSet
+/// leader's), looked up until it resolves (a new pod's name takes a moment to appear in DNS).
+fn resolve(addr: &str, wait: Duration) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    let give_up = std::time::Instant::now() + wait;
+    loop {
+        match addr.to_socket_addrs().map(|mut it| it.next()) {
+            Ok(Some(a)) => return Ok(a),
+            result if std::time::Instant::now() >= give_up => {
+                let why = result.err().map_or_else(|| "no address".to_string(), |e| e.to_string());
+                bail!("rank 0's address {addr:?} did not resolve within {wait:?}: {why}");
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
     }
 }
 
@@ -94,6 +114,14 @@ fn collectives_for(control: TcpComm, device: &candle_core::Device) -> anyhow::Re
     #[cfg(feature = "nccl")]
     if let candle_core::Device::Cuda(d) = device {
         use qwen_worker::comm::nccl::{NcclComm, NcclConfig};
+        if !std::path::Path::new("/dev/infiniband").exists() {
+            // NCCL picks its transport itself; this says what it will find between nodes.
+            tracing::warn!(
+                "no RDMA devices (/dev/infiniband): NCCL between nodes falls back to TCP sockets, a \
+                 fraction of the bandwidth; give multi-node ranks RDMA resources or host networking \
+                 (ranks on one node still use NVLink / PCIe)"
+            );
+        }
         let comm = NcclComm::new(NcclConfig { stream: d.cuda_stream(), control }).context("starting NCCL")?;
         return Ok(Comm::Nccl(comm));
     }
@@ -207,7 +235,17 @@ fn strip_flags(args: &[String], flags: &[&str]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_flags;
+    use super::{resolve, strip_flags};
+    use std::time::Duration;
+
+    #[test]
+    fn rank_zero_addresses_resolve_by_ip_or_name() {
+        assert_eq!(resolve("127.0.0.1:29500", Duration::ZERO).unwrap().port(), 29500);
+        let by_name = resolve("localhost:29501", Duration::from_secs(1)).unwrap();
+        assert!(by_name.ip().is_loopback() && by_name.port() == 29501, "{by_name}");
+        let e = resolve("no-such-leader.invalid:1", Duration::from_millis(600)).unwrap_err().to_string();
+        assert!(e.contains("did not resolve"), "{e}");
+    }
 
     #[test]
     fn supervisor_flags_are_removed() {

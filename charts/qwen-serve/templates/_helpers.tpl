@@ -118,6 +118,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.worker.multiNode (lt (int .Values.worker.tp) 2) }}
 {{- fail "worker.multiNode=true needs worker.tp >= 2 (the group's world size: one pod per rank)" }}
 {{- end }}
+{{- if and .Values.worker.gangScheduling.enabled (not .Values.worker.multiNode) }}
+{{- fail "worker.gangScheduling needs worker.multiNode=true (a one-pod group is scheduled whole anyway)" }}
+{{- end }}
 {{- if and .Values.etcd.enabled (eq (mod (int .Values.etcd.replicas) 2) 0) }}
 {{- fail "etcd.replicas must be odd (1, 3 or 5)" }}
 {{- end }}

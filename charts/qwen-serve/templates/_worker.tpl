@@ -1,25 +1,55 @@
 {{/*
-The pod template of a worker. Arguments (dict): ctx (the root context), group (multi-node: the
-group's name; empty: one pod per group, named after the pod).
+The pod template of a worker. Arguments (dict): ctx (the root context), role, group.
+role: single (a one-pod group running `--tp N`, named after the pod), rank (a rank of a
+multi-node StatefulSet group; group: its name), leader / follower (rank 0 / ranks 1.. of a
+LeaderWorkerSet group).
 */}}
 {{- define "qwen-serve.workerPodTemplate" -}}
 {{- $ := .ctx }}
+{{- $role := .role }}
 {{- $multi := $.Values.worker.multiNode }}
+{{- $lws := has $role (list "leader" "follower") }}
+{{- $serves := has $role (list "single" "leader" "rank") }}
 {{- $gpus := int (include "qwen-serve.gpusPerPod" $) }}
 {{- $resources := deepCopy $.Values.worker.resources }}
-{{- if $.Values.worker.gpu.enabled }}
 {{- $requests := default (dict) $resources.requests }}
 {{- $limits := default (dict) $resources.limits }}
+{{- if $.Values.worker.gpu.enabled }}
 {{- $_ := set $requests $.Values.worker.gpu.resourceName $gpus }}
 {{- $_ := set $limits $.Values.worker.gpu.resourceName $gpus }}
+{{- end }}
+{{- range $k, $v := $.Values.worker.extraResources }}
+{{- $_ := set $requests $k $v }}
+{{- $_ := set $limits $k $v }}
+{{- end }}
 {{- $_ := set $resources "requests" $requests }}
 {{- $_ := set $resources "limits" $limits }}
+{{- $affinity := deepCopy (default (dict) $.Values.worker.affinity) }}
+{{- $gpuTerms := list }}
+{{- with $.Values.worker.gpu.products }}
+{{- $gpuTerms = append $gpuTerms (dict "key" "nvidia.com/gpu.product" "operator" "In" "values" .) }}
+{{- end }}
+{{- if $.Values.worker.gpu.minComputeMajor }}
+{{- $gpuTerms = append $gpuTerms (dict "key" "nvidia.com/gpu.compute.major" "operator" "Gt" "values" (list (toString (sub (int $.Values.worker.gpu.minComputeMajor) 1)))) }}
+{{- end }}
+{{- if $gpuTerms }}
+{{- if hasKey $affinity "nodeAffinity" }}
+{{- fail "set worker.gpu.products / worker.gpu.minComputeMajor or worker.affinity.nodeAffinity, not both" }}
+{{- end }}
+{{- $_ := set $affinity "nodeAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list (dict "matchExpressions" $gpuTerms)))) }}
 {{- end -}}
 metadata:
   labels:
     {{- include "qwen-serve.labels" (dict "ctx" $ "component" "worker") | nindent 4 }}
+    # group: a one-pod group; rank: a rank of a StatefulSet group; leader / follower: rank 0 /
+    # the other ranks of a LeaderWorkerSet group. Metrics are scraped from all but followers.
+    qwen-serve.io/role: {{ ternary "group" $role (eq $role "single") }}
     {{- with .group }}
     qwen-serve.io/group: {{ . }}
+    {{- if $.Values.worker.gangScheduling.enabled }}
+    # The group's PodGroup (scheduler-plugins' coscheduling).
+    scheduling.x-k8s.io/pod-group: {{ . }}
+    {{- end }}
     {{- end }}
     {{- with $.Values.worker.podLabels }}
     {{- toYaml . | nindent 4 }}
@@ -36,6 +66,9 @@ spec:
   # On SIGTERM the worker drains by itself: gRPC health NOT_SERVING, it leaves etcd, running
   # requests finish for up to QWEN_DRAIN_TIMEOUT_SECS; the grace period exceeds that.
   terminationGracePeriodSeconds: {{ include "qwen-serve.workerGrace" $ }}
+  {{- if and $multi $.Values.worker.gangScheduling.enabled }}
+  schedulerName: {{ $.Values.worker.gangScheduling.schedulerName }}
+  {{- end }}
   {{- with $.Values.worker.priorityClassName }}
   priorityClassName: {{ . }}
   {{- end }}
@@ -53,9 +86,20 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $.Values.worker.affinity }}
+  {{- with $affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if and $.Values.worker.spread.topologyKey (has $role (list "single" "leader")) }}
+  # Groups (their leaders) spread over failure domains.
+  topologySpreadConstraints:
+    - maxSkew: 1
+      topologyKey: {{ $.Values.worker.spread.topologyKey }}
+      whenUnsatisfiable: {{ $.Values.worker.spread.whenUnsatisfiable }}
+      labelSelector:
+        matchLabels:
+          {{- include "qwen-serve.selectorLabels" (dict "ctx" $ "component" "worker") | nindent 10 }}
+          qwen-serve.io/role: {{ ternary "group" $role (eq $role "single") }}
   {{- end }}
   containers:
     - name: worker
@@ -88,7 +132,27 @@ spec:
         # Each rank on its own GPU of the pod (rank r: GPU r; one GPU per pod when multi-node).
         - name: QWEN_DEVICE
           value: {{ if $.Values.worker.gpu.enabled }}cuda{{ else }}cpu{{ end }}
-        {{- if $multi }}
+        {{- if $lws }}
+        # LWS_* come first in the container's environment (the LWS webhook puts them there).
+        - name: GROUP_INDEX
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['leaderworkerset.sigs.k8s.io/group-index']
+        - name: QWEN_GROUP
+          value: {{ include "qwen-serve.fullname" $ }}-worker-g$(GROUP_INDEX)
+        - name: QWEN_RANK
+          value: $(LWS_WORKER_INDEX)
+        - name: QWEN_WORLD_SIZE
+          value: $(LWS_GROUP_SIZE)
+        - name: QWEN_COMM_LISTEN
+          value: 0.0.0.0:29500
+        # Rank 0 publishes its stable name (the others resolve it): not an address that changes
+        # when the leader pod is recreated.
+        - name: QWEN_COMM_ADVERTISE
+          value: $(LWS_LEADER_ADDRESS)
+        - name: QWEN_READY_FILE
+          value: {{ $.Values.worker.readyFile }}
+        {{- else if $multi }}
         # Rank = pod ordinal; world size = replicas of this StatefulSet.
         - name: QWEN_GROUP
           value: {{ .group | quote }}
@@ -102,6 +166,8 @@ spec:
           value: 0.0.0.0:29500
         - name: QWEN_COMM_ADVERTISE
           value: $(POD_IP)
+        - name: QWEN_READY_FILE
+          value: {{ $.Values.worker.readyFile }}
         {{- else }}
         # The group is the pod (unique, stable name); --tp N rank processes run inside it.
         - name: QWEN_GROUP
@@ -139,24 +205,37 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       ports:
+        {{- if $serves }}
         - name: grpc
           containerPort: 50051
+        {{- end }}
         {{- if $multi }}
         - name: comm
           containerPort: 29500
         {{- end }}
-        {{- if $.Values.metrics.enabled }}
+        {{- if and $.Values.metrics.enabled $serves }}
         - name: metrics
           containerPort: {{ $.Values.metrics.workerPort }}
         {{- end }}
-      {{- if or $multi $.Values.security.tls.internalSecretName }}
-      # One template for every rank and only rank 0 has a gRPC port: rank 0 is checked by
-      # connecting to it; the others pass (they exit by themselves when the group breaks). Under
-      # mutual TLS too, as Kubernetes' gRPC probes speak cleartext only (routers check the
-      # workers' gRPC health themselves, over mTLS).
+      {{- if eq $role "follower" }}
+      # Ranks 1.. serve no gRPC: ready once the group has formed and every shard is loaded
+      # (the worker writes the file then). They exit by themselves when the group breaks.
       startupProbe:
         exec:
-          command: ["/bin/bash", "-c", "[ \"${QWEN_RANK:-0}\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
+          command: ["test", "-f", {{ $.Values.worker.readyFile | quote }}]
+        periodSeconds: 10
+        failureThreshold: {{ div (int $.Values.worker.startupTimeoutSeconds) 10 | max 1 }}
+      readinessProbe:
+        exec:
+          command: ["test", "-f", {{ $.Values.worker.readyFile | quote }}]
+        periodSeconds: 10
+      {{- else if or (eq $role "rank") $.Values.security.tls.internalSecretName }}
+      # One template for every rank of a StatefulSet group, or mutual TLS (Kubernetes' gRPC
+      # probes speak cleartext only; routers check the workers' gRPC health themselves, over
+      # mTLS): rank 0 is checked by connecting to its port, the others by the group-formed file.
+      startupProbe:
+        exec:
+          command: ["/bin/bash", "-c", "if [ \"${QWEN_RANK:-0}\" = 0 ]; then exec 3<>/dev/tcp/127.0.0.1/50051; else test -f \"$QWEN_READY_FILE\"; fi"]
         periodSeconds: 10
         failureThreshold: {{ div (int $.Values.worker.startupTimeoutSeconds) 10 | max 1 }}
       livenessProbe:
@@ -167,21 +246,13 @@ spec:
         failureThreshold: 3
       readinessProbe:
         exec:
-          command: ["/bin/bash", "-c", "[ \"${QWEN_RANK:-0}\" != 0 ] || exec 3<>/dev/tcp/127.0.0.1/50051"]
+          command: ["/bin/bash", "-c", "if [ \"${QWEN_RANK:-0}\" = 0 ]; then exec 3<>/dev/tcp/127.0.0.1/50051; else test -f \"$QWEN_READY_FILE\"; fi"]
         periodSeconds: 5
         timeoutSeconds: 3
-      {{- end }}
-      {{- if $multi }}
-      lifecycle:
-        preStop:
-          exec:
-            # Rank 0: nothing, its SIGTERM starts the drain. The other ranks stay for the drain (a
-            # rank leaving would break the group under running requests) and exit with rank 0.
-            command: ["/bin/bash", "-c", "[ \"$QWEN_RANK\" = 0 ] || sleep $((QWEN_DRAIN_TIMEOUT_SECS + 5))"]
-      {{- end }}
-      {{- if not (or $multi $.Values.security.tls.internalSecretName) }}
-      # gRPC starts once the model is loaded; "" (overall) for liveness, the Worker service
-      # (NOT_SERVING while draining) for readiness.
+      {{- else }}
+      # gRPC starts once the model is loaded (and, for a group's rank 0, once every rank has
+      # joined); "" (overall) for liveness, the Worker service (NOT_SERVING while draining or
+      # while an engine step is stuck) for readiness.
       startupProbe:
         grpc:
           port: 50051
@@ -200,6 +271,14 @@ spec:
         periodSeconds: 5
         timeoutSeconds: 3
         failureThreshold: 2
+      {{- end }}
+      {{- if $multi }}
+      lifecycle:
+        preStop:
+          exec:
+            # Rank 0: nothing, its SIGTERM starts the drain. The other ranks stay for the drain (a
+            # rank leaving would break the group under running requests) and exit with rank 0.
+            command: ["/bin/bash", "-c", "[ \"$QWEN_RANK\" = 0 ] || sleep $((QWEN_DRAIN_TIMEOUT_SECS + 5))"]
       {{- end }}
       resources:
         {{- toYaml $resources | nindent 8 }}
