@@ -15,24 +15,32 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 fn start_group(etcd: &str, group: &str) -> WorkerProcess {
+    start_group_with(etcd, group, &[])
+}
+
+fn start_group_with(etcd: &str, group: &str, extra: &[&str]) -> WorkerProcess {
     WorkerProcess::start(
         "qwen2-gqa",
         &[
-            "--tp",
-            "2",
-            "--etcd",
-            etcd,
-            "--group",
-            group,
-            "--block-size",
-            "4",
-            "--kv-cache-bytes",
-            "1000000",
-            "--collective-timeout-ms",
-            "2000",
-            "--stuck-after-ms",
-            "300",
-        ],
+            &[
+                "--tp",
+                "2",
+                "--etcd",
+                etcd,
+                "--group",
+                group,
+                "--block-size",
+                "4",
+                "--kv-cache-bytes",
+                "1000000",
+                "--collective-timeout-ms",
+                "2000",
+                "--stuck-after-ms",
+                "300",
+            ][..],
+            extra,
+        ]
+        .concat(),
     )
 }
 
@@ -85,8 +93,18 @@ async fn record_gone_within(etcd: &EtcdServer, group: &str, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rank_processes_serve_goldens_and_die_together_on_sigkill() {
     let etcd = EtcdServer::start().expect("etcd");
-    let mut w = start_group(&etcd.endpoint, "tp-kill");
+    // A stale group-formed file from an earlier run of the pod: rank 1 must replace it only once
+    // this group has formed (its readiness in Kubernetes).
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    std::fs::write(&ready, "stale").unwrap();
+    let mut w = start_group_with(&etcd.endpoint, "tp-kill", &["--ready-file", ready.to_str().unwrap()]);
     assert!(record_exists(&etcd, "tp-kill").await);
+    let formed = Instant::now();
+    while std::fs::read_to_string(&ready).ok().as_deref() != Some("ready\n") {
+        assert!(formed.elapsed() < Duration::from_secs(10), "rank 1 never wrote its ready file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let g = golden("qwen2-gqa");
     for c in g["cases"].as_array().unwrap() {
         let want = ids(&c["greedy"]);
