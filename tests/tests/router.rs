@@ -312,13 +312,13 @@ async fn bad_input_gets_4xx_or_invalid_argument_naming_the_field() {
         ("/v1/completions", json!({"model": MODEL, "prompt": [100000]}), 400, "prompt"),
         ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "max_tokens": 1000}), 400, "max_tokens"),
         ("/v1/completions", json!({"model": MODEL, "prompt": ""}), 400, "prompt"),
-        // Fields that change the output are refused by name, never silently dropped.
         (
             "/v1/chat/completions",
-            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
             400,
-            "response_format",
+            "response_format.type",
         ),
+        // Fields that change the output are refused by name, never silently dropped.
         ("/v1/completions", json!({"model": MODEL, "prompt": "hi", "logit_bias": {"1": 5}}), 400, "logit_bias"),
     ];
     for (path, body, want, param) in cases {
