@@ -189,12 +189,7 @@ pub fn resolve(spec: ConstraintSpec, format: Option<ToolFormat>, tools: Option<&
     let lark = match format {
         Some(ToolFormat::Hermes) => hermes(&chosen, single || name.is_some()),
         Some(ToolFormat::React) => react(&chosen),
-        Some(ToolFormat::Qwen3Coder) => {
-            return Err(RouterError::invalid(
-                "tool_choice",
-                "forcing a call is not supported for the Qwen3-Coder call format yet; use \"auto\"",
-            ))
-        }
+        Some(ToolFormat::Qwen3Coder) => coder(&chosen, single || name.is_some()),
         None => return Err(RouterError::invalid("tool_choice", "this model's chat template renders no tool calls")),
     };
     let c = Constraint { kind: Some(Kind::Lark(lark)) };
@@ -234,6 +229,60 @@ fn hermes(tools: &[&Value], single: bool) -> String {
     let schema = serde_json::json!({"anyOf": calls, "x-guidance": {"whitespace_flexible": false}});
     let start = if single { "start: call" } else { "start: call (\"\\n\" call)*" };
     format!("{start}\ncall: \"<tool_call>\\n\" body \"\\n</tool_call>\"\nbody: %json {schema}\n")
+}
+
+/// Qwen3-Coder: `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n...</function>\n</tool_call>`.
+/// Required parameters always, the others optionally, in the schema's order; typed values
+/// (numbers, booleans, objects, arrays) as JSON of their schema, enums of strings as one of them,
+/// other strings as any text up to the closing tag.
+fn coder(tools: &[&Value], single: bool) -> String {
+    let start = if single { "start: call" } else { "start: call (\"\\n\" call)*" };
+    let mut rules = format!("{start}\ncall: \"<tool_call>\\n\" function \"\\n</tool_call>\"\nfunction: ");
+    let mut defs = String::new();
+    for (i, t) in tools.iter().enumerate() {
+        let name = t["function"]["name"].as_str().unwrap_or_default();
+        rules.push_str(&format!("{}f{i}", if i > 0 { " | " } else { "" }));
+        let params = parameters(t);
+        let required: Vec<&str> =
+            params["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let mut body = vec![literal(&format!("<function={name}>\n"))];
+        for (j, (key, schema)) in params["properties"].as_object().into_iter().flatten().enumerate() {
+            let value = format!("v{i}_{j}");
+            let open = literal(&format!("<parameter={key}>\n"));
+            let close = literal("\n</parameter>\n");
+            let param = match coder_value(schema) {
+                // Text runs until the closing tag (lazily: it may hold anything else).
+                None => {
+                    defs.push_str(&format!("{value}[suffix={close}]: /(?s:.*)/\n"));
+                    format!("{open} {value}")
+                }
+                Some(grammar) => {
+                    defs.push_str(&format!("{value}: {grammar}\n"));
+                    format!("{open} {value} {close}")
+                }
+            };
+            body.push(if required.contains(&key.as_str()) { param } else { format!("({param})?") });
+        }
+        body.push(literal("</function>"));
+        defs.push_str(&format!("f{i}: {}\n", body.join(" ")));
+    }
+    format!("{rules}\n{defs}")
+}
+
+/// One Qwen3-Coder parameter value's grammar; `None` for free text.
+fn coder_value(schema: &Value) -> Option<String> {
+    let strings: Option<Vec<&str>> = schema["enum"].as_array().and_then(|e| e.iter().map(Value::as_str).collect());
+    match (schema["type"].as_str(), strings) {
+        (_, Some(choices)) if !choices.is_empty() => {
+            Some(choices.iter().map(|c| literal(c)).collect::<Vec<_>>().join(" | "))
+        }
+        (Some("string") | None, _) if schema.get("enum").is_none() => None,
+        _ => {
+            let mut schema = schema.clone();
+            schema["x-guidance"] = serde_json::json!({"whitespace_flexible": false});
+            Some(format!("%json {schema}"))
+        }
+    }
 }
 
 /// The original Qwen-Chat's ReAct: a short thought, then `Action:` and `Action Input:` (the

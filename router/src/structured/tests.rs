@@ -86,8 +86,13 @@ fn forced_calls_are_written_in_the_model_format() {
         panic!()
     };
     assert!(g.contains(r#""get_weather\nAction Input: " a0"#) && g.contains("a1: %json"), "{g}");
+    let Some(Kind::Lark(g)) = resolve(required.clone(), Some(ToolFormat::Qwen3Coder), Some(&tools)).unwrap().kind
+    else {
+        panic!()
+    };
+    assert!(g.contains(r#""<parameter=city>\n" v0_0"#) && g.contains(r#"v0_0[suffix="\n</parameter>\n"]"#), "{g}");
+    assert!(g.contains(r#"f1: "<function=now>\n" "</function>""#), "{g}");
     let refusals = [
-        (resolve(required.clone(), Some(ToolFormat::Qwen3Coder), Some(&tools)), "tool_choice"),
         (resolve(required.clone(), None, Some(&tools)), "tool_choice"),
         (resolve(required, Some(ToolFormat::Hermes), None), "tool_choice"),
         (
@@ -129,7 +134,14 @@ fn forced_call_grammars_compile_and_parse_back_as_calls() {
     let env = ApproximateTokEnv::single_byte_env();
     let factory = ParserFactory::new_simple(&env).unwrap();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
-    for (format, single) in [(ToolFormat::Hermes, false), (ToolFormat::Hermes, true), (ToolFormat::React, true)] {
+    let cases = [
+        (ToolFormat::Hermes, false),
+        (ToolFormat::Hermes, true),
+        (ToolFormat::React, true),
+        (ToolFormat::Qwen3Coder, false),
+        (ToolFormat::Qwen3Coder, true),
+    ];
+    for (format, single) in cases {
         let spec = ConstraintSpec::ToolCall { name: None, single };
         let Some(Kind::Lark(lark)) = resolve(spec, Some(format), Some(&tools)).unwrap().kind else { panic!() };
         let opts = TurnOptions {
@@ -142,12 +154,20 @@ fn forced_call_grammars_compile_and_parse_back_as_calls() {
         for walk in 0..30 {
             let mut m = Matcher::new(Ok(factory.create_parser(TopLevelGrammar::from_lark(lark.clone())).unwrap()));
             let mut text = Vec::new();
-            // String contents are unbounded: past 300 bytes, end them as soon as allowed.
+            // String contents are unbounded: past 300 bytes, end them as soon as allowed (a JSON
+            // string at its quote, a Qwen3-Coder text value at its closing tag).
             while !m.is_stopped() {
                 let allowed = m.compute_mask().unwrap();
-                let quote = b'"' as u32;
-                let t = if text.len() > 300 && allowed.is_allowed(quote) {
-                    quote
+                // A Qwen3-Coder text value ends at its closing tag: spell it out.
+                let close = b"\n</parameter>";
+                let typed = (0..close.len()).rev().find(|&k| text.ends_with(&close[..k])).map(|k| close[k] as u32);
+                let enders: Vec<u32> =
+                    if format == ToolFormat::Qwen3Coder { typed.into_iter().collect() } else { vec![b'"' as u32] };
+                // The grammar's own end first (several calls could otherwise go on forever).
+                let eos = env.tok_trie().eos_token();
+                let ender = std::iter::once(eos).chain(enders).find(|&e| allowed.is_allowed(e));
+                let t = if let (true, Some(e)) = (text.len() > 300, ender) {
+                    e
                 } else {
                     let list = allowed.to_list();
                     list[rng.random_range(0..list.len())]
@@ -156,7 +176,7 @@ fn forced_call_grammars_compile_and_parse_back_as_calls() {
                 if t < 256 {
                     text.push(t as u8);
                 }
-                assert!(text.len() < 5000, "{format:?}: runaway walk");
+                assert!(text.len() < 5000, "{format:?}: runaway walk: {:?}", String::from_utf8_lossy(&text[4800..]));
             }
             let text = String::from_utf8_lossy(&text).into_owned();
             let turn = Turn::parse(&opts, &text);
