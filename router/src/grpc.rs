@@ -40,6 +40,16 @@ impl PublicService {
         let generation = started.generations.pop().ok_or_else(|| Status::internal("no generation started"))?;
         Ok((started.model, generation))
     }
+
+    /// A chat request started, with how its answer is parsed (no reasoning where constrained).
+    async fn start_chat(&self, meta: RequestMeta, mut r: ChatRequest) -> Result<(Generation, TurnOptions), Status> {
+        let ChatJob { prompt, mut agent, schemas, forced } = chat_job(&mut r);
+        let job = job(&r.model, prompt, r.options, forced);
+        agent.constrained = job.options.constraint.is_some();
+        let (model, generation) = self.start(meta, job).await?;
+        let turn = agent.turn_options(&model, &generation.prompt, schemas);
+        Ok((generation, turn))
+    }
 }
 
 /// A job for the router; `forced` is the call a chat's `tool_choice` forces. Option errors travel
@@ -50,18 +60,13 @@ pub(crate) fn job(
     options: Option<GenerationOptions>,
     forced: Option<ConstraintSpec>,
 ) -> Job {
-    let mut options = options.map(self::options).transpose();
-    if let (Ok(Some(o)), Some(forced)) = (&mut options, forced) {
-        match &o.constraint {
-            Some(c) => {
-                let why = "cannot be combined with a tool_choice that forces a call";
-                options = Err(RouterError::invalid(format!("options.{}", c.field()), why));
-            }
-            None => o.constraint = Some(forced),
-        }
-    }
+    let options = options.map(self::options).transpose().and_then(|o| {
+        let mut o = o.unwrap_or_default();
+        crate::structured::force_call(&mut o.constraint, forced)?;
+        Ok(o)
+    });
     let (prompt, options) = match options {
-        Ok(o) => (prompt, o.unwrap_or_default()),
+        Ok(o) => (prompt, o),
         Err(e) => (Err(e), Options::default()),
     };
     Job { model: model.to_string(), prompt, options, n: 1 }
@@ -415,25 +420,17 @@ impl GenerationApi for PublicService {
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<GenerateResponse>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
-        let mut r = request.into_inner();
-        let ChatJob { prompt, mut agent, schemas, forced } = chat_job(&mut r);
-        let job = job(&r.model, prompt, r.options, forced);
-        agent.constrained = job.options.constraint.is_some();
-        let (model, generation) = self.start(meta, job).await?;
-        let turn = agent.turn_options(&model, &generation.prompt, schemas);
-        self.unary(r.model, generation, Some(turn)).await
+        let r = request.into_inner();
+        let name = r.model.clone();
+        let (generation, turn) = self.start_chat(meta, r).await?;
+        self.unary(name, generation, Some(turn)).await
     }
 
     type ChatStreamStream = ChunkStream;
 
     async fn chat_stream(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
         let meta = request_meta(&request, Api::GrpcChat);
-        let mut r = request.into_inner();
-        let ChatJob { prompt, mut agent, schemas, forced } = chat_job(&mut r);
-        let job = job(&r.model, prompt, r.options, forced);
-        agent.constrained = job.options.constraint.is_some();
-        let (model, generation) = self.start(meta, job).await?;
-        let turn = agent.turn_options(&model, &generation.prompt, schemas);
+        let (generation, turn) = self.start_chat(meta, request.into_inner()).await?;
         Ok(self.streaming(generation, Some(turn)))
     }
 

@@ -31,6 +31,17 @@ impl ConstraintSpec {
     }
 }
 
+/// Adds the call a `tool_choice` forces to a request's `constraint`, which must then hold no
+/// grammar of its own (the error names that grammar's field).
+pub fn force_call(constraint: &mut Option<ConstraintSpec>, forced: Option<ConstraintSpec>) -> Result<()> {
+    let Some(forced) = forced else { return Ok(()) };
+    if let Some(own) = constraint {
+        return Err(RouterError::invalid(own.field(), "cannot be combined with a tool_choice that forces a call"));
+    }
+    *constraint = Some(forced);
+    Ok(())
+}
+
 /// The HTTP body's structured-output fields (any one of them).
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct HttpFields {

@@ -334,13 +334,7 @@ pub(crate) fn chat_job(
     let schemas = Arc::new(crate::agent::ToolSchemas::from_tools(chat.tools.as_deref().unwrap_or_default()));
     let mut reply = Reply::new(Api::Chat { logprobs: req.logprobs, agent }, &req.sampling);
     let mut opts = options(req.sampling, headers)?;
-    if let Some(forced) = forced {
-        if let Some(other) = &opts.constraint {
-            let why = "cannot be combined with a tool_choice that forces a call";
-            return Err(RouterError::invalid(other.field(), why).into());
-        }
-        opts.constraint = Some(forced);
-    }
+    crate::structured::force_call(&mut opts.constraint, forced)?;
     agent.constrained = opts.constraint.is_some();
     reply.api = Api::Chat { logprobs: req.logprobs, agent };
     reply.schemas = schemas;

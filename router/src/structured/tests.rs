@@ -195,3 +195,21 @@ fn forced_call_grammars_compile_and_parse_back_as_calls() {
         }
     }
 }
+
+/// A forced call fills an empty constraint, also on gRPC without options, and a request's own
+/// grammar beside it is refused under the field the client used (once prefixed, on gRPC).
+#[test]
+fn a_forced_call_needs_the_constraint_to_itself() {
+    let forced = || Some(ConstraintSpec::ToolCall { name: None, single: false });
+    let mut empty = None;
+    force_call(&mut empty, forced()).unwrap();
+    assert_eq!(empty, forced());
+    let prompt = || Ok(crate::validate::Prompt::Text("x".into()));
+    assert_eq!(crate::grpc::job("m", prompt(), None, forced()).options.constraint, forced());
+    let own = qwen_proto::serve::Constraint { kind: Some(qwen_proto::serve::constraint::Kind::Regex("a".into())) };
+    let options = qwen_proto::serve::GenerationOptions { constraint: Some(own), ..Default::default() };
+    match crate::grpc::job("m", prompt(), Some(options), forced()).prompt.err() {
+        Some(RouterError::Invalid { field, .. }) => assert_eq!(field, "options.constraint.regex"),
+        other => panic!("{other:?}"),
+    }
+}
