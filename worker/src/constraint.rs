@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 use qwen_proto::limits::{MAX_CONSTRAINT_BYTES, MAX_CONSTRAINT_CHOICES};
@@ -69,10 +69,6 @@ impl GrammarCompiler {
             return Err(invalid("the grammar matches no output"));
         }
         Ok(TokenConstraint { matcher, first: Some(first) })
-    }
-
-    pub fn limits(&self) -> &ParserLimits {
-        self.factory.limits()
     }
 }
 
